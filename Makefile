@@ -1,0 +1,29 @@
+# Quick start targets. Both create ./.venv on first use.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= out
+
+.PHONY: install demo test bench serve
+
+$(BIN)/activate:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is pinned to the local CPU wheel; on a GPU machine install your CUDA torch first.
+install: $(BIN)/activate
+	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q torch
+	$(BIN)/pip install -q -e ".[face,serve,dev]"
+	$(BIN)/pip install -q --no-deps "insightface>=0.7"
+
+demo: install
+	$(BIN)/avatar-engine generate "portrait of an astronaut, studio light" --style professional --seed 42 -o $(OUT)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/engine_throughput.py
+
+serve: install
+	$(BIN)/avatar-serve run
