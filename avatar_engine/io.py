@@ -1,0 +1,42 @@
+"""Writing results to disk: PNGs plus a JSON sidecar, atomically (tmp + rename) so an
+interrupted run never leaves a half-written file that a resumed run would trust."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .requests import GenerationResult
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_result(result: GenerationResult, out_dir: str | os.PathLike, stem: str) -> list[Path]:
+    """Write `{stem}_{i}.png` for every image, then `{stem}.json` (written last: its presence
+    means the result is complete)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(result.images):
+        p = out / f"{stem}_{i}.png"
+        _atomic_write(p, lambda fh, im=image: im.save(fh, format="PNG"))
+        paths.append(p)
+    meta = result.to_json()
+    meta["files"] = [p.name for p in paths]
+    _atomic_write(out / f"{stem}.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+    return paths
+
+
+def is_complete(out_dir: str | os.PathLike, stem: str) -> bool:
+    return (Path(out_dir) / f"{stem}.json").exists()

@@ -1,0 +1,198 @@
+"""Typed generation requests and results.
+
+Requests are plain dataclasses with Python (snake_case) fields; validation errors carry the
+API's camelCase field name in `param` so the HTTP layer can return it unchanged.
+`resolve(profile)` returns a copy with every default filled in (seed, size, steps, guidance),
+which is what the engine batches on and what results report back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .errors import RequestValidationError
+
+STYLE_PRESETS = ("professional", "anime", "fantasy", "cyberpunk", "renaissance", "realistic")
+ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4")
+SEED_MAX = 2_147_483_647
+MAX_BATCH_SIZE = 4
+GUIDANCE_RANGE = (1.0, 20.0)
+STEPS_RANGE = (1, 150)
+PROMPT_MAX_CHARS = 2000
+IDENTITY_STRENGTH_RANGE = (0.0, 2.0)
+MAX_REFERENCE_PHOTOS = 5
+CAST_CHARACTERS_RANGE = (2, 4)
+
+
+def _check(cond: bool, param: str, message: str) -> None:
+    if not cond:
+        raise RequestValidationError(message, param=param)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def size_for_aspect_ratio(native: int, aspect_ratio: str, multiple: int = 8) -> tuple[int, int]:
+    """(width, height) with about native² pixels, each side a multiple of `multiple`.
+
+    1:1 at native 512 → 512×512; 16:9 → 680×384 rounded to multiples of 8 (the VAE factor)."""
+    w_ratio, h_ratio = (int(x) for x in aspect_ratio.split(":"))
+    area = native * native
+    height = math.sqrt(area * h_ratio / w_ratio)
+    width = height * w_ratio / h_ratio
+
+    def snap(v: float) -> int:
+        return max(multiple, int(round(v / multiple)) * multiple)
+
+    return snap(width), snap(height)
+
+
+@dataclass
+class GenerationRequest:
+    """Prompt → 1..4 images. `init_image` + `strength` turn it into img2img (used by remix)."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    style_preset: str | None = None
+    aspect_ratio: str = "1:1"
+    guidance_scale: float | None = None
+    seed: int | None = None
+    batch_size: int = 1
+    steps: int | None = None
+    model: str | None = None
+    init_image: Any = None  # PIL.Image for img2img (remix)
+    strength: float = 0.75
+    # Filled by resolve():
+    width: int | None = None
+    height: int | None = None
+
+    kind = "generate"
+
+    def validate(self) -> None:
+        """Raise RequestValidationError naming the first invalid field."""
+        _check(isinstance(self.prompt, str) and self.prompt.strip() != "", "prompt", "prompt must be a non-empty string")
+        _check(len(self.prompt) <= PROMPT_MAX_CHARS, "prompt", f"prompt must be at most {PROMPT_MAX_CHARS} characters")
+        if self.negative_prompt is not None:
+            _check(isinstance(self.negative_prompt, str), "negativePrompt", "negativePrompt must be a string")
+            _check(len(self.negative_prompt) <= PROMPT_MAX_CHARS, "negativePrompt",
+                   f"negativePrompt must be at most {PROMPT_MAX_CHARS} characters")
+        if self.style_preset is not None:
+            _check(self.style_preset in STYLE_PRESETS, "stylePreset",
+                   f"stylePreset must be one of {', '.join(STYLE_PRESETS)}")
+        _check(self.aspect_ratio in ASPECT_RATIOS, "aspectRatio", f"aspectRatio must be one of {', '.join(ASPECT_RATIOS)}")
+        if self.guidance_scale is not None:
+            lo, hi = GUIDANCE_RANGE
+            _check(_is_number(self.guidance_scale) and lo <= self.guidance_scale <= hi, "guidanceScale",
+                   f"guidanceScale must be a number between {lo:g} and {hi:g}")
+        if self.seed is not None:
+            _check(_is_int(self.seed) and 0 <= self.seed <= SEED_MAX, "seed", f"seed must be an integer between 0 and {SEED_MAX}")
+        _check(_is_int(self.batch_size) and 1 <= self.batch_size <= MAX_BATCH_SIZE, "batchSize",
+               f"batchSize must be an integer between 1 and {MAX_BATCH_SIZE}")
+        if self.steps is not None:
+            lo, hi = STEPS_RANGE
+            _check(_is_int(self.steps) and lo <= self.steps <= hi, "steps", f"steps must be an integer between {lo} and {hi}")
+        if self.model is not None:
+            _check(isinstance(self.model, str) and self.model != "", "model", "model must be a profile name")
+        _check(_is_number(self.strength) and 0.0 < self.strength <= 1.0, "strength", "strength must be in (0, 1]")
+
+    def resolve(self, profile) -> "GenerationRequest":
+        """Validated copy with the profile's defaults and a concrete seed."""
+        self.validate()
+        width, height = size_for_aspect_ratio(profile.resolution, self.aspect_ratio, profile.size_multiple)
+        return dataclasses.replace(
+            self,
+            model=profile.name,
+            guidance_scale=profile.guidance_scale if self.guidance_scale is None else float(self.guidance_scale),
+            steps=profile.steps if self.steps is None else self.steps,
+            seed=secrets.randbelow(SEED_MAX + 1) if self.seed is None else self.seed,
+            width=width,
+            height=height,
+        )
+
+    def image_seeds(self) -> list[int]:
+        """One seed per image: image i of a request uses seed + i (wrapping), so each image is
+        reproducible on its own and independent of how requests were batched."""
+        assert self.seed is not None, "resolve() first"
+        return [(self.seed + i) % (SEED_MAX + 1) for i in range(self.batch_size)]
+
+
+@dataclass
+class GenerationResult:
+    """What the engine returns for one request, in request order."""
+
+    request: GenerationRequest
+    images: list  # list[PIL.Image.Image]
+    seeds: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+    prompt_report: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # identity report, characters, ...
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed  # type: ignore[return-value]
+
+    @property
+    def model(self) -> str:
+        return self.request.model  # type: ignore[return-value]
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.request
+        out = {
+            "kind": r.kind,
+            "model": r.model,
+            "prompt": r.prompt,
+            "negativePrompt": r.negative_prompt,
+            "stylePreset": r.style_preset,
+            "aspectRatio": r.aspect_ratio,
+            "width": r.width,
+            "height": r.height,
+            "guidanceScale": r.guidance_scale,
+            "steps": r.steps,
+            "seed": r.seed,
+            "batchSize": r.batch_size,
+            "seeds": self.seeds,
+            "timings": self.timings,
+            "promptReport": self.prompt_report,
+        }
+        out.update(self.extra)
+        return out
+
+
+def check_photos(photos: Sequence[Any], param: str = "photos") -> None:
+    _check(isinstance(photos, (list, tuple)) and 1 <= len(photos) <= MAX_REFERENCE_PHOTOS, param,
+           f"{param} must hold 1 to {MAX_REFERENCE_PHOTOS} photos of one person")
+
+
+_WIRE_FIELDS = {
+    "prompt": "prompt", "negativePrompt": "negative_prompt", "stylePreset": "style_preset",
+    "aspectRatio": "aspect_ratio", "guidanceScale": "guidance_scale", "seed": "seed", "batchSize": "batch_size",
+    "steps": "steps", "model": "model", "strength": "strength",
+}
+
+
+def request_from_dict(data: dict[str, Any], cls: type = GenerationRequest, extra_fields: Sequence[str] = ()) -> GenerationRequest:
+    """Build a request from API-style (camelCase) JSON; unknown fields are rejected by name.
+    `extra_fields` are keys the caller handles itself (e.g. an `id` in a batch file)."""
+    if not isinstance(data, dict):
+        raise RequestValidationError("request must be a JSON object", param=None)
+    kwargs = {}
+    for key, value in data.items():
+        if key in extra_fields:
+            continue
+        if key not in _WIRE_FIELDS:
+            raise RequestValidationError(f"unknown field {key!r}", param=key)
+        if value is not None:
+            kwargs[_WIRE_FIELDS[key]] = value
+    if "prompt" not in kwargs:
+        raise RequestValidationError("prompt is required", param="prompt")
+    req = cls(**kwargs)
+    req.validate()
+    return req
