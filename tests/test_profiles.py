@@ -1,0 +1,59 @@
+"""models.yaml parsing and the errors that tell a user what to do."""
+import textwrap
+
+import pytest
+
+from avatar_engine import AvatarEngine, EngineConfig, GenerationRequest, ProfileError, RequestValidationError, load_profiles
+from avatar_engine.config import parse_profiles
+
+
+def test_shipped_profiles_parse():
+    profiles = load_profiles()
+    assert {"tiny-sd15", "tiny-sdxl", "sd15", "sdxl", "sdxl-turbo"} <= set(profiles)
+    sd15 = profiles["sd15"]
+    assert sd15.repo_id and sd15.ip_adapter and sd15.ip_adapter.weight_name
+    assert profiles["tiny-sd15"].tiny and profiles["tiny-sd15"].ip_adapter.tiny
+    assert profiles["sdxl-turbo"].steps <= 4
+
+
+def test_unknown_key_is_rejected_with_name():
+    with pytest.raises(ProfileError, match="colour"):
+        parse_profiles({"profiles": {"x": {"architecture": "sd15", "tiny": True, "colour": 1}}})
+
+
+def test_bad_architecture_and_missing_source():
+    with pytest.raises(ProfileError, match="architecture"):
+        parse_profiles({"profiles": {"x": {"architecture": "sd3", "tiny": True}}})
+    with pytest.raises(ProfileError, match="repo_id"):
+        parse_profiles({"profiles": {"x": {"architecture": "sd15"}}})
+
+
+def test_unknown_profile_lists_known_ones():
+    engine = AvatarEngine(EngineConfig(device="cpu"))
+    with pytest.raises(RequestValidationError) as err:
+        engine.generate(GenerationRequest(prompt="a", model="sd9"))
+    assert err.value.param == "model"
+    assert "tiny-sd15" in err.value.message and "sdxl" in err.value.message
+
+
+def test_missing_local_path_says_what_to_put_there(tmp_path):
+    path = tmp_path / "models.yaml"
+    path.write_text(textwrap.dedent(f"""
+        default: mine
+        profiles:
+          mine: {{architecture: sd15, local_path: {tmp_path / 'nope'}, repo_id: org/model, resolution: 512}}
+    """))
+    engine = AvatarEngine(EngineConfig(device="cpu", profiles_path=str(path)))
+    with pytest.raises(ProfileError) as err:
+        engine.load("mine")
+    assert "does not exist" in err.value.message and "model_index.json" in err.value.message
+
+
+def test_unreachable_hub_names_files_to_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = tmp_path / "models.yaml"
+    path.write_text("default: real\nprofiles:\n  real: {architecture: sd15, repo_id: example-org/not-cached-model}\n")
+    engine = AvatarEngine(EngineConfig(device="cpu", profiles_path=str(path)))
+    with pytest.raises(ProfileError) as err:
+        engine.load("real")
+    assert "huggingface-cli download example-org/not-cached-model" in err.value.message
