@@ -14,7 +14,7 @@ $(BIN)/activate:
 install: $(BIN)/activate
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q torch
 	$(BIN)/pip install -q -e ".[face,serve,dev]"
-	$(BIN)/pip install -q --no-deps "insightface>=0.7"
+	$(BIN)/pip install -q --no-deps "insightface>=0.7.3" "facenet-pytorch==2.6.0"
 
 demo: install
 	$(BIN)/avatar-engine generate "portrait of an astronaut, studio light" --style professional --seed 42 -o $(OUT)

@@ -60,6 +60,7 @@ class ModelProfile:
     architecture: str  # sd15 | sdxl
     description: str = ""
     tiny: bool = False  # build a tiny random-weight pipeline of this architecture from config
+    random_weights: bool = False  # full-size architecture, random weights, built in memory (GPU speed benchmarks)
     repo_id: str | None = None  # hub id, e.g. "stable-diffusion-v1-5/stable-diffusion-v1-5"
     local_path: str | None = None  # directory in diffusers layout; wins over repo_id
     revision: str | None = None
@@ -87,14 +88,18 @@ class ModelProfile:
             raise bad("scheduler", f"must be one of {SCHEDULERS}")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"must be one of {DTYPES}")
-        if not self.tiny and not (self.repo_id or self.local_path):
+        if not (self.tiny or self.random_weights) and not (self.repo_id or self.local_path):
             raise bad("repo_id", "or local_path is required unless tiny: true")
         if self.resolution % self.size_multiple:
             raise bad("resolution", f"must be a multiple of size_multiple ({self.size_multiple})")
 
     @property
     def source(self) -> str:
-        return "tiny (built from config)" if self.tiny else (self.local_path or self.repo_id or "")
+        if self.tiny:
+            return "tiny (built from config)"
+        if self.random_weights:
+            return "full-size random weights (benchmarks)"
+        return self.local_path or self.repo_id or ""
 
 
 def _build(cls, data: dict[str, Any], where: str):

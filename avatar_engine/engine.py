@@ -91,6 +91,12 @@ def load_pipeline(profile: ModelProfile, device: torch.device, dtype: torch.dtyp
     import diffusers
 
     cls = _pipeline_class(profile.architecture)
+    if profile.random_weights:
+        from .tiny import build_full_random_pipeline
+
+        pipe = build_full_random_pipeline(profile.architecture).to(dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
     if profile.tiny:
         from .tiny import tiny_pipeline_dir
 

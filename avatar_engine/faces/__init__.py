@@ -1,0 +1,44 @@
+"""Face analysis behind one interface (`FaceAnalyzer`): the offline `EmbeddedFaceAnalyzer`
+(default; real detection, hand-crafted embedding) and the production `InsightFaceAnalyzer`
+(ArcFace embeddings, as IP-Adapter FaceID expects)."""
+from __future__ import annotations
+
+from ..errors import ProfileError
+from .base import (ALIGNED_SIZE, ARCFACE_TEMPLATE, EMBEDDING_DIM, Face, FaceAnalyzer, IdentityReference,
+                   align_face, alignment_matrix, analyze_reference_photos, combine_embeddings,
+                   cosine_similarity, l2_normalize, largest_face)
+
+BACKENDS = ("embedded", "insightface")
+
+
+def face_analyzer_from_config(backend: str = "embedded", **options) -> FaceAnalyzer:
+    """Build a backend by name; options go to its constructor (e.g. model_root, name,
+    providers, det_size for insightface; detector, max_side for embedded)."""
+    if backend == "embedded":
+        from .embedded import EmbeddedFaceAnalyzer
+
+        return EmbeddedFaceAnalyzer(**options)
+    if backend == "insightface":
+        from .insightface_backend import InsightFaceAnalyzer
+
+        return InsightFaceAnalyzer(**options)
+    raise ProfileError(f"unknown face backend {backend!r}; choose one of {', '.join(BACKENDS)}",
+                       param="faceBackend")
+
+
+def __getattr__(name):  # lazy: keep `import avatar_engine.faces` light (no torch/onnx import)
+    if name == "EmbeddedFaceAnalyzer":
+        from .embedded import EmbeddedFaceAnalyzer
+
+        return EmbeddedFaceAnalyzer
+    if name == "InsightFaceAnalyzer":
+        from .insightface_backend import InsightFaceAnalyzer
+
+        return InsightFaceAnalyzer
+    raise AttributeError(name)
+
+
+__all__ = ["ALIGNED_SIZE", "ARCFACE_TEMPLATE", "BACKENDS", "EMBEDDING_DIM", "EmbeddedFaceAnalyzer", "Face",
+           "FaceAnalyzer", "IdentityReference", "InsightFaceAnalyzer", "align_face", "alignment_matrix",
+           "analyze_reference_photos", "combine_embeddings", "cosine_similarity", "face_analyzer_from_config",
+           "l2_normalize", "largest_face"]
