@@ -1,0 +1,594 @@
+"""Durable webhook delivery: Standard Webhooks signing, an SSRF guard and the outbox dispatcher.
+
+The store writes one outbox message per subscribed endpoint in the same transaction as the
+state change; this module only *drains* that outbox, so an event is never lost: a dispatcher
+that dies mid-delivery leaves a lease that expires, and another dispatcher sends the message
+again under the same `webhook-id` (receivers de-duplicate on it — delivery is at-least-once).
+
+Signing follows https://www.standardwebhooks.com: the secret is `whsec_<base64 key>`, the key
+is the base64-decoded part, and `webhook-signature` is `v1,<base64 HMAC-SHA256 of
+"{webhook-id}.{webhook-timestamp}.{body}">` (several space-separated signatures are accepted on
+verification, for key rotation).
+
+SSRF: `check_destination` resolves the URL's host and refuses it when ANY address is private,
+loopback, link-local, CGNAT, multicast, reserved or unspecified (IPv4 embedded in IPv6 —
+mapped, 6to4, NAT64 — is unwrapped first) unless the operator allows it. The dispatcher then
+connects to exactly the vetted address (DNS pinning, so a rebinding DNS answer between check and
+connect cannot redirect it): the request URL's host is replaced by the IP, the `Host` header
+carries the original host, and for https the TLS SNI and certificate check use the original host
+name (httpcore's `sni_hostname` extension). Each request uses a fresh connection (no keep-alive
+pool) so a connection opened for one host name is never reused for another on the same IP, and
+environment proxies are ignored (`trust_env=False`) so nothing bypasses the pinning.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import os
+import random
+import socket
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import httpx
+
+from .store import Delivery, Store
+
+log = logging.getLogger("serve.webhooks")
+
+__all__ = [
+    "USER_AGENT", "SignatureError", "DestinationRefused", "WebhookOptions", "WebhookDispatcher",
+    "AttemptResult", "secret_key", "sign", "signature_headers", "verify_signature",
+    "check_destination", "destination_error", "render_body", "verify",
+]
+
+USER_AGENT = "avatar-engine-webhooks/1.0"
+SECRET_PREFIX = "whsec_"
+#: Most bytes of a receiver's response body read (for the error message); the rest is dropped.
+MAX_RESPONSE_BYTES = 4096
+#: Most vetted addresses of one host tried when connecting fails.
+MAX_ADDRESSES_TRIED = 3
+
+Resolver = Callable[[str, int], Sequence[str]]
+
+
+# --------------------------------------------------------------------------------------------
+# Signing (Standard Webhooks)
+# --------------------------------------------------------------------------------------------
+class SignatureError(ValueError):
+    """A webhook failed verification; the message says why (missing header, stale, mismatch)."""
+
+
+def secret_key(secret: str) -> bytes:
+    """The HMAC key of a `whsec_<base64>` secret (the prefix is optional, as in the reference
+    libraries). Raises ValueError naming the secret when the base64 part is malformed."""
+    raw = secret[len(SECRET_PREFIX):] if secret.startswith(SECRET_PREFIX) else secret
+    try:
+        key = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("secret: not a Standard Webhooks secret (whsec_ + base64)") from None
+    if not key:
+        raise ValueError("secret: empty key")
+    return key
+
+
+def _body_bytes(body: bytes | str) -> bytes:
+    return body.encode("utf-8") if isinstance(body, str) else bytes(body)
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes | str) -> str:
+    """`v1,<base64 HMAC-SHA256("{msg_id}.{timestamp}.{body}")>`."""
+    to_sign = f"{msg_id}.{int(timestamp)}.".encode() + _body_bytes(body)
+    digest = hmac.new(secret_key(secret), to_sign, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode("ascii")
+
+
+def signature_headers(secret: str, msg_id: str, timestamp: int, body: bytes | str) -> dict[str, str]:
+    """The three Standard Webhooks headers for one attempt."""
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(timestamp)),
+        "webhook-signature": sign(secret, msg_id, timestamp, body),
+    }
+
+
+def verify_signature(secret: str, headers: Mapping[str, str], body: bytes | str, *,
+                     tolerance_s: float = 300.0, now: float | None = None) -> str:
+    """Verify a received webhook (receivers and tests); returns its `webhook-id`.
+
+    Header names are case-insensitive; the timestamp must lie within `tolerance_s` of `now`
+    (default: the wall clock) in either direction, which bounds replays; any one of the
+    space-separated `v1,` signatures may match (compared in constant time). Raises
+    SignatureError."""
+    lower = {str(k).lower(): str(v) for k, v in headers.items()}
+    missing = [h for h in ("webhook-id", "webhook-timestamp", "webhook-signature") if not lower.get(h)]
+    if missing:
+        raise SignatureError(f"missing header(s): {', '.join(missing)}")
+    msg_id, ts_raw = lower["webhook-id"], lower["webhook-timestamp"]
+    try:
+        ts = int(ts_raw)
+    except ValueError:
+        raise SignatureError(f"webhook-timestamp: not an integer ({ts_raw[:32]!r})") from None
+    current = time.time() if now is None else now
+    if abs(current - ts) > tolerance_s:
+        raise SignatureError(f"webhook-timestamp: {ts} is outside the {tolerance_s:g} s tolerance")
+    expected = sign(secret, msg_id, ts, body).split(",", 1)[1].encode("ascii")
+    for candidate in lower["webhook-signature"].split():
+        version, _, sig = candidate.partition(",")
+        if version == "v1" and hmac.compare_digest(sig.encode("ascii", "replace"), expected):
+            return msg_id
+    raise SignatureError("webhook-signature: no matching v1 signature")
+
+
+def verify(secret: str, headers: Mapping[str, str], body: bytes | str, *, tolerance_s: float = 300.0,
+           now: float | None = None) -> bool:
+    """`verify_signature` as a boolean, for receivers that only need yes/no."""
+    try:
+        verify_signature(secret, headers, body, tolerance_s=tolerance_s, now=now)
+        return True
+    except (SignatureError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# SSRF guard
+# --------------------------------------------------------------------------------------------
+class DestinationRefused(ValueError):
+    """A webhook URL is not allowed; `param` is always "url" (maps to HTTP 400)."""
+
+    param = "url"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"url: {message}")
+        self.message = message
+
+
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_HINT = "set webhook_allow_private or add the host or its network to webhook_allowlist"
+
+
+def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """IPv4 address carried inside an IPv6 one (mapped, 6to4, NAT64), which routes there."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def _blocked_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why an address is not a public unicast destination, or None when it is."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = _embedded_v4(ip)
+        if inner is not None:
+            kind = _blocked_kind(inner)
+            return f"{kind} (embeds IPv4 {inner})" if kind else None
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_multicast:
+        return "multicast"
+    if isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT:
+        return "carrier-grade NAT (100.64.0.0/10)"
+    if ip.is_private:
+        return "private"
+    if ip.is_reserved:
+        return "reserved"
+    if not ip.is_global:
+        return "non-global"
+    return None
+
+
+def _parse_allowlist(allowlist: Iterable[str]) -> tuple[set[str], list[Any]]:
+    hosts: set[str] = set()
+    nets: list[Any] = []
+    for entry in allowlist or ():
+        entry = str(entry).strip()
+        if not entry:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+        except ValueError:
+            hosts.add(entry.lower().rstrip("."))
+    return hosts, nets
+
+
+def _default_resolver(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    return [info[4][0] for info in infos]
+
+
+def check_destination(url: str | httpx.URL, *, allow_private: bool = False,
+                      allowlist: Iterable[str] = (), resolver: Resolver | None = None) -> list[str]:
+    """Vet a webhook URL; returns the resolved addresses (strings, resolver order, no duplicates)
+    that the caller must connect to — and only to — to defeat DNS rebinding.
+
+    Refused (DestinationRefused naming why): a scheme other than http/https, a missing host,
+    credentials in the URL, a host that does not resolve, and — unless `allow_private` — a host
+    with ANY address that is private, loopback, link-local, CGNAT, multicast, reserved or
+    unspecified. `allowlist` entries are host names (exact, case-insensitive: all of that
+    host's addresses are allowed) or IPs/CIDRs (addresses inside are allowed).
+    `resolver(host, port) -> [ip, ...]` defaults to getaddrinfo (tests inject one)."""
+    try:
+        u = url if isinstance(url, httpx.URL) else httpx.URL(str(url))
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        raise DestinationRefused(f"malformed URL ({exc})") from None
+    if u.scheme not in ("http", "https"):
+        raise DestinationRefused(f"scheme {u.scheme or '(none)'!r} is not allowed; use http or https")
+    if not u.raw_host:
+        raise DestinationRefused("has no host")
+    if u.userinfo:
+        raise DestinationRefused("must not contain credentials (user:password@)")
+    host = u.raw_host.decode("ascii")  # IDNA-encoded; IPv6 literals without brackets
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        addrs = list(dict.fromkeys(a.split("%", 1)[0] for a in (resolver or _default_resolver)(host, port)))
+    except (OSError, UnicodeError) as exc:
+        raise DestinationRefused(f"host {host!r} does not resolve ({exc})") from None
+    if not addrs:
+        raise DestinationRefused(f"host {host!r} does not resolve")
+    if allow_private:
+        return addrs
+    allowed_hosts, allowed_nets = _parse_allowlist(allowlist)
+    host_allowed = host.lower().rstrip(".") in allowed_hosts
+    for a in addrs:
+        try:
+            ip = ipaddress.ip_address(a)
+        except ValueError:
+            raise DestinationRefused(f"host {host!r} resolved to an invalid address {a!r}") from None
+        kind = _blocked_kind(ip)
+        if kind is None or host_allowed or any(ip.version == n.version and ip in n for n in allowed_nets):
+            continue
+        where = f"address {ip}" if host == str(ip) else f"host {host!r} resolves to {ip}, which"
+        raise DestinationRefused(f"{where} is {kind}; refused ({_HINT})")
+    return addrs
+
+
+def destination_error(url: str, settings: Any, *, resolver: Resolver | None = None) -> str | None:
+    """Why `url` is refused under a ServiceSettings-like object's `webhook_allow_private` /
+    `webhook_allowlist`, or None when allowed (the API's check at endpoint creation)."""
+    try:
+        check_destination(url, allow_private=bool(getattr(settings, "webhook_allow_private", False)),
+                          allowlist=getattr(settings, "webhook_allowlist", ()) or (), resolver=resolver)
+    except DestinationRefused as exc:
+        return str(exc)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Payload
+# --------------------------------------------------------------------------------------------
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def render_body(delivery: Delivery) -> bytes:
+    """The JSON body `{"id", "type", "createdAt", "data"}` of a message; identical on every
+    retry. `id` is the event id (shared by the copies sent to several endpoints of one account);
+    `data` is the store's payload's `data` (the app's renderer), else the payload minus `type`
+    (the store's default renderer: `{"avatar": ..., **extra}`)."""
+    payload = dict(delivery.payload or {})
+    if isinstance(payload.get("data"), dict):
+        data = payload["data"]
+    else:
+        data = {k: v for k, v in payload.items() if k != "type"}
+    envelope = {"id": delivery.event_id, "type": payload.get("type") or delivery.event_type,
+                "createdAt": _iso(delivery.created_at), "data": data}
+    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatcher
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WebhookOptions:
+    """Delivery tuning; every field defaulted. `from_settings` reads a ServiceSettings."""
+
+    worker_id: str | None = None
+    """Lease owner name; default `webhooks-<hostname>-<pid>-<random>`."""
+    batch_size: int = 16
+    """Most messages claimed per `run_once`."""
+    concurrency: int = 8
+    """Most requests in flight at once (threads)."""
+    lease_seconds: float = 120.0
+    """A claimed message is re-offered after this long if its dispatcher died. Must exceed the
+    worst case of one request (several httpx phases × timeout_s × addresses tried) times
+    ceil(batch_size / concurrency), else a slow receiver may also get a duplicate (harmless)."""
+    timeout_s: float = 10.0
+    """httpx timeout (connect, write, each read) and the cap on reading the response."""
+    max_attempts: int = 8
+    """A message that failed this many attempts is marked failed for good."""
+    base_backoff_s: float = 5.0
+    """Retry n (1-based) waits uniform(0, min(max_backoff_s, base_backoff_s * 2**(n-1)))."""
+    max_backoff_s: float = 3600.0
+    retry_schedule: tuple[float, ...] | None = None
+    """Explicit delays (s) before retry 1, 2, ... (the last one repeats), used instead of the
+    jittered exponential backoff when set, e.g. (5, 300, 1800, 7200, 18000, 36000, 36000)."""
+    disable_after_consecutive_failures: int = 50
+    """An endpoint whose last N attempts (over all its messages) failed is disabled; 0 = never."""
+    poll_seconds: float = 1.0
+    """Idle poll interval of the background loop; `wake()` cuts it short."""
+    allow_private: bool = False
+    """Allow destinations in private/loopback ranges (ServiceSettings.webhook_allow_private)."""
+    allowlist: tuple[str, ...] = ()
+    """Host names or CIDRs allowed although private (ServiceSettings.webhook_allowlist)."""
+    verify: Any = True
+    """TLS verification for https: True (certifi's CAs), a CA bundle file/dir or an
+    `ssl.SSLContext`; False disables verification (tests only)."""
+    user_agent: str = USER_AGENT
+
+    def __post_init__(self) -> None:
+        if isinstance(self.allowlist, str):
+            object.__setattr__(self, "allowlist", tuple(s.strip() for s in self.allowlist.split(",") if s.strip()))
+        else:
+            object.__setattr__(self, "allowlist", tuple(self.allowlist or ()))
+        if self.retry_schedule is not None:
+            schedule = tuple(float(x) for x in self.retry_schedule)
+            if not schedule or min(schedule) < 0:
+                raise ValueError("retry_schedule must be a non-empty list of delays >= 0")
+            object.__setattr__(self, "retry_schedule", schedule)
+        for name, lo in (("batch_size", 1), ("concurrency", 1), ("lease_seconds", 0.1), ("timeout_s", 0.01),
+                         ("max_attempts", 1), ("base_backoff_s", 0.0), ("max_backoff_s", 0.0),
+                         ("disable_after_consecutive_failures", 0), ("poll_seconds", 0.01)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"{name} must be >= {lo}")
+        if self.max_backoff_s < self.base_backoff_s:
+            raise ValueError("max_backoff_s must be >= base_backoff_s")
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> "WebhookOptions":
+        """Options from a ServiceSettings-like object: `webhook_allow_private`,
+        `webhook_allowlist`, and any `webhook_<field>` it defines (e.g. webhook_timeout_s)."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if hasattr(settings, "webhook_" + f.name):
+                values[f.name] = getattr(settings, "webhook_" + f.name)
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What one delivery attempt did (`deliver()`'s result; `run_once` keeps them in `last_results`)."""
+
+    message_id: str
+    outcome: str  # delivered | retry | failed | disabled | lost (lease gone before marking)
+    status_code: int | None
+    error: str | None
+    next_attempt_at: float | None = None
+
+
+def _ssl_context(verify: Any) -> ssl.SSLContext | bool:
+    if isinstance(verify, ssl.SSLContext) or verify is False:
+        return verify
+    if verify is True:
+        import certifi
+
+        return ssl.create_default_context(cafile=certifi.where())
+    path = os.fspath(verify)
+    if os.path.isdir(path):
+        return ssl.create_default_context(capath=path)
+    return ssl.create_default_context(cafile=path)
+
+
+class WebhookDispatcher:
+    """Drains the webhook outbox: claim due messages, POST them signed, record the outcome.
+
+    `run_once()` is one synchronous pass (tests drive it directly); `start()` runs it in a
+    daemon thread every `poll_seconds` (sooner after `wake()`, immediately again while a pass
+    claimed a full batch); `stop()` ends the loop. `clock` must be the store's clock (retry
+    times are compared with it) and also stamps `webhook-timestamp`; `rng` drives the jitter.
+    """
+
+    def __init__(self, store: Store, options: Any = None, *,
+                 clock: Callable[[], float] = time.time, rng: random.Random | None = None,
+                 resolver: Resolver | None = None, **option_overrides: Any) -> None:
+        """`options`: WebhookOptions, or a ServiceSettings-like object (`from_settings`), or
+        None; keyword `option_overrides` replace single fields (e.g. `retry_schedule=(0,)`)."""
+        if options is None:
+            opts = WebhookOptions()
+        elif isinstance(options, WebhookOptions):
+            opts = options
+        else:
+            opts = WebhookOptions.from_settings(options)
+        if option_overrides:
+            opts = dataclasses.replace(opts, **option_overrides)
+        if not opts.worker_id:
+            opts = dataclasses.replace(
+                opts, worker_id=f"webhooks-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.store = store
+        self.options = opts
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.resolver = resolver
+        self._ssl = _ssl_context(opts.verify)  # built once: loading CA bundles is not free
+        self.last_results: list[AttemptResult] = []
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- one pass ----------------------------------------------------------------------
+    def run_once(self) -> int:
+        """Claim up to `batch_size` due messages and attempt each once; returns how many were
+        attempted (delivered or not). Per-message outcomes are in `last_results`."""
+        deliveries = self.store.claim_deliveries(self.options.worker_id, self.options.batch_size,
+                                                 self.options.lease_seconds)
+        if not deliveries:
+            self.last_results = []
+            return 0
+        if len(deliveries) == 1 or self.options.concurrency == 1:
+            results = [self.deliver(d) for d in deliveries]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(self.options.concurrency, len(deliveries)),
+                                    thread_name_prefix="webhook-send") as pool:
+                results = list(pool.map(self.deliver, deliveries))
+        self.last_results = results
+        return len(results)
+
+    def drain(self, max_passes: int = 100) -> int:
+        """`run_once` until nothing is due (tests, CLI); returns the attempts made."""
+        total = 0
+        for _ in range(max_passes):
+            n = self.run_once()
+            total += n
+            if n == 0:
+                break
+        return total
+
+    def deliver(self, d: Delivery) -> AttemptResult:
+        """Attempt one claimed message and record the outcome in the store (never raises for a
+        receiver's fault; a store error propagates and the lease simply expires)."""
+        try:
+            status, error, disable = self._send(d)
+        except Exception as exc:  # noqa: BLE001 - a bad message must fail, not stall the outbox
+            log.exception("webhook %s: unexpected error while sending", d.id)
+            status, error, disable = None, f"internal error: {type(exc).__name__}: {exc}"[:500], False
+        if error is None:
+            ok = self.store.mark_delivered(d.id, d.lease_token)
+            return AttemptResult(d.id, "delivered" if ok else "lost", status, None)
+        attempt = d.attempts + 1
+        opts = self.options
+        reason = None
+        if disable:
+            reason = f"endpoint answered 410 Gone: {error}"
+        elif opts.disable_after_consecutive_failures and \
+                d.endpoint_consecutive_failures + 1 >= opts.disable_after_consecutive_failures:
+            disable = True
+            reason = (f"{d.endpoint_consecutive_failures + 1} consecutive failed deliveries;"
+                      f" last error: {error}")
+        next_at = None if (disable or attempt >= opts.max_attempts) else self.clock() + self.backoff(attempt)
+        ok = self.store.mark_attempt_failed(d.id, d.lease_token, error, next_attempt_at=next_at,
+                                            disable_endpoint=disable, disable_reason=reason)
+        if ok and not disable and opts.disable_after_consecutive_failures:
+            # Messages claimed in the same batch (or by other dispatchers) saw an older count:
+            # re-read it so a dead endpoint is disabled as soon as the threshold is reached.
+            ep = self.store.get_endpoint(d.account_id, d.endpoint_id)
+            if ep is not None and not ep.disabled and \
+                    ep.consecutive_failures >= opts.disable_after_consecutive_failures:
+                reason = f"{ep.consecutive_failures} consecutive failed deliveries; last error: {error}"
+                self.store.set_endpoint_disabled(d.account_id, d.endpoint_id, True, reason)
+                disable = True
+        outcome = "lost" if not ok else "disabled" if disable else "retry" if next_at is not None else "failed"
+        if outcome != "retry":
+            log.warning("webhook %s to endpoint %s: %s (%s)", d.id, d.endpoint_id, outcome, error)
+        return AttemptResult(d.id, outcome, status, error, next_at)
+
+    def backoff(self, attempt: int) -> float:
+        """Delay before retry after failed attempt `attempt` (1-based): full jitter, capped."""
+        schedule = self.options.retry_schedule
+        if schedule:
+            return schedule[min(attempt, len(schedule)) - 1]
+        cap = min(self.options.max_backoff_s, self.options.base_backoff_s * math.pow(2, min(attempt - 1, 60)))
+        return self.rng.uniform(0.0, cap)
+
+    # ---- HTTP --------------------------------------------------------------------------
+    def _send(self, d: Delivery) -> tuple[int | None, str | None, bool]:
+        """POST one message to its pinned address; (status, error or None, gone)."""
+        opts = self.options
+        try:
+            addrs = check_destination(d.url, allow_private=opts.allow_private, allowlist=opts.allowlist,
+                                      resolver=self.resolver)
+        except DestinationRefused as exc:
+            return None, f"destination refused: {exc.message}", False
+        url = httpx.URL(d.url)  # parsed exactly as check_destination parsed it
+        body = render_body(d)
+        headers = {
+            **signature_headers(d.secret, d.id, int(self.clock()), body),
+            "content-type": "application/json",
+            "user-agent": opts.user_agent,
+            "host": url.netloc.decode("ascii"),
+        }
+        extensions = {"sni_hostname": url.raw_host.decode("ascii")} if url.scheme == "https" else {}
+        error = "no address tried"
+        with httpx.Client(timeout=opts.timeout_s, follow_redirects=False, trust_env=False, verify=self._ssl,
+                          limits=httpx.Limits(max_keepalive_connections=0)) as client:
+            for ip in addrs[:MAX_ADDRESSES_TRIED]:
+                request = client.build_request("POST", url.copy_with(host=ip), headers=headers,
+                                               content=body, extensions=extensions)
+                try:
+                    return self._exchange(client, request)
+                except httpx.ConnectError as exc:  # try the next vetted address
+                    error = f"connection to {ip} failed: {exc or type(exc).__name__}"
+                except httpx.TimeoutException as exc:
+                    return None, f"timed out after {opts.timeout_s:g} s ({type(exc).__name__})", False
+                except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
+                    return None, f"{type(exc).__name__}: {exc}"[:500], False
+        return None, error, False
+
+    def _exchange(self, client: httpx.Client, request: httpx.Request) -> tuple[int, str | None, bool]:
+        deadline = time.monotonic() + self.options.timeout_s
+        response = client.send(request, stream=True)
+        snippet = b""
+        try:
+            for chunk in response.iter_raw():
+                snippet += chunk[: MAX_RESPONSE_BYTES - len(snippet)]
+                if len(snippet) >= MAX_RESPONSE_BYTES or time.monotonic() > deadline:
+                    break
+        finally:
+            response.close()
+        code = response.status_code
+        if 200 <= code < 300:
+            return code, None, False
+        text = snippet.decode("utf-8", "replace").strip()[:200]
+        if 300 <= code < 400:
+            where = response.headers.get("location", "?")
+            return code, f"HTTP {code}: redirect to {where[:200]!r} not followed", False
+        return code, f"HTTP {code}" + (f": {text}" if text else ""), code == 410
+
+    # ---- background loop ----------------------------------------------------------------
+    def start(self) -> "WebhookDispatcher":
+        """Run the dispatch loop in a daemon thread (idempotent)."""
+        if self._thread is not None and self._thread.is_alive():
+            return self
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=f"webhooks-{self.options.worker_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        """Poll now (e.g. right after a state change wrote outbox messages)."""
+        self._wake.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the loop after the current pass; messages in flight finish or their leases expire."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout if timeout is not None else self.options.timeout_s * 3 + 5)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                n = self.run_once()
+            except Exception:  # noqa: BLE001 - a store hiccup must not kill the loop
+                log.exception("webhook dispatch pass failed")
+                n = 0
+            if n >= self.options.batch_size and not self._stop.is_set():
+                continue  # more may be due right now
+            self._wake.wait(self.options.poll_seconds)
+            self._wake.clear()
