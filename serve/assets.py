@@ -1,0 +1,186 @@
+"""Image asset storage: a local directory by default, any fsspec filesystem for object stores.
+
+Keys are deterministic (`avatars/{id}/{index}.png`, `avatars/{id}/thumbnail.webp`,
+`uploads/{id}/{n}.png`), so a job that is re-run after a crash overwrites its own files instead
+of leaving duplicates, and deleting an avatar is one prefix removal.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Protocol
+
+from PIL import Image
+
+THUMBNAIL_SIZE = 256
+
+
+def image_key(avatar_id: str, index: int) -> str:
+    return f"avatars/{avatar_id}/{int(index)}.png"
+
+
+def thumbnail_key(avatar_id: str) -> str:
+    return f"avatars/{avatar_id}/thumbnail.webp"
+
+
+def upload_key(avatar_id: str, n: int) -> str:
+    return f"uploads/{avatar_id}/{int(n)}.png"
+
+
+def _check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid asset key {key!r}")
+    return key
+
+
+class _Backend(Protocol):
+    def put(self, key: str, data: bytes) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+
+
+class LocalBackend:
+    """Files under a root directory; writes are atomic (temp file + rename)."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        os.makedirs(self.root, exist_ok=True)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *_check_key(key).split("/"))
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def get(self, key: str) -> bytes:
+        with open(self._path(key), "rb") as fh:
+            return fh.read()
+
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(self._path(key))
+
+    def delete_prefix(self, prefix: str) -> None:
+        import shutil
+
+        path = self._path(prefix.rstrip("/"))
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.isfile(path):
+            os.unlink(path)
+
+
+class FsspecBackend:
+    """Any fsspec URL (`s3://bucket/prefix`, `gs://...`, `memory://root`)."""
+
+    def __init__(self, url: str, **storage_options):
+        import fsspec
+
+        self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        self.root = root.rstrip("/")
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{_check_key(key)}"
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        parent = path.rsplit("/", 1)[0]
+        try:
+            self.fs.makedirs(parent, exist_ok=True)
+        except Exception:  # object stores have no directories
+            pass
+        self.fs.pipe_file(path, data)
+
+    def get(self, key: str) -> bytes:
+        return self.fs.cat_file(self._path(key))
+
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.exists(self._path(key)))
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix.rstrip("/"))
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    key: str
+    width: int
+    height: int
+
+
+class AssetStore:
+    """Encodes and stores avatar images, thumbnails and uploaded reference photos."""
+
+    def __init__(self, backend: _Backend):
+        self.backend = backend
+
+    @classmethod
+    def from_url(cls, url: str) -> "AssetStore":
+        """A plain path (or `file://`) → LocalBackend; anything else with `://` → fsspec."""
+        if url.startswith("file://"):
+            return cls(LocalBackend(url[len("file://"):]))
+        if "://" in url:
+            return cls(FsspecBackend(url))
+        return cls(LocalBackend(url))
+
+    # -- writes ------------------------------------------------------------------------------
+    def put_image(self, avatar_id: str, index: int, image: Image.Image) -> StoredImage:
+        key = image_key(avatar_id, index)
+        self.backend.put(key, encode_png(image))
+        if index == 0:
+            self.backend.put(thumbnail_key(avatar_id), encode_thumbnail(image))
+        return StoredImage(key, image.width, image.height)
+
+    def put_upload(self, avatar_id: str, n: int, image: Image.Image) -> str:
+        """Re-encoded as PNG: strips EXIF (location, device) from user uploads."""
+        key = upload_key(avatar_id, n)
+        self.backend.put(key, encode_png(image))
+        return key
+
+    # -- reads -------------------------------------------------------------------------------
+    def get_bytes(self, key: str) -> bytes:
+        return self.backend.get(key)
+
+    def load_image(self, key: str) -> Image.Image:
+        img = Image.open(io.BytesIO(self.backend.get(key)))
+        img.load()
+        return img
+
+    def exists(self, key: str) -> bool:
+        return self.backend.exists(key)
+
+    # -- deletes -----------------------------------------------------------------------------
+    def delete_avatar(self, avatar_id: str) -> None:
+        self.backend.delete_prefix(f"avatars/{avatar_id}")
+        self.backend.delete_prefix(f"uploads/{avatar_id}")
+
+
+def encode_png(image: Image.Image) -> bytes:
+    if image.mode not in ("RGB", "RGBA", "L"):
+        image = image.convert("RGB")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_thumbnail(image: Image.Image, size: int = THUMBNAIL_SIZE) -> bytes:
+    thumb = image.convert("RGB")
+    thumb.thumbnail((size, size), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    thumb.save(buf, format="WEBP", quality=85)
+    return buf.getvalue()

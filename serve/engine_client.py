@@ -1,0 +1,149 @@
+"""What the HTTP layer needs from the engine side, behind one small interface.
+
+The ingress never runs a model: it needs the profile table (to validate `model`, compute credit
+costs and resolve sizes/seeds at submit), a way to wake the worker after a submit, and the
+worker's metrics. `LocalEngineClient` wraps an in-process engine + JobWorker (TestClient tests,
+single-process use); `RayEngineClient` talks to the `AvatarModel` deployment through a
+DeploymentHandle.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+log = logging.getLogger("serve.engine_client")
+
+ALL_KINDS = ("generate", "percify", "cast", "remix")
+
+
+@dataclass(frozen=True)
+class ProfileInfo:
+    """The parts of a model profile the ingress uses; also what `resolve()` reads."""
+
+    name: str
+    credit_cost: int | None = None
+    resolution: int = 512
+    size_multiple: int = 8
+    steps: int = 25
+    guidance_scale: float = 7.5
+    kinds: tuple[str, ...] = ALL_KINDS
+
+    @classmethod
+    def from_profile(cls, p: Any) -> "ProfileInfo":
+        kinds = getattr(p, "supported_kinds", None) or getattr(p, "kinds", None)
+        if kinds is None:
+            kinds = ALL_KINDS
+            if getattr(p, "supports_identity", None) is False:
+                kinds = ("generate", "remix")
+        cost = getattr(p, "credit_cost", None)
+        return cls(name=p.name, credit_cost=None if cost is None else int(cost),
+                   resolution=int(getattr(p, "resolution", 512)), size_multiple=int(getattr(p, "size_multiple", 8)),
+                   steps=int(getattr(p, "steps", 25)), guidance_scale=float(getattr(p, "guidance_scale", 7.5)),
+                   kinds=tuple(kinds))
+
+
+@dataclass(frozen=True)
+class EngineDescription:
+    default_model: str
+    profiles: dict[str, ProfileInfo] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"default_model": self.default_model, "profiles": {k: asdict(v) for k, v in self.profiles.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EngineDescription":
+        profiles = {}
+        for k, v in d["profiles"].items():
+            v = dict(v)
+            v["kinds"] = tuple(v.get("kinds", ALL_KINDS))
+            profiles[k] = ProfileInfo(**v)
+        return cls(default_model=d["default_model"], profiles=profiles)
+
+    @classmethod
+    def from_engine(cls, engine: Any, models: list[str] | None = None) -> "EngineDescription":
+        """`models`: the profiles actually served (default: the engine's default model only,
+        since models.yaml may list profiles whose weights this machine does not have)."""
+        names = list(models) if models else [engine.default_model]
+        profiles = {name: ProfileInfo.from_profile(engine.profiles[name]) for name in names}
+        default = engine.default_model if engine.default_model in profiles else names[0]
+        return cls(default_model=default, profiles=profiles)
+
+
+class EngineClient(abc.ABC):
+    @abc.abstractmethod
+    async def describe(self) -> EngineDescription:
+        """Profiles and default model (may be cached)."""
+
+    @abc.abstractmethod
+    async def notify(self) -> None:
+        """New jobs are queued: wake a worker. Best effort, never raises."""
+
+    async def metrics_text(self) -> bytes:
+        """Prometheus exposition of the worker side ("" when not available)."""
+        return b""
+
+
+class LocalEngineClient(EngineClient):
+    """In-process engine and worker. With `worker=None` or `autorun=False`, `notify` does not
+    run anything: tests then drive the worker with `worker.run_once()` for deterministic steps."""
+
+    def __init__(self, engine: Any, worker: Any = None, *, autorun: bool = False, models: list[str] | None = None):
+        self.engine = engine
+        self.models = models if models is not None else getattr(worker, "served_models", None)
+        self.worker = worker
+        self.autorun = autorun
+        self._desc: EngineDescription | None = None
+        if worker is not None and autorun:
+            worker.start()
+
+    async def describe(self) -> EngineDescription:
+        if self._desc is None:
+            self._desc = EngineDescription.from_engine(self.engine, self.models)
+        return self._desc
+
+    async def notify(self) -> None:
+        if self.worker is not None and self.autorun:
+            self.worker.wake()
+
+    async def metrics_text(self) -> bytes:
+        m = getattr(self.worker, "metrics", None)
+        return m.exposition() if m is not None else b""
+
+
+class RayEngineClient(EngineClient):
+    """Talks to the `AvatarModel` deployment. `describe` is fetched once and cached."""
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+        self._desc: EngineDescription | None = None
+        self._pending: set[Any] = set()
+
+    async def describe(self) -> EngineDescription:
+        if self._desc is None:
+            self._desc = EngineDescription.from_dict(await self.handle.describe.remote())
+        return self._desc
+
+    async def notify(self) -> None:
+        try:
+            # Fire and forget, but keep a reference so the call is not garbage collected early.
+            task = asyncio.ensure_future(self._nudge())
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        except Exception:  # noqa: BLE001
+            log.warning("nudge failed", exc_info=True)
+
+    async def _nudge(self) -> None:
+        try:
+            await self.handle.nudge.remote()
+        except Exception:  # noqa: BLE001 - the worker polls anyway
+            log.warning("nudge failed", exc_info=True)
+
+    async def metrics_text(self) -> bytes:
+        try:
+            return await self.handle.metrics_text.remote()
+        except Exception:  # noqa: BLE001
+            log.warning("cannot fetch worker metrics", exc_info=True)
+            return b""

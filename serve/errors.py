@@ -1,0 +1,267 @@
+"""One error shape for every failure: `{"error": {"code", "message", "param", "requestId"}}`.
+
+Route code raises `ApiError` (or an engine error, which carries `.code`/`.param`); FastAPI's own
+failures (validation, unknown route, wrong method, bad JSON) are mapped by the handlers
+installed in `install_error_handlers`. Anything else becomes a 500 whose body only carries the
+request id; the traceback goes to the log under that id, never to the client.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from typing import Any, Iterable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError as FastAPIValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from avatar_engine.errors import AvatarEngineError, ProfileError
+
+log = logging.getLogger("serve.errors")
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+class ApiError(Exception):
+    """An error with its HTTP status and API code; `param` names the offending field."""
+
+    def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+
+def invalid_request(message: str, param: str | None = None, status: int = 400) -> ApiError:
+    return ApiError(status, "invalid_request", message, param=param)
+
+
+def authentication_required(message: str = "A valid API key is required: send 'Authorization: Bearer <key>'") -> ApiError:
+    return ApiError(401, "authentication_required", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def unauthorized_access(message: str = "This avatar belongs to another account") -> ApiError:
+    return ApiError(403, "unauthorized_access", message)
+
+
+def avatar_not_found(avatar_id: str) -> ApiError:
+    return ApiError(404, "avatar_not_found", f"No avatar with id {avatar_id!r}", param="avatarId")
+
+
+def not_found(message: str = "Not found", param: str | None = None) -> ApiError:
+    return ApiError(404, "not_found", message, param=param)
+
+
+def insufficient_credits(needed: int, balance: int) -> ApiError:
+    return ApiError(402, "insufficient_credits",
+                    f"This request costs {needed} credits; the account has {balance} available")
+
+
+def content_policy_violation(param: str, message: str = "The text violates the content policy") -> ApiError:
+    return ApiError(400, "content_policy_violation", message, param=param)
+
+
+def rate_limit_exceeded(message: str, retry_after: int, headers: dict[str, str] | None = None) -> ApiError:
+    return ApiError(429, "rate_limit_exceeded", message, headers={"Retry-After": str(retry_after), **(headers or {})})
+
+
+def conflict(code: str, message: str, param: str | None = None) -> ApiError:
+    return ApiError(409, code, message, param=param)
+
+
+class BodyTooLarge(Exception):
+    """Raised from the receive channel when a streamed body passes the configured limit."""
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+def request_id_of(request: Request) -> str:
+    rid = getattr(request.state, "request_id", None)
+    if rid is None:
+        rid = new_request_id()
+        request.state.request_id = rid
+    return rid
+
+
+def error_body(code: str, message: str, param: str | None, request_id: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "param": param, "requestId": request_id}}
+
+
+def error_response(request: Request, status: int, code: str, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    rid = request_id_of(request)
+    return JSONResponse(error_body(code, message, param, rid), status_code=status,
+                        headers={**(headers or {}), REQUEST_ID_HEADER: rid})
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p[:1].upper() + p[1:] for p in rest)
+
+
+def param_from_loc(loc: Iterable[Any]) -> str | None:
+    """('body', 'characters', 1, 'prompt') → 'characters[1].prompt'; ('query','limit') → 'limit'."""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie", "form"):
+        parts = parts[1:]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += ("." if out else "") + _camel(str(p))
+    return out or None
+
+
+def _validation_message(err: dict[str, Any], param: str | None) -> str:
+    etype = err.get("type", "")
+    if etype == "json_invalid":
+        return "The request body is not valid JSON"
+    if etype == "missing":
+        return f"{param} is required"
+    if etype == "extra_forbidden":
+        return f"{param} is not a recognised parameter"
+    msg = str(err.get("msg", "is invalid"))
+    return f"{param}: {msg}" if param else msg
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(request, exc.status, exc.code, exc.message, exc.param, exc.headers)
+
+    @app.exception_handler(AvatarEngineError)
+    async def _engine_error(request: Request, exc: AvatarEngineError):
+        # ProfileError on a submitted request means an unknown/unloaded model: the client's fault.
+        status = 400 if exc.code in ("invalid_request", "content_policy_violation") or isinstance(exc, ProfileError) else 500
+        code = "invalid_request" if isinstance(exc, ProfileError) else exc.code
+        return error_response(request, status, code, exc.message, exc.param)
+
+    @app.exception_handler(FastAPIValidationError)
+    async def _validation(request: Request, exc: FastAPIValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = list(first.get("loc", ()))
+        if first.get("type") == "json_invalid":
+            return error_response(request, 400, "invalid_request", _validation_message(first, None), None)
+        if loc[:1] == ["body"] and len(loc) == 1 and first.get("type") in ("missing", "model_attributes_type", "dict_type"):
+            return error_response(request, 400, "invalid_request", "The request body must be a JSON object", None)
+        param = param_from_loc(loc)
+        return error_response(request, 400, "invalid_request", _validation_message(first, param), param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc.__cause__, BodyTooLarge):
+            return _too_large(request)
+        status = exc.status_code
+        if status == 404:
+            return error_response(request, 404, "not_found", f"No route for {request.method} {request.url.path}")
+        if status == 405:
+            return error_response(request, 405, "method_not_allowed",
+                                  f"{request.method} is not allowed on {request.url.path}",
+                                  headers=dict(exc.headers or {}))
+        if status == 413:
+            return _too_large(request)
+        if status == 400:
+            return error_response(request, 400, "invalid_request", str(exc.detail))
+        code = {401: "authentication_required", 403: "unauthorized_access", 429: "rate_limit_exceeded"}.get(status, "error")
+        return error_response(request, status, code, str(exc.detail), headers=dict(exc.headers or {}))
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large_handler(request: Request, exc: BodyTooLarge):
+        return _too_large(request)
+
+
+def _too_large(request: Request) -> JSONResponse:
+    limit = getattr(request.app.state, "max_body_bytes", None)
+    msg = f"The request body is larger than the limit of {limit} bytes" if limit else "The request body is too large"
+    return error_response(request, 413, "request_too_large", msg)
+
+
+class RequestContextMiddleware:
+    """Outermost ASGI layer: assigns the request id, enforces the body size limit (declared and
+    streamed), and turns any uncaught exception into a logged 500 with the error shape."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = new_request_id()
+        scope.setdefault("state", {})["request_id"] = rid
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = list(message.get("headers", []))
+                present = {k.lower() for k, _ in headers}
+                if REQUEST_ID_HEADER.encode() not in present:
+                    headers.append((REQUEST_ID_HEADER.encode(), rid.encode()))
+                for k, v in scope.get("state", {}).get("extra_headers", {}).items():
+                    if k.lower().encode() not in present:
+                        headers.append((k.lower().encode(), str(v).encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            await _send_json(send, 413, error_body(
+                "request_too_large", f"The request body is larger than the limit of {self.max_body_bytes} bytes",
+                None, rid), rid)
+            return
+
+        seen = 0
+
+        async def receive_wrapper() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except BodyTooLarge:
+            if not started:
+                await _send_json(send, 413, error_body(
+                    "request_too_large", f"The request body is larger than the limit of {self.max_body_bytes} bytes",
+                    None, rid), rid)
+        except Exception:  # noqa: BLE001 - the last line of defence
+            log.exception("unhandled error (requestId=%s) on %s %s", rid, scope.get("method"), scope.get("path"))
+            if not started:
+                await _send_json(send, 500, error_body(
+                    "internal_error", f"An internal error occurred; quote requestId {rid} when reporting it",
+                    None, rid), rid)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", []):
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], rid: str) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+        (REQUEST_ID_HEADER.encode(), rid.encode())]})
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,364 @@
+"""Durable job worker: the store is the queue, this loop is the consumer.
+
+A worker claims up to `max_batch` queued jobs with a lease, keeps the leases alive with a
+heartbeat thread while the engine runs, writes the images under deterministic keys and
+completes each job with its lease token. Every step is safe to repeat: if the process dies at
+any point, the lease expires, another worker (or the restarted one) claims the job again, the
+rerun overwrites the same asset keys, and `complete_job` only succeeds for the current lease
+holder, so a job completes — and is charged — exactly once.
+
+The same class runs inside the Ray model deployment (`deployments.AvatarModel`) and in tests
+(`run_once()` / `drain()` with an injected engine).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from avatar_engine.errors import AvatarEngineError
+from avatar_engine.requests import GenerationRequest
+
+from .assets import AssetStore
+from .policy import PolicyChecker
+from .settings import ServiceSettings
+from .store import Avatar, Store
+
+log = logging.getLogger("serve.worker")
+
+
+class JobBuildError(Exception):
+    """A stored job cannot be turned into an engine request (missing upload, bad params)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _common_kwargs(p: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        prompt=p["prompt"],
+        negative_prompt=p.get("negativePrompt"),
+        style_preset=p.get("stylePreset"),
+        aspect_ratio=p.get("aspectRatio", "1:1"),
+        guidance_scale=p.get("guidanceScale"),
+        seed=p.get("seed"),
+        batch_size=int(p.get("batchSize", 1)),
+        steps=p.get("steps"),
+        model=p.get("model"),
+    )
+
+
+def build_engine_request(job: Avatar, assets: AssetStore) -> GenerationRequest:
+    """Stored params (camelCase, resolved at submit) → the engine's request dataclass."""
+    p = dict(job.params)
+
+    def load(key: str):
+        try:
+            return assets.load_image(key).convert("RGB")
+        except FileNotFoundError:
+            raise JobBuildError("asset_missing", f"Reference image {key!r} of this job no longer exists") from None
+
+    kw = _common_kwargs(p)
+    if job.kind == "generate":
+        return GenerationRequest(**kw)
+    if job.kind == "remix":
+        return GenerationRequest(**kw, init_image=load(p["initImage"]), strength=float(p.get("strength", 0.6)))
+    if job.kind == "percify":
+        from avatar_engine.identity import PercifyRequest
+
+        extra = {"identity_strength": p["identityStrength"]} if p.get("identityStrength") is not None else {}
+        return PercifyRequest(**kw, photos=[load(k) for k in p["photos"]], **extra)
+    if job.kind == "cast":
+        from avatar_engine.cast import CastCharacter, CastRequest
+
+        characters = [CastCharacter(prompt=c["prompt"], photos=[load(k) for k in c.get("photos", [])],
+                                    box=c.get("box")) for c in p["characters"]]
+        extra: dict[str, Any] = {}
+        if p.get("identityStrength") is not None:
+            extra["identity_strength"] = p["identityStrength"]
+        if p.get("layout") is not None:
+            extra["layout"] = p["layout"]
+        return CastRequest(**kw, characters=characters, **extra)
+    raise JobBuildError("unsupported_kind", f"Unknown job kind {job.kind!r}")
+
+
+class _BatchAbandoned(Exception):
+    """Raised from the progress callback to abort an engine call nobody waits for any more."""
+
+
+class _Heartbeat:
+    """Extends the batch's leases every `interval` seconds; records ids whose lease was lost
+    (cancelled, deleted or reclaimed) so the worker does not publish results for them."""
+
+    def __init__(self, store: Store, worker_id: str, leases: dict[str, str], interval: float, lease_seconds: float):
+        self.store, self.worker_id, self.leases = store, worker_id, dict(leases)
+        self.interval, self.lease_seconds = interval, lease_seconds
+        self.lost: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="job-heartbeat", daemon=True)
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "_Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 5)
+
+    def beat(self) -> None:
+        with self._lock:
+            live = {k: v for k, v in self.leases.items() if k not in self.lost}
+        if not live:
+            return
+        try:
+            alive = self.store.heartbeat(self.worker_id, live, self.lease_seconds)
+        except Exception:  # noqa: BLE001 - a DB blip must not kill the batch; the lease has slack
+            log.warning("heartbeat failed", exc_info=True)
+            return
+        with self._lock:
+            self.lost |= set(live) - set(alive)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.beat()
+
+    def is_lost(self, avatar_id: str) -> bool:
+        with self._lock:
+            return avatar_id in self.lost
+
+
+@dataclass
+class BatchReport:
+    claimed: int = 0
+    completed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # lease lost (cancelled / reclaimed)
+
+
+class JobWorker:
+    """Claims, runs and finishes jobs. Thread-safe to `wake()`/`stop()` from other threads."""
+
+    def __init__(self, store: Store, engine: Any, assets: AssetStore, settings: ServiceSettings, *,
+                 worker_id: str | None = None, policy: PolicyChecker | None = None, metrics: Any = None,
+                 on_batch: Callable[[BatchReport], None] | None = None, models: list[str] | None = None):
+        self.store, self.engine, self.assets, self.settings = store, engine, assets, settings
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.policy = policy
+        self.metrics = metrics
+        self.on_batch = on_batch
+        self.served_models = list(models) if models else [engine.default_model]
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.batches_run = 0
+
+    # -- one step ---------------------------------------------------------------------------
+    def run_once(self) -> BatchReport:
+        """Claim up to max_batch jobs and run them as one engine call; returns what happened."""
+        s = self.settings
+        jobs = self.store.claim_jobs(self.worker_id, limit=s.max_batch, lease_seconds=s.lease_seconds,
+                                     models=self.served_models, max_attempts=s.max_attempts)
+        report = BatchReport(claimed=len(jobs))
+        if self.metrics:
+            try:
+                self.metrics.set_queue_depth(self.store.queue_stats()["queued"])
+            except Exception:  # noqa: BLE001 - metrics never break the loop
+                log.debug("queue_stats failed", exc_info=True)
+        if not jobs:
+            return report
+        now = time.time()
+        if self.metrics:
+            self.metrics.observe_batch(len(jobs))
+            for j in jobs:
+                self.metrics.observe_queue_wait(max(0.0, now - j.created_at))
+        leases = {j.id: j.lease_token for j in jobs}
+        with _Heartbeat(self.store, self.worker_id, leases, s.resolved_heartbeat_seconds, s.lease_seconds) as hb:
+            runnable: list[tuple[Avatar, GenerationRequest]] = []
+            for job in jobs:
+                try:
+                    runnable.append((job, build_engine_request(job, self.assets)))
+                except JobBuildError as exc:
+                    self._fail(job, exc.code, exc.message, report)
+                except AvatarEngineError as exc:
+                    self._fail(job, exc.code, exc.message, report)
+                except Exception:  # noqa: BLE001
+                    log.exception("cannot build request for job %s", job.id)
+                    self._fail(job, "invalid_job", "The stored job parameters are invalid", report)
+            if runnable:
+                self._run_batch(runnable, hb, report)
+        self.batches_run += 1
+        if self.on_batch:
+            self.on_batch(report)
+        return report
+
+    def drain(self, max_batches: int = 1000) -> list[BatchReport]:
+        """Run until the queue is empty (tests, CLI one-shot)."""
+        reports = []
+        for _ in range(max_batches):
+            r = self.run_once()
+            if not r.claimed:
+                break
+            reports.append(r)
+        return reports
+
+    # -- internals ---------------------------------------------------------------------------
+    def _run_batch(self, runnable: list[tuple[Avatar, GenerationRequest]], hb: _Heartbeat, report: BatchReport) -> None:
+        t0 = time.perf_counter()
+        ids = [job.id for job, _ in runnable]
+
+        def progress(done: int, total: int) -> None:
+            # Every job of this call was cancelled/deleted/reclaimed: stop spending the GPU on it.
+            if all(hb.is_lost(i) for i in ids):
+                raise _BatchAbandoned()
+
+        try:
+            results = self.engine.generate([r for _, r in runnable], progress=progress)
+            if len(results) != len(runnable):
+                raise RuntimeError(f"engine returned {len(results)} results for {len(runnable)} requests")
+        except _BatchAbandoned:
+            report.dropped.extend(ids)
+            for job, _ in runnable:
+                self._outcome(job, "dropped")
+                if self.store.job_statuses([job.id]).get(job.id) in (None, "cancelled"):
+                    self.assets.delete_avatar(job.id)
+            return
+        except Exception as exc:  # noqa: BLE001
+            if len(runnable) > 1:
+                # Isolate the failing request so one bad job does not fail its batch-mates.
+                log.warning("batch of %d failed (%s); retrying one by one", len(runnable), exc)
+                for item in runnable:
+                    if not hb.is_lost(item[0].id):
+                        self._run_batch([item], hb, report)
+                return
+            job = runnable[0][0]
+            if isinstance(exc, AvatarEngineError):
+                self._fail(job, exc.code, exc.message, report)
+            else:
+                log.exception("generation failed for job %s", job.id)
+                self._fail(job, "generation_failed", "Image generation failed; the credits were released", report)
+            return
+        elapsed = time.perf_counter() - t0
+        if self.metrics:
+            self.metrics.observe_generation(elapsed, runnable[0][1].model or "", len(runnable))
+        for (job, _), result in zip(runnable, results):
+            self._finish(job, result, elapsed, hb, report)
+
+    def _finish(self, job: Avatar, result: Any, elapsed: float, hb: _Heartbeat, report: BatchReport) -> None:
+        if hb.is_lost(job.id):
+            report.dropped.append(job.id)
+            self._outcome(job, "dropped")
+            return
+        images = list(result.images)
+        engine_flags = (getattr(result, "extra", None) or {}).get("nsfw") or []
+        if any(engine_flags) or (self.policy is not None and any(self.policy.check_images(images))):
+            self._fail(job, "content_policy_violation", "The generated image was blocked by the safety checker", report)
+            return
+        stored = []
+        for i, (img, seed) in enumerate(zip(images, result.seeds)):
+            info = self.assets.put_image(job.id, i, img)
+            stored.append({"key": info.key, "width": info.width, "height": info.height, "seed": int(seed)})
+        res = result.request
+        payload: dict[str, Any] = {
+            "images": stored,
+            "thumbnailKey": f"avatars/{job.id}/thumbnail.webp" if stored else None,
+            "generationMs": int(round(elapsed * 1000)),
+            "engineTimings": {k: float(v) for k, v in (result.timings or {}).items() if isinstance(v, (int, float))},
+            "seed": getattr(res, "seed", None),
+            "width": getattr(res, "width", None),
+            "height": getattr(res, "height", None),
+            "steps": getattr(res, "steps", None),
+            "guidanceScale": getattr(res, "guidance_scale", None),
+            "model": getattr(res, "model", None),
+        }
+        extra = dict(getattr(result, "extra", {}) or {})
+        for key in ("identity", "characters"):
+            if key in extra:
+                payload[key] = _jsonable(extra[key])
+        if self.store.complete_job(job.id, job.lease_token, payload):
+            report.completed.append(job.id)
+            self._outcome(job, "completed")
+            return
+        # Not ours any more: cancelled/deleted while running (drop the files) or reclaimed by
+        # another worker after our lease expired (it writes the same keys; leave them).
+        status = self.store.job_statuses([job.id]).get(job.id)
+        if status in (None, "cancelled"):
+            self.assets.delete_avatar(job.id)
+        report.dropped.append(job.id)
+        self._outcome(job, "dropped")
+
+    def _fail(self, job: Avatar, code: str, message: str, report: BatchReport) -> None:
+        if self.store.fail_job(job.id, job.lease_token, code, message):
+            report.failed.append(job.id)
+            self._outcome(job, "failed")
+        else:
+            report.dropped.append(job.id)
+            self._outcome(job, "dropped")
+
+    def _outcome(self, job: Avatar, outcome: str) -> None:
+        if self.metrics:
+            self.metrics.job_outcome(job.kind, outcome)
+
+    # -- loop ---------------------------------------------------------------------------------
+    def wake(self) -> None:
+        """New work was queued: skip the rest of the idle wait."""
+        self._wake.set()
+
+    def run_forever(self) -> None:
+        """Loop until stop(): run batches back to back while there is work, else wait for a
+        wake-up or `poll_seconds` (the poll catches jobs submitted through other replicas and
+        expired leases of dead workers)."""
+        while not self._stop.is_set():
+            try:
+                report = self.run_once()
+            except Exception:  # noqa: BLE001 - keep the loop alive across DB/engine hiccups
+                log.exception("worker iteration failed")
+                report = BatchReport()
+            if report.claimed:
+                continue
+            self._wake.wait(self.settings.poll_seconds)
+            self._wake.clear()
+
+    def start(self) -> threading.Thread:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self.run_forever, name="job-worker", daemon=True)
+            self._thread.start()
+        return self._thread
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Finish the batch in progress, then return. Unfinished jobs keep their lease and are
+        picked up again once it expires."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        if isinstance(value, dict):
+            return {str(k): _jsonable(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [_jsonable(v) for v in value]
+        if hasattr(value, "tolist"):
+            return value.tolist()
+        if hasattr(value, "__dict__"):
+            return _jsonable(vars(value))
+        return str(value)

@@ -1,0 +1,766 @@
+"""HTTP API behaviour through FastAPI's TestClient: real SQLite store, real asset files, real
+JobWorker; the engine is injected (a small fake that paints solid images, unless the real
+`tiny-sd15` engine is asked for) so each route's contract is checked in milliseconds."""
+from __future__ import annotations
+
+import base64
+import json
+import io
+import logging
+import time
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from avatar_engine.errors import RequestValidationError
+from avatar_engine.requests import GenerationResult
+from serve.app import create_app
+from serve.assets import AssetStore
+from serve.engine_client import LocalEngineClient
+from serve.policy import PolicyChecker, normalise
+from serve.settings import ServiceSettings, TierLimits
+from serve.store import open_store
+from serve.worker import JobWorker
+
+
+class FakeEngine:
+    """Implements the engine interface the service uses: profiles, default_model, generate()."""
+
+    def __init__(self, fail_prompts: tuple[str, ...] = ()):
+        self.profiles = {"fake": SimpleNamespace(name="fake", credit_cost=2, resolution=64, size_multiple=8,
+                                                 steps=4, guidance_scale=5.0)}
+        self.default_model = "fake"
+        self.calls: list[int] = []
+        self.fail_prompts = fail_prompts
+        self.before_return = None
+
+    def generate(self, requests, progress=None):
+        self.calls.append(len(requests))
+        if any(r.prompt in self.fail_prompts for r in requests):
+            bad = next(r for r in requests if r.prompt in self.fail_prompts)
+            raise RequestValidationError(f"cannot render {bad.prompt!r}", param="prompt")
+        out = []
+        for r in requests:
+            r = r.resolve(self.profiles[r.model or self.default_model])
+            seeds = r.image_seeds()
+            imgs = [Image.new("RGB", (r.width, r.height), (s % 256, (s // 256) % 256, 128)) for s in seeds]
+            out.append(GenerationResult(request=r, images=imgs, seeds=seeds, timings={"total": 0.01}))
+        if progress:
+            progress(1, 1)
+        if self.before_return:
+            self.before_return()
+        return out
+
+
+class Harness:
+    def __init__(self, tmp_path, engine=None, store_kwargs=None, **overrides):
+        self.settings = ServiceSettings.from_dict({"data_dir": str(tmp_path), "lease_seconds": 30.0, **overrides},
+                                                  env=False)
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        self.store = open_store(self.settings.resolved_db_url, **(store_kwargs or {}))
+        self.engine = engine or FakeEngine()
+        self.assets = AssetStore.from_url(self.settings.resolved_assets_url)
+        self.worker = JobWorker(self.store, self.engine, self.assets, self.settings,
+                                policy=PolicyChecker(self.settings.all_policy_words()))
+        self.app = create_app(self.settings, self.store, LocalEngineClient(self.engine, self.worker),
+                              assets=self.assets)
+        self.client = TestClient(self.app, raise_server_exceptions=False)
+
+    def account(self, tier="pro", credits=100):
+        acct = self.store.create_account(tier, credits)
+        _, key = self.store.create_api_key(acct.id)
+        return acct, {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def h(tmp_path):
+    harness = Harness(tmp_path)
+    yield harness
+    harness.store.close()
+
+
+def png_bytes(size=(96, 96), color=(200, 120, 90)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def assert_error(resp, status, code, param=None):
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"code", "message", "param", "requestId"}
+    assert err["code"] == code, err
+    assert err["requestId"].startswith("req_")
+    assert err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    assert "Traceback" not in resp.text
+    return err
+
+
+# ------------------------------------------------------------------------------------------
+# Generate → worker → completed → download
+# ------------------------------------------------------------------------------------------
+def test_generate_persists_before_responding_then_completes_and_serves_png(h):
+    acct, auth = h.account(credits=100)
+    r = h.client.post("/v1/avatars/generate", json={"prompt": "portrait of an astronaut", "batchSize": 2,
+                                                    "stylePreset": "anime", "seed": 42}, headers=auth)
+    assert r.status_code == 202, r.text
+    av = r.json()
+    assert av["object"] == "avatar" and av["status"] == "queued" and av["kind"] == "generate"
+    assert av["seed"] == 42 and av["width"] == 64 and av["height"] == 64 and av["model"] == "fake"
+    assert av["creditCost"] == 4 and av["images"] == []
+    assert r.headers["location"] == f"/v1/avatars/{av['id']}"
+    # Durable before the response: the job is in the database, credits reserved.
+    assert h.store.get_avatar(av["id"]).status == "queued"
+    assert h.client.get("/v1/account", headers=auth).json()["credits"] == 96
+
+    report = h.worker.run_once()
+    assert report.completed == [av["id"]]
+    got = h.client.get(f"/v1/avatars/{av['id']}", headers=auth).json()
+    assert got["status"] == "completed" and got["completedAt"] and got["error"] is None
+    assert [i["seed"] for i in got["images"]] == [42, 43]
+    assert got["timings"]["generationMs"] is not None and got["timings"]["queuedMs"] is not None
+    img = h.client.get(got["images"][1]["url"], headers=auth)
+    assert img.status_code == 200 and img.headers["content-type"] == "image/png"
+    pil = Image.open(io.BytesIO(img.content))
+    assert pil.format == "PNG" and pil.size == (64, 64) and pil.getpixel((0, 0))[0] == 43
+    thumb = h.client.get(got["thumbnailUrl"], headers=auth)
+    assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).format == "WEBP"
+    webp = h.client.get(got["images"][0]["url"] + "?format=webp", headers=auth)
+    assert Image.open(io.BytesIO(webp.content)).format == "WEBP"
+    # Charged once: balance stays at the reserved amount, ledger has one charge.
+    assert h.client.get("/v1/account", headers=auth).json()["credits"] == 96
+    assert [e.kind for e in h.store.ledger(acct.id)].count("charge") == 1
+
+
+def test_worker_batches_queued_jobs_into_one_engine_call(h):
+    _, auth = h.account()
+    ids = [h.client.post("/v1/avatars/generate", json={"prompt": f"p{i}"}, headers=auth).json()["id"] for i in range(3)]
+    h.worker.run_once()
+    assert h.engine.calls == [3]
+    assert {h.store.get_avatar(i).status for i in ids} == {"completed"}
+
+
+def test_failing_request_fails_alone_and_is_refunded(tmp_path):
+    h = Harness(tmp_path, engine=FakeEngine(fail_prompts=("boom",)))
+    acct, auth = h.account(credits=20)
+    good = h.client.post("/v1/avatars/generate", json={"prompt": "fine"}, headers=auth).json()
+    bad = h.client.post("/v1/avatars/generate", json={"prompt": "boom"}, headers=auth).json()
+    h.worker.run_once()
+    assert h.engine.calls == [2, 1, 1]  # batch failed, then isolated
+    assert h.store.get_avatar(good["id"]).status == "completed"
+    failed = h.client.get(f"/v1/avatars/{bad['id']}", headers=auth).json()
+    assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_request"
+    assert h.store.get_account(acct.id).credits == 18  # only the good job is charged
+
+
+def test_expired_lease_is_reclaimed_and_completed_once(tmp_path):
+    h = Harness(tmp_path)
+    acct, auth = h.account(credits=10)
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
+    # A worker claims the job and dies without heartbeating.
+    dead = h.store.claim_jobs("dead-worker", limit=1, lease_seconds=0.2, models=["fake"])
+    assert [j.id for j in dead] == [av["id"]]
+    assert h.worker.run_once().claimed == 0  # lease still live: not stolen
+    time.sleep(0.3)
+    assert h.worker.run_once().completed == [av["id"]]
+    # The dead worker's late completion is refused; charge happened exactly once.
+    assert h.store.complete_job(av["id"], dead[0].lease_token, {"images": []}) is False
+    assert [e.kind for e in h.store.ledger(acct.id)].count("charge") == 1
+    assert h.store.get_account(acct.id).credits == 8
+
+
+def test_delete_while_running_cancels_refunds_and_leaves_no_files(h):
+    acct, auth = h.account(credits=10)
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
+
+    def delete_mid_generation():
+        assert h.store.get_avatar(av["id"]).status == "processing"
+        r = h.client.delete(f"/v1/avatars/{av['id']}", headers=auth)
+        assert r.status_code == 200 and r.json() == {"id": av["id"], "object": "avatar", "deleted": True,
+                                                      "status": "cancelled"}
+
+    h.engine.before_return = delete_mid_generation
+    report = h.worker.run_once()
+    assert report.dropped == [av["id"]] and report.completed == []
+    assert_error(h.client.get(f"/v1/avatars/{av['id']}", headers=auth), 404, "avatar_not_found", "avatarId")
+    assert not h.assets.exists(f"avatars/{av['id']}/0.png")
+    assert h.store.get_account(acct.id).credits == 10
+
+
+def test_delete_completed_removes_files(h):
+    _, auth = h.account()
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
+    h.worker.run_once()
+    assert h.assets.exists(f"avatars/{av['id']}/0.png")
+    assert h.client.delete(f"/v1/avatars/{av['id']}", headers=auth).json()["status"] == "completed"
+    assert not h.assets.exists(f"avatars/{av['id']}/0.png")
+    assert not h.assets.exists(f"avatars/{av['id']}/thumbnail.webp")
+
+
+# ------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "x", "guidanceScale": 25}, "guidanceScale"),
+    ({"prompt": "x", "batchSize": 5}, "batchSize"),
+    ({"prompt": "x", "aspectRatio": "2:1"}, "aspectRatio"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "stylePreset": "vaporwave"}, "stylePreset"),
+    ({"prompt": "x", "model": "nope"}, "model"),
+    ({"prompt": "x", "colour": "red"}, "colour"),
+    ({"prompt": ""}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": "x", "tags": ["a", "  "]}, "tags[1]"),
+])
+def test_invalid_generate_names_the_field(h, body, param):
+    _, auth = h.account()
+    assert_error(h.client.post("/v1/avatars/generate", json=body, headers=auth), 400, "invalid_request", param)
+    assert h.store.list_avatars(h.store.authenticate(auth["Authorization"][7:]).id).items == []
+
+
+def test_bad_json_and_non_object_bodies(h):
+    _, auth = h.account()
+    r = h.client.post("/v1/avatars/generate", content=b"{not json", headers={**auth, "content-type": "application/json"})
+    assert_error(r, 400, "invalid_request")
+    r = h.client.post("/v1/avatars/generate", json=[1, 2], headers=auth)
+    assert_error(r, 400, "invalid_request")
+
+
+def test_auth_errors(h):
+    assert_error(h.client.get("/v1/account"), 401, "authentication_required")
+    assert_error(h.client.get("/v1/account", headers={"Authorization": "Bearer ak_live_nope"}), 401,
+                 "authentication_required")
+    assert_error(h.client.get("/v1/account", headers={"Authorization": "Basic abc"}), 401, "authentication_required")
+    assert h.client.get("/v1/health").json()["status"] == "ok"
+
+
+def test_unknown_route_wrong_method_and_oversize(tmp_path):
+    h = Harness(tmp_path, max_body_bytes=2000)
+    _, auth = h.account()
+    assert_error(h.client.get("/v1/nope", headers=auth), 404, "not_found")
+    assert_error(h.client.put("/v1/avatars/generate", headers=auth), 405, "method_not_allowed")
+    big = {"prompt": "x" * 1500, "description": "y" * 1500}
+    assert_error(h.client.post("/v1/avatars/generate", json=big, headers=auth), 413, "request_too_large")
+
+
+def test_internal_error_is_logged_with_request_id_and_hides_traceback(h, caplog):
+    _, auth = h.account()
+
+    def broken(_id):
+        raise RuntimeError("database on fire")
+
+    h.store.get_avatar = broken  # instance attribute shadows the method
+    with caplog.at_level(logging.ERROR):
+        r = h.client.get("/v1/avatars/av_x", headers=auth)
+    err = assert_error(r, 500, "internal_error")
+    assert "on fire" not in r.text
+    assert r.headers["x-request-id"] == err["requestId"]
+    assert any(err["requestId"] in rec.getMessage() for rec in caplog.records)
+
+
+def test_content_policy_on_prompt_and_metadata(h):
+    _, auth = h.account()
+    for prompt in ("a N4K3D person", "n.a.k.e.d", "Ｎａｋｅｄ statue", "nakéd"):
+        assert_error(h.client.post("/v1/avatars/generate", json={"prompt": prompt}, headers=auth), 400,
+                     "content_policy_violation", "prompt")
+    assert_error(h.client.post("/v1/avatars/generate", json={"prompt": "ok", "title": "porn"}, headers=auth), 400,
+                 "content_policy_violation", "title")
+    # Word boundaries: innocent words containing a listed one pass; negative prompts are not policed.
+    assert h.client.post("/v1/avatars/generate", json={"prompt": "sailor with a sextant in Essex",
+                                                       "negativePrompt": "nsfw, nude"}, headers=auth).status_code == 202
+
+
+def test_policy_normalisation():
+    assert normalise("Ｎ４ＫＥＤ") == "naked"
+    assert normalise("$ex!") == "sex"
+    p = PolicyChecker(["child abuse"])
+    assert p.find("child-abuse scene") == "child abuse" and p.find("childish abuser") is None
+
+
+def test_credits_and_concurrency_limits(tmp_path):
+    h = Harness(tmp_path, tiers={"free": {"requests_per_minute": 100, "concurrent_jobs": 1},
+                                 "pro": TierLimits(100, 5)})
+    _, poor = h.account(tier="pro", credits=3)
+    assert_error(h.client.post("/v1/avatars/generate", json={"prompt": "x", "batchSize": 2}, headers=poor), 402,
+                 "insufficient_credits")
+    _, free = h.account(tier="free", credits=100)
+    assert h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=free).status_code == 202
+    r = h.client.post("/v1/avatars/generate", json={"prompt": "y"}, headers=free)
+    assert_error(r, 429, "rate_limit_exceeded")
+    assert int(r.headers["retry-after"]) > 0
+    h.worker.run_once()
+    assert h.client.post("/v1/avatars/generate", json={"prompt": "y"}, headers=free).status_code == 202
+
+
+def test_rate_limit_headers_and_429(tmp_path):
+    h = Harness(tmp_path, tiers={"free": {"requests_per_minute": 3, "concurrent_jobs": 1}})
+    _, auth = h.account(tier="free")
+    for i in range(3):
+        r = h.client.get("/v1/account", headers=auth)
+        assert r.status_code == 200
+        assert r.headers["ratelimit-policy"] == '"minute";q=3;w=60'
+        assert r.headers["ratelimit"].startswith(f'"minute";r={2 - i};t=')
+    r = h.client.get("/v1/account", headers=auth)
+    assert_error(r, 429, "rate_limit_exceeded")
+    assert int(r.headers["retry-after"]) >= 1 and "ratelimit" in r.headers
+
+
+# ------------------------------------------------------------------------------------------
+# Visibility, PATCH, list
+# ------------------------------------------------------------------------------------------
+def test_access_control_between_accounts(h):
+    _, alice = h.account()
+    _, bob = h.account()
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=alice).json()
+    h.worker.run_once()
+    assert_error(h.client.get(f"/v1/avatars/{av['id']}", headers=bob), 403, "unauthorized_access")
+    assert_error(h.client.get(f"/v1/avatars/{av['id']}/images/0", headers=bob), 403, "unauthorized_access")
+    assert_error(h.client.patch(f"/v1/avatars/{av['id']}", json={"title": "mine"}, headers=bob), 403,
+                 "unauthorized_access")
+    assert_error(h.client.delete(f"/v1/avatars/{av['id']}", headers=bob), 403, "unauthorized_access")
+    assert_error(h.client.get("/v1/avatars/av_doesnotexist", headers=bob), 404, "avatar_not_found", "avatarId")
+    r = h.client.patch(f"/v1/avatars/{av['id']}", json={"visibility": "unlisted"}, headers=alice)
+    assert r.json()["visibility"] == "unlisted"
+    assert h.client.get(f"/v1/avatars/{av['id']}", headers=bob).status_code == 200
+    assert h.client.get(f"/v1/avatars/{av['id']}/images/0", headers=bob).status_code == 200
+    assert_error(h.client.patch(f"/v1/avatars/{av['id']}", json={"title": "mine"}, headers=bob), 403,
+                 "unauthorized_access")
+    assert_error(h.client.get(f"/v1/avatars/{av['id']}/images/7", headers=alice), 404, "not_found", "index")
+
+
+def test_patch_updates_metadata_only(h):
+    _, auth = h.account()
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
+    r = h.client.patch(f"/v1/avatars/{av['id']}", headers=auth, json={
+        "title": "Hero", "description": "d", "tags": ["a", "b"], "metadata": {"k": [1, 2]}})
+    body = r.json()
+    assert (body["title"], body["description"], body["tags"], body["metadata"]) == ("Hero", "d", ["a", "b"], {"k": [1, 2]})
+    assert_error(h.client.patch(f"/v1/avatars/{av['id']}", json={"prompt": "y"}, headers=auth), 400,
+                 "invalid_request", "prompt")
+    assert_error(h.client.patch(f"/v1/avatars/{av['id']}", json={"visibility": "secret"}, headers=auth), 400,
+                 "invalid_request", "visibility")
+    assert h.client.get(f"/v1/avatars/{av['id']}", headers=auth).json()["title"] == "Hero"
+
+
+def test_list_pagination_filters_and_query_validation(h):
+    _, auth = h.account()
+    _, other = h.account()
+    ids = [h.client.post("/v1/avatars/generate", json={"prompt": f"cat {i}"}, headers=auth).json()["id"]
+           for i in range(5)]
+    h.client.post("/v1/avatars/generate", json={"prompt": "other"}, headers=other)
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = h.client.get("/v1/avatars", params=params, headers=auth).json()
+        assert page["object"] == "list" and len(page["data"]) <= 2
+        seen += [a["id"] for a in page["data"]]
+        if not page["hasMore"]:
+            break
+        cursor = page["nextCursor"]
+    assert sorted(seen) == sorted(ids) and len(seen) == 5
+    assert seen == list(reversed(ids))  # newest first by default
+    h.worker.run_once()
+    h.client.patch(f"/v1/avatars/{ids[0]}", json={"visibility": "public"}, headers=auth)
+    got = h.client.get("/v1/avatars", params={"visibility": "public"}, headers=auth).json()["data"]
+    assert [a["id"] for a in got] == [ids[0]]
+    got = h.client.get("/v1/avatars", params={"search": "CAT 3"}, headers=auth).json()["data"]
+    assert [a["id"] for a in got] == [ids[3]]
+    asc = h.client.get("/v1/avatars", params={"sortOrder": "asc", "status": "completed"}, headers=auth).json()["data"]
+    assert [a["id"] for a in asc] == ids
+    assert_error(h.client.get("/v1/avatars", params={"limit": 0}, headers=auth), 400, "invalid_request", "limit")
+    assert_error(h.client.get("/v1/avatars", params={"limit": 101}, headers=auth), 400, "invalid_request", "limit")
+    assert_error(h.client.get("/v1/avatars", params={"sortBy": "prompt"}, headers=auth), 400, "invalid_request", "sortBy")
+    assert_error(h.client.get("/v1/avatars", params={"cursor": "garbage"}, headers=auth), 400, "invalid_request", "cursor")
+
+
+# ------------------------------------------------------------------------------------------
+# Percify-yourself and cast (ingress side: parsing, validation, stored references)
+# ------------------------------------------------------------------------------------------
+def test_percify_multipart_and_json_store_photos_as_assets(h):
+    _, auth = h.account()
+    files = [("photo", ("a.png", png_bytes(), "image/png")), ("photo", ("b.png", png_bytes(color=(1, 2, 3)), "image/png"))]
+    r = h.client.post("/v1/avatars/percify-yourself", data={"prompt": "me as a knight", "stylePreset": "fantasy",
+                                                            "identityStrength": "0.8", "seed": "7"},
+                      files=files, headers=auth)
+    assert r.status_code == 202, r.text
+    av = r.json()
+    assert av["kind"] == "percify" and av["creditCost"] == 10 and av["seed"] == 7
+    params = h.store.get_avatar(av["id"]).params
+    assert len(params["photos"]) == 2 and params["identityStrength"] == 0.8
+    assert all(h.assets.exists(k) for k in params["photos"])
+    r = h.client.post("/v1/avatars/percify-yourself", headers=auth,
+                      json={"photos": ["data:image/png;base64," + base64.b64encode(png_bytes()).decode()]})
+    assert r.status_code == 202, r.text
+    # Deleting removes the uploaded photos too.
+    h.client.delete(f"/v1/avatars/{av['id']}", headers=auth)
+    assert not any(h.assets.exists(k) for k in params["photos"])
+
+
+def test_percify_rejects_bad_photos(h):
+    _, auth = h.account()
+    bad = h.client.post("/v1/avatars/percify-yourself", files=[("photo", ("x.png", b"not an image", "image/png"))],
+                        headers=auth)
+    assert_error(bad, 400, "invalid_request", "photo[0]")
+    too_many = [("photo", (f"{i}.png", png_bytes(), "image/png")) for i in range(6)]
+    assert_error(h.client.post("/v1/avatars/percify-yourself", files=too_many, headers=auth), 400, "invalid_request",
+                 "photos")
+    assert_error(h.client.post("/v1/avatars/percify-yourself", json={"photos": ["%%%"]}, headers=auth), 400,
+                 "invalid_request", "photos[0]")
+    assert_error(h.client.post("/v1/avatars/percify-yourself", json={"photos": ["https://example.com/me.jpg"]},
+                               headers=auth), 400, "invalid_request", "photos[0]")
+    assert_error(h.client.post("/v1/avatars/percify-yourself", json={"prompt": "x"}, headers=auth), 400,
+                 "invalid_request", "photos")
+    assert_error(h.client.post("/v1/avatars/percify-yourself", content=b"x", headers={**auth, "content-type": "text/plain"}),
+                 415, "invalid_request")
+    assert h.store.list_avatars(h.store.authenticate(auth["Authorization"][7:]).id).items == []
+
+
+def test_cast_with_photos_and_own_avatar(h):
+    _, alice = h.account()
+    _, bob = h.account()
+    mine = h.client.post("/v1/avatars/generate", json={"prompt": "hero"}, headers=alice).json()
+    theirs = h.client.post("/v1/avatars/generate", json={"prompt": "villain"}, headers=bob).json()
+    h.worker.run_once()
+    b64 = base64.b64encode(png_bytes()).decode()
+    body = {"prompt": "two friends at the beach", "characters": [
+        {"prompt": "a knight", "photos": [b64]}, {"prompt": "a wizard", "avatarId": mine["id"]}]}
+    r = h.client.post("/v1/avatars/cast", json=body, headers=alice)
+    assert r.status_code == 202, r.text
+    av = r.json()
+    assert av["kind"] == "cast" and av["creditCost"] == 30
+    assert [c["avatarId"] for c in av["characters"]] == [None, mine["id"]]
+    chars = h.store.get_avatar(av["id"]).params["characters"]
+    assert all(h.assets.exists(k) for c in chars for k in c["photos"]) and len(chars[1]["photos"]) == 1
+    assert_error(h.client.post("/v1/avatars/cast", json={"prompt": "x", "characters": [{"prompt": "solo"}]},
+                               headers=alice), 400, "invalid_request", "characters")
+    foreign = {"prompt": "x", "characters": [{"prompt": "a"}, {"prompt": "b", "avatarId": theirs["id"]}]}
+    assert_error(h.client.post("/v1/avatars/cast", json=foreign, headers=alice), 403, "unauthorized_access")
+    bad_prompt = {"prompt": "x", "characters": [{"prompt": "a"}, {"prompt": "a naked b"}]}
+    assert_error(h.client.post("/v1/avatars/cast", json=bad_prompt, headers=alice), 400, "content_policy_violation",
+                 "characters[1].prompt")
+    # Multipart: characters as JSON text, photos per character index.
+    r = h.client.post("/v1/avatars/cast", headers=alice,
+                      data={"prompt": "duo", "characters": '[{"prompt": "a"}, {"prompt": "b"}]'},
+                      files=[("photo1", ("p.png", png_bytes(), "image/png"))])
+    assert r.status_code == 202, r.text
+    assert len(h.store.get_avatar(r.json()["id"]).params["characters"][1]["photos"]) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# Idempotency, social, webhooks
+# ------------------------------------------------------------------------------------------
+def test_idempotency_key_replays_and_rejects_other_body(h):
+    acct, auth = h.account(credits=100)
+    hdr = {**auth, "Idempotency-Key": "k-1"}
+    first = h.client.post("/v1/avatars/generate", json={"prompt": "x", "seed": 1}, headers=hdr)
+    again = h.client.post("/v1/avatars/generate", json={"seed": 1, "prompt": "x"}, headers=hdr)
+    assert first.status_code == again.status_code == 202
+    assert again.headers["idempotent-replayed"] == "true" and "idempotent-replayed" not in first.headers
+    assert again.json()["id"] == first.json()["id"]
+    assert len(h.store.list_avatars(acct.id).items) == 1 and h.store.get_account(acct.id).credits == 98
+    other = h.client.post("/v1/avatars/generate", json={"prompt": "y"}, headers=hdr)
+    assert_error(other, 422, "invalid_request", "Idempotency-Key")
+
+
+def test_publish_like_comment_feed_remix(h):
+    _, alice = h.account()
+    _, bob = h.account()
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "dragon"}, headers=alice).json()
+    assert_error(h.client.post(f"/v1/avatars/{av['id']}/publish", headers=alice), 400, "invalid_request")
+    h.worker.run_once()
+    assert_error(h.client.post(f"/v1/avatars/{av['id']}/publish", headers=bob), 403, "unauthorized_access")
+    pub = h.client.post(f"/v1/avatars/{av['id']}/publish", headers=alice).json()
+    assert pub["published"] and pub["visibility"] == "public" and pub["publishedAt"]
+    assert [a["id"] for a in h.client.get("/v1/feed", headers=bob).json()["data"]] == [av["id"]]
+    l1 = h.client.post(f"/v1/avatars/{av['id']}/like", headers=bob).json()
+    l2 = h.client.post(f"/v1/avatars/{av['id']}/like", headers=bob).json()
+    assert l1["likes"] == 1 and l2["likes"] == 1 and l2["liked"]
+    assert h.client.delete(f"/v1/avatars/{av['id']}/like", headers=bob).json()["likes"] == 0
+    c = h.client.post(f"/v1/avatars/{av['id']}/comment", json={"text": "wow"}, headers=bob)
+    assert c.status_code == 201 and c.json()["text"] == "wow"
+    assert_error(h.client.post(f"/v1/avatars/{av['id']}/comment", json={"text": ""}, headers=bob), 400,
+                 "invalid_request", "text")
+    assert [x["text"] for x in h.client.get(f"/v1/avatars/{av['id']}/comments", headers=alice).json()["data"]] == ["wow"]
+    rx = h.client.post(f"/v1/avatars/{av['id']}/remix", json={"prompt": "dragon in snow", "strength": 0.5, "seed": 3},
+                       headers=bob)
+    assert rx.status_code == 202, rx.text
+    assert rx.json()["kind"] == "remix" and rx.json()["remixedFrom"] == av["id"] and rx.json()["strength"] == 0.5
+    h.worker.run_once()
+    assert h.client.get(f"/v1/avatars/{rx.json()['id']}", headers=bob).json()["status"] == "completed"
+    assert h.client.get(f"/v1/avatars/{av['id']}", headers=alice).json()["remixes"] == 1
+    got = h.client.get(f"/v1/avatars/{av['id']}", headers=alice).json()
+    assert got["comments"] == 1 and got["likes"] == 0
+
+
+def test_webhook_endpoints_crud_and_private_destinations(tmp_path):
+    h = Harness(tmp_path)
+    _, auth = h.account()
+    assert_error(h.client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"}, headers=auth), 400,
+                 "invalid_request", "url")
+    assert_error(h.client.post("/v1/webhooks", json={"url": "ftp://example.com"}, headers=auth), 400,
+                 "invalid_request", "url")
+    h2 = Harness(tmp_path / "b", webhook_allow_private=True)
+    _, auth2 = h2.account()
+    r = h2.client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "events": ["avatar.completed"]},
+                       headers=auth2)
+    assert r.status_code == 201 and r.json()["secret"].startswith("whsec_")
+    listed = h2.client.get("/v1/webhooks", headers=auth2).json()["data"]
+    assert [e["id"] for e in listed] == [r.json()["id"]] and listed[0]["secret"] is None
+    assert_error(h2.client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/", "events": ["avatar.nope"]},
+                                headers=auth2), 400, "invalid_request", "events[0]")
+    assert h2.client.delete(f"/v1/webhooks/{r.json()['id']}", headers=auth2).json()["deleted"] is True
+    assert_error(h2.client.get(f"/v1/webhooks/{r.json()['id']}", headers=auth2), 404, "webhook_not_found")
+
+
+# ------------------------------------------------------------------------------------------
+# OpenAPI matches the wire; metrics; settings; assets
+# ------------------------------------------------------------------------------------------
+def _resolve(spec, schema):
+    if "$ref" in schema:
+        return spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
+def test_openapi_documents_what_is_returned(h):
+    _, auth = h.account()
+    spec = h.client.get("/v1/openapi.json").json()
+    paths = spec["paths"]
+    for path in ("/v1/avatars/generate", "/v1/avatars/percify-yourself", "/v1/avatars/cast", "/v1/avatars",
+                 "/v1/avatars/{avatarId}", "/v1/account", "/v1/health", "/v1/feed", "/v1/webhooks"):
+        assert path in paths, path
+    refs = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                refs.add(node["$ref"].rsplit("/", 1)[1])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(spec)
+    assert refs and refs <= set(spec["components"]["schemas"]), refs - set(spec["components"]["schemas"])
+    ok = paths["/v1/avatars/generate"]["post"]["responses"]
+    assert "202" in ok and "400" in ok and "402" in ok
+    assert "multipart/form-data" in paths["/v1/avatars/percify-yourself"]["post"]["requestBody"]["content"]
+    for op in (m for p in paths.values() for m in p.values()):
+        assert any(code.startswith("2") for code in op["responses"]), op["operationId"]
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
+    h.worker.run_once()
+    got = h.client.get(f"/v1/avatars/{av['id']}", headers=auth).json()
+    schema = _resolve(spec, paths["/v1/avatars/{avatarId}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"])
+    assert set(got) == set(schema["properties"])
+    assert set(schema["required"]) <= set(got)
+    err_schema = spec["components"]["schemas"]["ErrorBody"]
+    err = h.client.get("/v1/avatars/av_none", headers=auth).json()["error"]
+    assert set(err) == set(err_schema["properties"])
+    acct_schema = _resolve(spec, paths["/v1/account"]["get"]["responses"]["200"]["content"]["application/json"]["schema"])
+    assert set(h.client.get("/v1/account", headers=auth).json()) == set(acct_schema["properties"])
+
+
+def test_metrics_endpoint_reports_jobs_and_batches(h):
+    from serve.metrics import WorkerMetrics
+
+    h.worker.metrics = WorkerMetrics()
+    _, auth = h.account()
+    h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth)
+    h.worker.run_once()
+    text = h.client.get("/metrics").text
+    assert 'avatar_jobs_total{kind="generate",outcome="completed"} 1.0' in text
+    assert "avatar_batch_size_count 1.0" in text
+    assert "avatar_queue_depth 0.0" in text
+    assert 'avatar_jobs_submitted_total{kind="generate"} 1.0' in text
+
+
+def test_settings_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("AVATAR_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("AVATAR_PORT", "9001")
+    monkeypatch.setenv("AVATAR_POLICY_WORDS", "foo, bar")
+    monkeypatch.setenv("AVATAR_WEBHOOK_ALLOW_PRIVATE", "true")
+    monkeypatch.setenv("AVATAR_TIERS", '{"free": [5, 1], "pro": {"requests_per_minute": 50, "concurrent_jobs": 4}}')
+    s = ServiceSettings.from_env(lease_seconds=5)
+    assert s.port == 9001 and s.policy_words == ("foo", "bar") and s.webhook_allow_private
+    assert s.tiers["pro"] == TierLimits(50, 4) and s.tiers["free"] == TierLimits(5, 1)
+    assert s.resolved_db_url == f"sqlite:///{tmp_path}/avatar.db" and s.lease_seconds == 5
+    assert ServiceSettings.from_dict(s.to_dict(), env=False) == s
+    with pytest.raises(ValueError, match="leese"):
+        ServiceSettings.from_dict({"leese_seconds": 1})
+    monkeypatch.setenv("AVATAR_PORT", "abc")
+    with pytest.raises(ValueError, match="AVATAR_PORT"):
+        ServiceSettings.from_env()
+
+
+def test_fsspec_asset_backend_roundtrip():
+    store = AssetStore.from_url("memory://avatar-test-assets")
+    info = store.put_image("av_1", 0, Image.new("RGB", (32, 16), (9, 9, 9)))
+    assert info.key == "avatars/av_1/0.png" and (info.width, info.height) == (32, 16)
+    assert store.load_image(info.key).getpixel((0, 0)) == (9, 9, 9)
+    assert store.exists("avatars/av_1/thumbnail.webp")
+    store.put_image("av_1", 0, Image.new("RGB", (32, 16), (1, 1, 1)))  # re-run overwrites
+    assert store.load_image(info.key).getpixel((0, 0)) == (1, 1, 1)
+    store.delete_avatar("av_1")
+    assert not store.exists(info.key)
+    with pytest.raises(ValueError):
+        store.get_bytes("../etc/passwd")
+
+
+def test_completed_job_is_delivered_to_a_webhook_with_the_api_avatar(tmp_path):
+    """End to end through the outbox: API-created endpoint, job completed by the worker, the
+    dispatcher (serve.webhooks) POSTs a signed event whose data is the API's avatar object."""
+    import http.server
+    import threading
+
+    from serve.app import event_renderer
+    from serve.webhooks import WebhookDispatcher, WebhookOptions, verify_signature
+
+    received = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            received.append((dict(self.headers), self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        h = Harness(tmp_path, store_kwargs={"event_renderer": event_renderer()}, webhook_allow_private=True)
+        acct, auth = h.account()
+        ep = h.client.post("/v1/webhooks", json={"url": f"http://127.0.0.1:{srv.server_port}/hook",
+                                                 "events": ["avatar.completed"]}, headers=auth).json()
+        av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
+        h.worker.run_once()
+        WebhookDispatcher(h.store, WebhookOptions.from_settings(h.settings)).drain()
+        assert len(received) == 1
+        headers, body = received[0]
+        verify_signature(ep["secret"], headers, body)
+        payload = json.loads(body)
+        assert payload["type"] == "avatar.completed"
+        assert payload["data"]["object"]["id"] == av["id"] and payload["data"]["object"]["status"] == "completed"
+        assert payload["data"]["object"]["images"][0]["url"].endswith(f"/v1/avatars/{av['id']}/images/0")
+    finally:
+        srv.shutdown()
+
+
+def test_idempotency_key_in_flight_is_409_and_5xx_is_not_stored(h):
+    _, auth = h.account()
+    hdr = {**auth, "Idempotency-Key": "same"}
+    real_submit = h.store.submit_job
+    nested = []
+
+    def submit_and_retry(*a, **kw):
+        # While the first request is inside submit_job, a retry with the same key arrives.
+        nested.append(h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=hdr))
+        return real_submit(*a, **kw)
+
+    h.store.submit_job = submit_and_retry
+    first = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=hdr)
+    assert first.status_code == 202
+    assert_error(nested[0], 409, "idempotency_conflict", "Idempotency-Key")
+
+    def broken(*a, **kw):
+        raise RuntimeError("db down")
+
+    h.store.submit_job = broken
+    hdr2 = {**auth, "Idempotency-Key": "other"}
+    assert_error(h.client.post("/v1/avatars/generate", json={"prompt": "y"}, headers=hdr2), 500, "internal_error")
+    h.store.submit_job = real_submit
+    retry = h.client.post("/v1/avatars/generate", json={"prompt": "y"}, headers=hdr2)
+    assert retry.status_code == 202 and "idempotent-replayed" not in retry.headers
+
+
+# ------------------------------------------------------------------------------------------
+# The real tiny engine behind the same routes (percify-yourself and cast need real faces)
+# ------------------------------------------------------------------------------------------
+def _photo_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_percify_and_cast_with_the_real_tiny_engine(tmp_path, tiny_engine):
+    import numpy as np
+    from skimage import data as skdata
+
+    face = Image.fromarray(np.asarray(skdata.astronaut())).resize((256, 256))
+    h = Harness(tmp_path, engine=tiny_engine)
+    _, auth = h.account(credits=200)
+    r = h.client.post("/v1/avatars/percify-yourself", headers=auth,
+                      data={"prompt": "portrait, knight armour", "seed": "5", "steps": "3", "identityStrength": "0.8"},
+                      files=[("photo", ("me.jpg", _photo_bytes(face), "image/jpeg"))])
+    assert r.status_code == 202, r.text
+    percify_id = r.json()["id"]
+    h.worker.drain()
+    got = h.client.get(f"/v1/avatars/{percify_id}", headers=auth).json()
+    assert got["status"] == "completed", got
+    assert got["identity"]["faces"] == 1 and len(got["identity"]["perImage"]) == 1
+    png = h.client.get(got["images"][0]["url"], headers=auth)
+    assert Image.open(io.BytesIO(png.content)).size == (got["width"], got["height"])
+
+    body = {"prompt": "two friends on a beach", "seed": 3, "steps": 3, "aspectRatio": "16:9", "characters": [
+        {"prompt": "an astronaut", "photos": [base64.b64encode(_photo_bytes(face)).decode()]},
+        {"prompt": "a knight", "avatarId": percify_id}]}
+    r = h.client.post("/v1/avatars/cast", json=body, headers=auth)
+    assert r.status_code == 202, r.text
+    h.worker.drain()
+    cast = h.client.get(f"/v1/avatars/{r.json()['id']}", headers=auth).json()
+    assert cast["status"] == "completed", cast["error"]
+    assert [c["hasIdentity"] for c in cast["characters"]] == [True, True]
+    assert all(len(c["box"]) == 4 for c in cast["characters"])
+    bad_box = {**body, "characters": [{"prompt": "a", "box": [0, 0, 0.6, 1]}, {"prompt": "b", "box": [0.4, 0, 1, 1]}]}
+    assert_error(h.client.post("/v1/avatars/cast", json=bad_box, headers=auth), 400, "invalid_request",
+                 "characters[1].box")
+
+
+def test_output_safety_checker_fails_the_job_and_refunds(tmp_path):
+    h = Harness(tmp_path)
+    h.worker.policy = PolicyChecker([], output_checker=lambda images: [True] * len(images))
+    acct, auth = h.account(credits=10)
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
+    h.worker.run_once()
+    got = h.client.get(f"/v1/avatars/{av['id']}", headers=auth).json()
+    assert got["status"] == "failed" and got["error"]["code"] == "content_policy_violation" and got["images"] == []
+    assert not h.assets.exists(f"avatars/{av['id']}/0.png")
+    assert h.store.get_account(acct.id).credits == 10
+
+
+def test_heartbeat_keeps_a_long_job_from_being_stolen(tmp_path):
+    h = Harness(tmp_path, lease_seconds=0.4, heartbeat_seconds=0.1)
+    _, auth = h.account()
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
+    stolen = []
+
+    def slow():
+        time.sleep(1.2)  # three lease lengths
+        stolen.extend(h.store.claim_jobs("thief", limit=1, lease_seconds=5, models=["fake"]))
+
+    h.engine.before_return = slow
+    assert h.worker.run_once().completed == [av["id"]]
+    assert stolen == [] and h.store.get_avatar(av["id"]).attempts == 1
+
+
+def test_cli_create_key_and_grant_credits(tmp_path, capsys):
+    from serve.cli import main
+
+    assert main(["create-key", "--tier", "pro", "--credits", "100", "--data-dir", str(tmp_path), "-q"]) == 0
+    key = capsys.readouterr().out.strip()
+    store = open_store(f"sqlite:///{tmp_path}/avatar.db")
+    acct = store.authenticate(key)
+    assert acct.tier == "pro" and acct.credits == 100
+    assert main(["grant-credits", acct.id, "25", "--data-dir", str(tmp_path)]) == 0
+    assert store.get_account(acct.id).credits == 125
+    assert main(["grant-credits", "acct_missing", "5", "--data-dir", str(tmp_path)]) == 2
+    assert main(["set-tier", acct.id, "enterprise", "--data-dir", str(tmp_path)]) == 0
+    assert store.get_account(acct.id).tier == "enterprise"
+    store.close()

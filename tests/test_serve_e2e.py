@@ -1,0 +1,174 @@
+"""The real service: Ray Serve on 127.0.0.1 started from `serve/config/serve_local.yaml`'s
+builder, the tiny-sd15 engine, SQLite and local files. One Ray session for the module."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+httpx = pytest.importorskip("httpx")
+from PIL import Image  # noqa: E402
+
+APP = "avatar"
+POLL_LIMIT_S = 240  # generous upper bound for a stuck job on a busy 2-core box; never asserted
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+    from ray import serve
+
+    from serve.deployments import default_config_path, run_config
+    from serve.store import open_store
+
+    data = tmp_path_factory.mktemp("svc")
+    port = _free_port()
+    overrides = {"data_dir": str(data), "models": ["tiny-sd15"], "device": "cpu", "lease_seconds": 3.0,
+                 "poll_seconds": 0.2, "max_batch": 2}
+    ray_tmp = tempfile.mkdtemp(prefix="aer", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024,
+             _temp_dir=ray_tmp, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = default_config_path("serve_local.yaml")
+        run_config(config, overrides)
+        store = open_store(f"sqlite:///{data}/avatar.db")
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        ns = type("Svc", (), {})()
+        ns.client, ns.store, ns.config, ns.overrides, ns.data = client, store, config, overrides, data
+        ns.redeploy = lambda: run_config(config, overrides)
+        yield ns
+        client.close()
+        store.close()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _auth(store, credits=200, tier="enterprise"):
+    acct = store.create_account(tier, credits)
+    _, key = store.create_api_key(acct.id)
+    return acct, {"Authorization": f"Bearer {key}"}
+
+
+def _wait(client, auth, ids, until=("completed", "failed", "cancelled")):
+    deadline = time.monotonic() + POLL_LIMIT_S
+    out = {}
+    while time.monotonic() < deadline:
+        out = {i: client.get(f"/v1/avatars/{i}", headers=auth).json() for i in ids}
+        if all(a["status"] in until for a in out.values()):
+            return out
+        time.sleep(0.3)
+    pytest.fail(f"jobs did not finish: {[(i, a['status']) for i, a in out.items()]}")
+
+
+def test_generate_poll_download(service):
+    c = service.client
+    health = c.get("/v1/health").json()
+    assert health["status"] == "ok" and health["defaultModel"] == "tiny-sd15"
+    assert [m["name"] for m in health["models"]] == ["tiny-sd15"]
+    assert "/v1/avatars/generate" in c.get("/v1/openapi.json").json()["paths"]
+    acct, auth = _auth(service.store)
+    r = c.post("/v1/avatars/generate", json={"prompt": "portrait of an astronaut", "seed": 7, "batchSize": 2,
+                                             "steps": 4}, headers=auth)
+    assert r.status_code == 202, r.text
+    av = r.json()
+    assert av["status"] == "queued" and av["seed"] == 7
+    done = _wait(c, auth, [av["id"]])[av["id"]]
+    assert done["status"] == "completed", done
+    assert [i["seed"] for i in done["images"]] == [7, 8]
+    png = c.get(done["images"][0]["url"], headers=auth)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    img = Image.open(io.BytesIO(png.content))
+    assert img.size == (done["width"], done["height"]) and img.getextrema() != ((0, 0), (0, 0), (0, 0))
+    assert c.get(done["thumbnailUrl"], headers=auth).headers["content-type"] == "image/webp"
+    assert service.store.get_account(acct.id).credits == 200 - done["creditCost"]
+    # Unknown route and auth failures come back in the error shape through the Serve proxy too.
+    assert c.get("/v1/nope", headers=auth).json()["error"]["code"] == "not_found"
+    assert c.get("/v1/account").json()["error"]["code"] == "authentication_required"
+    metrics = c.get("/metrics").text
+    assert 'avatar_jobs_total{kind="generate",outcome="completed"}' in metrics
+
+
+def test_restart_with_jobs_queued_and_in_flight_completes_each_once(service):
+    from ray import serve
+
+    c = service.client
+    acct, auth = _auth(service.store, credits=500)
+    ids = [c.post("/v1/avatars/generate", json={"prompt": f"job {i}", "seed": i, "steps": 40, "batchSize": 2},
+                  headers=auth).json()["id"] for i in range(4)]
+    cost = service.store.get_avatar(ids[0]).credit_cost
+    # Wait for the worker to pick up the first batch (max_batch=2 → two in flight, two queued).
+    deadline = time.monotonic() + POLL_LIMIT_S
+    while time.monotonic() < deadline:
+        statuses = service.store.job_statuses(ids)
+        if "processing" in statuses.values():
+            break
+        time.sleep(0.05)
+    model = serve.get_deployment_handle("AvatarModel", app_name=APP)
+    pid = model.replica_info.remote().result()["pid"]
+    os.kill(pid, signal.SIGKILL)  # crash the model replica mid-batch
+    statuses = service.store.job_statuses(ids)
+    in_flight = [i for i, s in statuses.items() if s == "processing"]
+    assert in_flight, statuses
+    assert "queued" in statuses.values(), statuses
+    serve.delete(APP)  # stop the whole service with work outstanding
+    assert {service.store.job_statuses(ids)[i] for i in in_flight} == {"processing"}
+
+    service.redeploy()  # start again from the same YAML/builder
+    done = _wait(c, auth, ids)
+    assert {a["status"] for a in done.values()} == {"completed"}, done
+    for i in ids:
+        assert len(done[i]["images"]) == 2
+        assert c.get(done[i]["images"][1]["url"], headers=auth).status_code == 200
+    for i in in_flight:  # the crashed batch was claimed again after its lease expired
+        assert service.store.get_avatar(i).attempts >= 2
+    ledger = service.store.ledger(acct.id)
+    for i in ids:
+        kinds = sorted(e.kind for e in ledger if e.avatar_id == i)
+        assert kinds == ["charge", "reserve"], (i, kinds)
+    assert service.store.get_account(acct.id).credits == 500 - 4 * cost
+
+
+def test_percify_and_cast_through_serve(service):
+    import base64
+
+    import numpy as np
+    from skimage import data as skdata
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(skdata.astronaut())).resize((256, 256)).save(buf, format="JPEG")
+    photo = buf.getvalue()
+    c = service.client
+    _, auth = _auth(service.store)
+    r = c.post("/v1/avatars/percify-yourself", headers=auth, data={"prompt": "astronaut knight", "steps": "3"},
+               files=[("photo", ("me.jpg", photo, "image/jpeg"))])
+    assert r.status_code == 202, r.text
+    cast = c.post("/v1/avatars/cast", headers=auth, json={
+        "prompt": "two explorers", "steps": 3, "characters": [
+            {"prompt": "an astronaut", "photos": [base64.b64encode(photo).decode()]}, {"prompt": "a robot"}]})
+    assert cast.status_code == 202, cast.text
+    done = _wait(c, auth, [r.json()["id"], cast.json()["id"]])
+    p, k = done[r.json()["id"]], done[cast.json()["id"]]
+    assert p["status"] == "completed" and p["identity"]["faces"] == 1, p
+    assert k["status"] == "completed" and [ch["hasIdentity"] for ch in k["characters"]] == [True, False], k
+    for av in (p, k):
+        png = c.get(av["images"][0]["url"], headers=auth)
+        assert Image.open(io.BytesIO(png.content)).size == (av["width"], av["height"])
