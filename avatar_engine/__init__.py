@@ -6,11 +6,13 @@ from .config import EngineConfig, IPAdapterSource, ModelProfile, SpeedOptions, l
 from .engine import AvatarEngine, generate
 from .errors import AvatarEngineError, ImageError, NoFaceError, ProfileError, RequestValidationError
 from .prompts import PromptBuilder
+from .cast import CastCharacter, CastRequest
+from .identity import PercifyRequest
 from .requests import ASPECT_RATIOS, STYLE_PRESETS, GenerationRequest, GenerationResult
 
 __all__ = [
     "AvatarEngine", "EngineConfig", "ModelProfile", "SpeedOptions", "IPAdapterSource", "load_profiles", "generate",
-    "GenerationRequest", "GenerationResult", "PromptBuilder", "STYLE_PRESETS", "ASPECT_RATIOS",
+    "GenerationRequest", "GenerationResult", "PercifyRequest", "CastRequest", "CastCharacter", "PromptBuilder", "STYLE_PRESETS", "ASPECT_RATIOS",
     "AvatarEngineError", "RequestValidationError", "ImageError", "NoFaceError", "ProfileError",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,460 @@
+"""Cast (several people in one image): regional prompting + masked identities in one pass.
+
+Invariants on the tiny models, not looks: a character whose region is empty changes nothing;
+one character's prompt/identity changes an attention layer only inside its region; identical
+region prompts reproduce plain generation; batching, determinism, validation naming the
+character and field; the identity report's one-to-one matching on real photos."""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from avatar_engine import GenerationRequest, GenerationResult
+from avatar_engine.cast import (MAX_BOX_OVERLAP, CastCharacter, CastRequest, cast_request_from_dict,
+                                identity_report, match_identities)
+from avatar_engine.errors import ImageError, NoFaceError, RequestValidationError
+from avatar_engine.regional import (RegionalAttnProcessor, RegionalState, auto_layout, region_masks,
+                                    regional_attention)
+
+torch.set_num_threads(2)
+skimage_data = pytest.importorskip("skimage.data")
+
+RNG = np.random.default_rng(1234)
+EMB = [RNG.standard_normal(512).astype(np.float32) for _ in range(4)]
+STEPS = 8
+
+
+def pixels(img) -> np.ndarray:
+    return np.asarray(img).astype(np.int16)
+
+
+def max_diff(a, b) -> int:
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def cast(n=2, **kw) -> CastRequest:
+    prompts = ["a woman in a red suit", "a man in a blue suit", "a robot", "a dog"]
+    chars = kw.pop("characters", None) or [CastCharacter(p) for p in prompts[:n]]
+    kw.setdefault("seed", 11)
+    kw.setdefault("steps", STEPS)
+    return CastRequest(prompt="astronauts on mars", characters=chars, **kw)
+
+
+def render(engine, request: CastRequest, edit=None):
+    """Run the cast task directly, optionally editing its plan first (e.g. emptying a region)."""
+    task = engine._tasks["cast"]
+    r = engine.resolve(request)
+    model = engine.load(r.model)
+    plan = task.prepare(model, r)
+    if edit:
+        edit(plan)
+    with torch.inference_mode():
+        return task.run(model, [r], task.items(model, r, 0, plan), None)[0]
+
+
+def empty_region(i):
+    def edit(plan):
+        plan.masks = plan.masks.clone()
+        plan.masks[i] = 0.0
+    return edit
+
+
+# ---- layout ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("size,expect", [((64, 64), "columns"), ((80, 48), "columns"), ((48, 80), None)])
+def test_auto_layout_is_aspect_aware(n, size, expect):
+    w, h = size
+    boxes = auto_layout(n, w, h)
+    mode = expect or ("rows" if n >= 3 else "columns")
+    assert len(boxes) == n
+    for x0, y0, x1, y1 in boxes:
+        assert 0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0
+    axis = 0 if mode == "columns" else 1
+    starts = [b[axis] for b in boxes]
+    assert starts == sorted(starts)
+    assert all(a[axis + 2] < b[axis] for a, b in zip(boxes, boxes[1:]))  # gaps, no overlap
+    assert boxes[0][axis] > 0.0 and boxes[-1][axis + 2] < 1.0  # margins
+
+
+def test_request_layout_resolves_with_the_frame(tiny_engine):
+    portrait = tiny_engine.resolve(cast(4, aspect_ratio="9:16"))
+    assert portrait.region_boxes()[0] == "rows"
+    assert tiny_engine.resolve(cast(2, aspect_ratio="9:16")).region_boxes()[0] == "columns"
+    assert tiny_engine.resolve(cast(4, aspect_ratio="16:9")).region_boxes()[0] == "columns"
+    assert tiny_engine.resolve(cast(3, layout="rows")).region_boxes()[0] == "rows"
+
+
+def test_region_weights_partition_every_pixel():
+    """Background + characters sum to 1 at every layer resolution, overlaps split evenly."""
+    boxes = [(0.0, 0.0, 0.6, 1.0), (0.5, 0.0, 1.0, 1.0)]
+    masks = region_masks(boxes, 64, 64)
+    assert (masks[:, :, 35] == 0.5).all() and (masks[0, :, 10] == 1).all() and (masks[1, :, 10] == 0).all()
+    state = RegionalState(masks=masks[None], latent_hw=(8, 8)).precompute("cpu", torch.float32)
+    assert sorted(state.weights_by_seq) == [1, 4, 16, 64]
+    for seq in (64, 16, 4):
+        w = state.weights(seq, 2, "cpu", torch.float32)
+        assert w.shape == (2, 3, seq, 1)
+        assert torch.allclose(w.sum(1), torch.ones(2, seq, 1), atol=1e-6)
+        assert (w >= 0).all()
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+def _photo():
+    return png_bytes(Image.new("RGB", (64, 64), "white"))
+
+
+INVALID = [
+    (dict(characters=[CastCharacter("a")]), "characters"),
+    (dict(characters=[CastCharacter(str(i)) for i in range(5)]), "characters"),
+    (dict(characters=[CastCharacter("a"), "a man"]), "characters[1]"),
+    (dict(characters=[CastCharacter("a"), CastCharacter("  ")]), "characters[1].prompt"),
+    (dict(characters=[CastCharacter("a"), CastCharacter("b"), CastCharacter("c", photos=[_photo()] * 6)]),
+     "characters[2].photos"),
+    (dict(characters=[CastCharacter("a", photos=[_photo(), "a.jpg"]), CastCharacter("b")]), "characters[0].photos[1]"),
+    (dict(characters=[CastCharacter("a", identity_embedding=[1.0] * 3), CastCharacter("b")]),
+     "characters[0].identityEmbedding"),
+    (dict(characters=[CastCharacter("a"), CastCharacter("b", identity_embedding=np.zeros(512))]),
+     "characters[1].identityEmbedding"),
+    (dict(characters=[CastCharacter("a", photos=[_photo()], identity_embedding=EMB[0]), CastCharacter("b")]),
+     "characters[0].identityEmbedding"),
+    (dict(characters=[CastCharacter("a", box=[0, 0, 0.5, 1]), CastCharacter("b", box=[0.5, 0, 1.2, 1])]),
+     "characters[1].box"),
+    (dict(characters=[CastCharacter("a", box=[0.5, 0, 0.5, 1]), CastCharacter("b", box=[0.5, 0, 1, 1])]),
+     "characters[0].box"),
+    (dict(characters=[CastCharacter("a", box=[0, 0, 0.05, 1]), CastCharacter("b", box=[0.5, 0, 1, 1])]),
+     "characters[0].box"),
+    (dict(characters=[CastCharacter("a", box=[0, 0, 0.5]), CastCharacter("b", box=[0.5, 0, 1, 1])]),
+     "characters[0].box"),
+    (dict(characters=[CastCharacter("a", box=[0, 0, 0.6, 1]), CastCharacter("b", box=[0.3, 0, 1, 1])]),
+     "characters[1].box"),
+    (dict(characters=[CastCharacter("a", box=[0, 0, 0.3, 1]), CastCharacter("b", box=[0.35, 0, 0.65, 1]),
+                      CastCharacter("c")]), "characters[2].box"),
+    (dict(layout="diagonal"), "layout"),
+    (dict(layout="custom"), "layout"),
+    (dict(layout="rows", characters=[CastCharacter("a", box=[0, 0, .5, 1]), CastCharacter("b", box=[.5, 0, 1, 1])]),
+     "layout"),
+    (dict(identity_strength=2.5), "identityStrength"),
+    (dict(seed=-1), "seed"),
+]
+
+
+@pytest.mark.parametrize("kwargs,param", INVALID, ids=[p for _, p in INVALID])
+def test_validation_errors_name_character_and_field(tiny_engine, kwargs, param):
+    with pytest.raises(RequestValidationError) as e:
+        tiny_engine.generate(cast(**kwargs))
+    assert e.value.param == param
+    assert param.split(".")[0] in e.value.message  # the message names the character too
+
+
+def test_overlap_below_the_limit_is_allowed():
+    d = 0.5 * MAX_BOX_OVERLAP * 0.8  # overlap of 80 % of the limit
+    cast(characters=[CastCharacter("a", box=[0, 0, 0.5 + d, 1]), CastCharacter("b", box=[0.5, 0, 1, 1])]).validate()
+
+
+def test_no_face_and_bad_image_name_the_character_photo(tiny_engine, astronaut):
+    coffee = png_bytes(Image.fromarray(skimage_data.coffee()))
+    chars = [CastCharacter("a", photos=[png_bytes(astronaut)]),
+             CastCharacter("b", photos=[png_bytes(astronaut), coffee])]
+    with pytest.raises(NoFaceError) as e:
+        tiny_engine.generate(cast(characters=chars))
+    assert e.value.param == "characters[1].photos[1]"
+    chars = [CastCharacter("a", photos=[b"GIF89a not allowed"]), CastCharacter("b")]
+    with pytest.raises(ImageError) as e:
+        tiny_engine.generate(cast(characters=chars))
+    assert e.value.param == "characters[0].photos[0]"
+
+
+def test_wire_format_parses_and_rejects_unknown_fields():
+    req = cast_request_from_dict({"prompt": "a party", "seed": 3, "layout": "custom", "identityStrength": 0.5,
+                                  "characters": [
+                                      {"prompt": "a", "box": [0, 0, .5, 1], "identityEmbedding": list(EMB[0])},
+                                      {"prompt": "b", "box": [.5, 0, 1, 1]}]})
+    assert req.kind == "cast" and req.seed == 3 and req.identity_strength == 0.5
+    assert req.characters[0].has_identity and not req.characters[1].has_identity
+    with pytest.raises(RequestValidationError) as e:
+        cast_request_from_dict({"prompt": "x", "characters": [{"prompt": "a"}, {"prompt": "b", "avatar": "av_1"}]})
+    assert e.value.param == "characters[1].avatar"
+
+
+# ---- regional attention, one layer ------------------------------------------------------------
+
+def _layer():
+    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=32, heads=4, dim_head=8).eval()
+    ip = IPAdapterAttnProcessor2_0(hidden_size=32, cross_attention_dim=32, num_tokens=(4,), scale=1.0).eval()
+    return attn, ip
+
+
+def test_one_character_changes_a_layer_only_inside_its_region():
+    """Text and identity of character 0 reach exactly the queries its (downsampled) mask covers."""
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    attn, ip = _layer()
+    masks = region_masks([(0.0, 0.0, 0.45, 1.0), (0.55, 0.0, 1.0, 1.0)], 64, 64)[None]  # [1, 2, 64, 64]
+    state = RegionalState(masks=masks, latent_hw=(16, 16)).precompute("cpu", torch.float32)
+    proc = RegionalAttnProcessor(state, ip)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 256, 32, generator=g)
+    text = torch.randn(1, 3 * 77, 32, generator=g)
+    faces = torch.randn(1, 2, 4, 32, generator=g)
+
+    def run(text, faces):
+        with torch.no_grad():
+            return proc(attn, x, (text, [faces]), ip_adapter_masks=[masks])[0]
+
+    base = run(text, faces)
+    text2 = text.clone()
+    text2[:, 77:154] = torch.randn(1, 77, 32, generator=g)  # character 0's prompt
+    changed = (run(text2, faces) - base).abs().amax(-1) > 0
+    region = state.weights(256, 1, "cpu", torch.float32)[0, 1, :, 0] > 0
+    assert changed.any() and not (changed & ~region).any()
+    assert changed[region].float().mean() > 0.9
+
+    faces2 = faces.clone()
+    faces2[:, 0] = torch.randn(4, 32, generator=g)  # character 0's face
+    changed = (run(text, faces2) - base).abs().amax(-1) > 0
+    ip_region = IPAdapterMaskProcessor.downsample(masks[:, 0], 1, 256, 1)[0, :, 0] != 0
+    assert changed.any() and not (changed & ~ip_region).any()
+
+
+def test_a_face_under_a_zero_mask_contributes_exactly_nothing():
+    attn, ip = _layer()
+    masks = region_masks([(0.0, 0.0, 0.45, 1.0), (0.55, 0.0, 1.0, 1.0)], 64, 64)[None]
+    masks[:, 1] = 0.0
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 256, 32, generator=g), torch.randn(1, 3 * 77, 32, generator=g)
+    faces = torch.randn(1, 2, 4, 32, generator=g)
+    faces2 = faces.clone()
+    faces2[:, 1] = torch.randn(4, 32, generator=g) * 100
+    proc = RegionalAttnProcessor(RegionalState(masks=masks, latent_hw=(16, 16)), ip)
+    with torch.no_grad():
+        a = proc(attn, x, (text, [faces]), ip_adapter_masks=[masks])
+        b = proc(attn, x, (text, [faces2]), ip_adapter_masks=[masks])
+    assert torch.equal(a, b)
+
+
+def test_processors_are_restored_after_the_call(tiny_engine):
+    unet = tiny_engine.load().pipe.unet
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    state = RegionalState(masks=torch.zeros(1, 2, 64, 64), latent_hw=(8, 8))
+    with regional_attention(unet, state):
+        inside = unet.attn_processors
+        assert all(isinstance(p, RegionalAttnProcessor) == k.endswith("attn2.processor") for k, p in inside.items())
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+
+
+# ---- whole pipeline ---------------------------------------------------------------------------
+
+def test_identical_region_prompts_reproduce_plain_generation(tiny_engine):
+    """With every region prompted like the scene, the blend is the plain cross-attention."""
+    plain = tiny_engine.generate(GenerationRequest(prompt="astronauts on mars", seed=5, steps=STEPS)).images[0]
+
+    def same_prompts(plan):
+        plan.region_prompts = [plan.scene] * len(plan.region_prompts)
+
+    assert max_diff(render(tiny_engine, cast(3, seed=5), same_prompts), plain) <= 2
+
+
+def test_a_character_with_an_empty_region_changes_nothing(tiny_engine):
+    boxes = [(0.0, 0.0, 0.3, 1.0), (0.35, 0.0, 0.65, 1.0), (0.7, 0.0, 1.0, 1.0)]
+    chars = [CastCharacter("a woman", identity_embedding=EMB[0], box=boxes[0]), CastCharacter("a man", box=boxes[1]),
+             CastCharacter("a robot", identity_embedding=EMB[1], box=boxes[2])]
+    ref = render(tiny_engine, cast(characters=chars), empty_region(2))
+    other = chars[:2] + [CastCharacter("a purple dragon breathing fire", identity_embedding=EMB[2], box=boxes[2])]
+    no_identity = chars[:2] + [CastCharacter("a robot", box=boxes[2])]
+    assert max_diff(ref, render(tiny_engine, cast(characters=other), empty_region(2))) == 0
+    assert max_diff(ref, render(tiny_engine, cast(characters=no_identity), empty_region(2))) == 0
+    # ... and is the same as leaving the character out.
+    assert max_diff(ref, render(tiny_engine, cast(characters=chars[:2]))) == 0
+
+
+def test_changing_a_character_changes_its_region(tiny_engine):
+    chars = [CastCharacter("a woman in red", identity_embedding=EMB[0]), CastCharacter("a man in blue")]
+    base = tiny_engine.generate(cast(characters=chars))
+    for c0 in (CastCharacter("a green robot with antennas", identity_embedding=EMB[0]),
+               CastCharacter("a woman in red", identity_embedding=EMB[1])):
+        out = tiny_engine.generate(cast(characters=[c0, chars[1]]))
+        assert max_diff(base.images[0], out.images[0]) > 0
+
+
+@pytest.mark.parametrize("n,aspect", [(2, "1:1"), (3, "16:9"), (4, "9:16"), (4, "1:1")])
+def test_two_to_four_characters(tiny_engine, n, aspect):
+    chars = [CastCharacter(f"person {i}", identity_embedding=EMB[i] if i % 2 == 0 else None) for i in range(n)]
+    res = tiny_engine.generate(cast(characters=chars, aspect_ratio=aspect, steps=4))
+    w, h = res.request.width, res.request.height
+    assert res.images[0].size == (w, h)
+    report = res.extra["characters"]
+    assert [c["index"] for c in report] == list(range(n))
+    assert [c["hasIdentity"] for c in report] == [i % 2 == 0 for i in range(n)]
+    assert [c["identitySource"] for c in report] == ["embedding" if i % 2 == 0 else None for i in range(n)]
+    assert res.extra["layout"] == ("rows" if aspect == "9:16" else "columns")
+    for c in report:
+        x0, y0, x1, y1 = c["pixelBox"]
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        assert c["similarity"] is None or -1.0 <= c["similarity"] <= 1.0  # tiny model draws no faces
+        assert c["images"] == [{"similarity": None, "faceBox": None, "foundInRegion": None}]
+    json.dumps(res.to_json())
+
+
+def test_tiny_sdxl_cast_with_identity(tiny_engine):
+    chars = [CastCharacter("a woman", identity_embedding=EMB[0]), CastCharacter("a man")]
+    res = tiny_engine.generate(cast(characters=chars, model="tiny-sdxl", steps=4))
+    again = tiny_engine.generate(cast(characters=chars, model="tiny-sdxl", steps=4))
+    assert res.images[0].size == (64, 64) and max_diff(res.images[0], again.images[0]) == 0
+
+
+def test_deterministic_per_seed(tiny_engine):
+    chars = [CastCharacter("a woman", identity_embedding=EMB[0]), CastCharacter("a man", identity_embedding=EMB[1])]
+    a, b = tiny_engine.generate([cast(characters=chars, seed=3), cast(characters=chars, seed=3)])
+    c = tiny_engine.generate(cast(characters=chars, seed=4))
+    assert max_diff(a.images[0], b.images[0]) == 0
+    assert max_diff(a.images[0], c.images[0]) > 0
+
+
+def test_batched_equals_unbatched(tiny_engine):
+    """Different boxes, faces and prompt-only characters share a call; pixels do not change."""
+    reqs = [
+        cast(characters=[CastCharacter("a", identity_embedding=EMB[0]), CastCharacter("b")], seed=1, batch_size=2),
+        cast(characters=[CastCharacter("c", box=[0, 0, .4, 1]), CastCharacter("d", identity_embedding=EMB[1],
+                                                                               box=[.45, .2, 1, 1])], seed=2),
+        cast(characters=[CastCharacter("e"), CastCharacter("f")], seed=3),  # prompt-only: its own call
+        cast(3, seed=4),  # three characters: its own call
+    ]
+    batched = tiny_engine.generate(reqs)
+    assert batched[0].extra["batchImages"] == [3] and batched[1].extra["batchImages"] == [3]
+    assert batched[2].extra["batchImages"] == [1] and batched[3].extra["batchImages"] == [1]
+    for req, res in zip(reqs, batched):
+        alone = tiny_engine.generate(req)
+        for x, y in zip(res.images, alone.images):
+            assert max_diff(x, y) <= 2
+
+
+# ---- identity report --------------------------------------------------------------------------
+
+def test_assignment_is_one_to_one_and_optimal():
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.standard_normal(512) for _ in range(3))
+    # faces in the order b, a (+noise): each reference finds its own face, not the first one.
+    faces = [b + 0.3 * rng.standard_normal(512), a + 0.3 * rng.standard_normal(512)]
+    m = match_identities([a, None, b], faces)
+    assert [fi for fi, _ in m] == [1, None, 0] and m[0][1] > 0.9 and m[1] == (None, None)
+    assert match_identities([a, b, c], faces[:1])[1][0] == 0  # fewer faces than people: the best one wins it
+    assert match_identities([a, b], []) == [(None, None)] * 2
+    # Greedy (best pair first) would give r0 f0, r1 f1 (total 1.0); optimal is r0 f1, r1 f0 (1.65).
+    basis = np.eye(512)
+    f0, f1 = basis[0], basis[1]
+    r0 = 0.9 * f0 + 0.8 * f1
+    r1 = 0.85 * f0 + 0.1 * f1
+    r0 = r0 / np.linalg.norm(r0)
+    r1 = r1 / np.linalg.norm(r1)
+    assert [fi for fi, _ in match_identities([r0, r1], [f0, f1])] == [1, 0]
+    for _ in range(20):  # and equals brute force on random cases
+        refs = [rng.standard_normal(8) for _ in range(3)]
+        fs = [rng.standard_normal(8) for _ in range(4)]
+        got = sum(s for _, s in match_identities(refs, fs))
+        unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+        best = max(sum(unit(refs[i]) @ unit(fs[p[i]]) for i in range(3)) for p in itertools.permutations(range(4), 3))
+        assert got == pytest.approx(best, abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> Image.Image:
+    return Image.fromarray(skimage_data.astronaut())
+
+
+@pytest.fixture(scope="module")
+def group_face(tiny_engine) -> Image.Image:
+    """One person's face cropped from insightface's group photo t1.jpg."""
+    insightface = pytest.importorskip("insightface")
+    t1 = Image.open(os.path.join(os.path.dirname(insightface.__file__), "data", "images", "t1.jpg")).convert("RGB")
+    face = tiny_engine.face_analyzer.embed(t1)[0]
+    return _crop(t1, face.bbox)
+
+
+def _crop(img: Image.Image, bbox, scale: float = 2.2) -> Image.Image:
+    x0, y0, x1, y1 = bbox
+    cx, cy, s = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) * scale / 2
+    return img.crop((int(cx - s), int(cy - s), int(cx + s), int(cy + s))).resize((256, 256), Image.BICUBIC)
+
+
+def test_swapping_photos_swaps_the_matched_identities(tiny_engine, astronaut, group_face):
+    """Real photos through the real prepare/finalize path; the 'output' is a two-person picture
+    (the tiny model draws no faces), astronaut on the left, the group-photo face on the right."""
+    task = tiny_engine._tasks["cast"]
+    model = tiny_engine.load()
+    left = _crop(astronaut, tiny_engine.face_analyzer.embed(astronaut)[0].bbox)
+    picture = Image.new("RGB", (512, 256))
+    picture.paste(left, (0, 0))
+    picture.paste(group_face, (256, 0))
+    regions = [(0, 0, 256, 256), (256, 0, 512, 256)]
+
+    def report(photos):
+        chars = [CastCharacter("left", photos=[png_bytes(photos[0])]),
+                 CastCharacter("right", photos=[png_bytes(photos[1])]), CastCharacter("nobody")]
+        req = tiny_engine.resolve(cast(characters=chars))
+        plan = task.prepare(model, req)
+        plan.pixel_boxes = regions + [(0, 0, 1, 1)]
+        result = GenerationResult(request=req, images=[picture], seeds=req.image_seeds())
+        task.finalize(model, result, plan)
+        assert result.extra["facesDetected"] == [2]
+        return result.extra["characters"]
+
+    straight = report([astronaut, group_face])
+    assert [c["images"][0]["foundInRegion"] for c in straight[:2]] == [0, 1]
+    assert all(c["similarity"] > 0.8 for c in straight[:2])
+    assert straight[2]["hasIdentity"] is False and straight[2]["similarity"] is None
+    swapped = report([group_face, astronaut])
+    assert [c["images"][0]["foundInRegion"] for c in swapped[:2]] == [1, 0]
+    assert swapped[0]["similarity"] == straight[1]["similarity"]
+    # the function the task uses, with one identity and two faces: it picks its own face, wherever it is
+    from avatar_engine.faces import analyze_reference_photos
+
+    own = analyze_reference_photos(tiny_engine.face_analyzer, [group_face]).embedding
+    per_char, counts = identity_report(tiny_engine.face_analyzer, [picture], [None, own], regions)
+    assert counts == [2] and per_char[0][0]["similarity"] is None and per_char[1][0]["foundInRegion"] == 1
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+
+def test_cli_cast_writes_png_and_report(tiny_engine, tmp_path, monkeypatch, capsys, astronaut):
+    import avatar_engine.cli as cli
+
+    monkeypatch.setattr(cli, "make_engine", lambda args: tiny_engine)
+    photo = tmp_path / "a.png"
+    astronaut.save(photo)
+    out = tmp_path / "out"
+    rc = cli.main(["cast", "--scene", "two astronauts on mars", "--character", "a woman in a red suit",
+                   "--character", "a man in a blue suit", "--photo", f"1={photo}", "--box", "1=0,0,0.5,1",
+                   "--box", "2=0.5,0,1,1", "--seed", "9", "--steps", "3", "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    pngs = list(out.glob("cast-*.png"))
+    meta = json.loads(next(out.glob("cast-*.json")).read_text())
+    assert len(pngs) == 1 and meta["kind"] == "cast" and meta["seed"] == 9 and meta["layout"] == "custom"
+    chars = meta["characters"]
+    assert [c["box"] for c in chars] == [[0, 0, 0.5, 1], [0.5, 0, 1, 1]]
+    assert [c["identitySource"] for c in chars] == ["photos", None]
+
+    rc = cli.main(["cast", "--scene", "x", "--character", "a", "--character", "b", "--photo", f"3={photo}",
+                   "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error (--photo):") and "Traceback" not in err
+    rc = cli.main(["cast", "--scene", "x", "--character", "a", "--character", "b", "--box", "2=0,0,2,1",
+                   "-o", str(out)])
+    assert rc == 2 and capsys.readouterr().err.startswith("error (characters[1].box):")

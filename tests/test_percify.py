@@ -1,0 +1,267 @@
+"""Percify-yourself on the tiny pipelines with the tiny FaceID adapter and real photos
+(scikit-image's astronaut; crops of insightface's t1.jpg group photo for other people)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from avatar_engine import AvatarEngine, EngineConfig, GenerationRequest, NoFaceError, RequestValidationError
+from avatar_engine.identity import PercifyRequest, identity_similarity
+
+STEPS = 4  # enough denoising for identity to move pixels; keeps the file fast
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def _pixels(img) -> np.ndarray:
+    return np.asarray(img, dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, bytes]:
+    import insightface
+    import skimage.data
+
+    astronaut = Image.fromarray(skimage.data.astronaut())
+    group = Image.open(os.path.join(os.path.dirname(insightface.__file__), "data", "images", "t1.jpg")).convert("RGB")
+    return {
+        "astronaut": _jpeg(astronaut),
+        # the same person again, smaller and brighter: a second reference photo
+        "astronaut2": _jpeg(Image.eval(astronaut.resize((400, 400)), lambda v: min(255, int(v * 1.1)))),
+        "person_b": _jpeg(group.crop((850, 0, 1070, 260))),  # one face, another person
+        "pair": _jpeg(group.crop((0, 120, 400, 440))),  # two faces; the left one is larger
+        "tiny_face": _jpeg(astronaut.resize((150, 150))),  # face about 25 px across
+        "landscape": _jpeg(Image.fromarray(skimage.data.rocket())),  # no face
+    }
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_engine):
+    return tiny_engine
+
+
+def _percify(**kw) -> PercifyRequest:
+    base = dict(prompt="portrait of an explorer", seed=11, steps=STEPS)
+    base.update(kw)
+    return PercifyRequest(**base)
+
+
+def _embedding(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(512).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+# ---- face policy and validation --------------------------------------------------------------
+
+def test_photo_without_face_is_named(engine, photos):
+    with pytest.raises(NoFaceError) as err:
+        engine.generate(_percify(photos=[photos["astronaut"], photos["landscape"]]))
+    assert err.value.param == "photos[1]"
+    assert "photo 2" in err.value.message and "no face" in err.value.message
+
+
+def test_too_small_face_is_refused(engine, photos):
+    with pytest.raises(NoFaceError) as err:
+        engine.generate(_percify(photos=[photos["tiny_face"]]))
+    assert err.value.param == "photos[0]"
+    assert "too small" in err.value.message
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(photos=[]), "photos"),
+    (dict(photos=[b"x"] * 6), "photos"),
+    (dict(photos=["not an image"]), "photos[0]"),
+    (dict(photos=[b"GIF89a not allowed"]), "photos[0]"),
+    (dict(photos=[b"\x89PNG\r\n\x1a\n", ]), "photos[0]"),
+    (dict(identity_strength=2.5, identity_embedding=np.ones(512)), "identityStrength"),
+    (dict(identity_strength=float("nan"), identity_embedding=np.ones(512)), "identityStrength"),
+    (dict(identity_embedding=np.ones(128)), "identityEmbedding"),
+    (dict(identity_embedding=np.zeros(512)), "identityEmbedding"),
+])
+def test_invalid_fields_name_the_field(engine, kwargs, param):
+    with pytest.raises(RequestValidationError) as err:
+        engine.generate(_percify(**kwargs))
+    assert err.value.param == param
+
+
+def test_several_faces_uses_the_largest_and_says_so(engine, photos):
+    res = engine.generate(_percify(photos=[photos["pair"]], steps=2))
+    face = res.extra["identity"]["faces"][0]
+    assert face["photo"] == "photos[0]" and face["found"] == 2 and face["usedRule"] == "largest"
+    x0, y0, x1, y1 = face["used"]["bbox"]
+    assert x1 < 200  # the left (larger) face of the pair, not the right one
+    assert any("largest" in note for note in res.extra["identity"]["notes"])
+
+
+# ---- conditioning ----------------------------------------------------------------------------
+
+def test_strength_zero_equals_plain_pipeline(engine, photos):
+    plain = engine.generate(GenerationRequest(prompt="portrait of an explorer", seed=11, steps=STEPS))
+    zero = engine.generate(_percify(photos=[photos["astronaut"]], identity_strength=0.0))
+    assert np.array_equal(_pixels(zero.images[0]), _pixels(plain.images[0]))
+    full = engine.generate(_percify(photos=[photos["astronaut"]]))
+    assert np.abs(_pixels(full.images[0]) - _pixels(plain.images[0])).mean() > 1.0
+
+
+def test_different_faces_give_different_outputs(engine, photos):
+    a1, a2, b = engine.generate([_percify(photos=[photos["astronaut"]]), _percify(photos=[photos["astronaut"]]),
+                                 _percify(photos=[photos["person_b"]])])
+    # same face, same seed: the same image (up to batch-position rounding: they shared one call)
+    assert np.abs(_pixels(a1.images[0]) - _pixels(a2.images[0])).max() <= 2  # float reassociation across batch sizes only
+    assert np.abs(_pixels(a1.images[0]) - _pixels(b.images[0])).mean() > 1.0
+
+
+def test_several_photos_combine_into_one_identity(engine, photos):
+    from avatar_engine.faces import combine_embeddings, largest_face
+    from avatar_engine.images import load_image
+
+    both = engine.generate(_percify(photos=[photos["astronaut"], photos["astronaut2"]]))
+    ident = both.extra["identity"]
+    assert ident["referencePhotos"] == 2 and [f["found"] for f in ident["faces"]] == [1, 1]
+    assert 0.5 < ident["consistency"] <= 1.0
+    # the identity is the normed mean of the two photos' embeddings: same pixels as passing it directly
+    embs = [largest_face(engine.face_analyzer.embed(load_image(photos[k]))).embedding for k in ("astronaut", "astronaut2")]
+    direct = engine.generate(_percify(identity_embedding=combine_embeddings(embs)))
+    assert np.abs(_pixels(both.images[0]) - _pixels(direct.images[0])).max() <= 2  # renormalising the embedding rounds
+    one = engine.generate(_percify(photos=[photos["astronaut"]]))
+    assert np.abs(_pixels(both.images[0]) - _pixels(one.images[0])).mean() > 0.5
+
+
+def test_batched_equals_unbatched(engine, photos):
+    reqs = [
+        _percify(photos=[photos["astronaut"]], batch_size=2, seed=3),
+        _percify(identity_embedding=_embedding(1), batch_size=2, seed=4, prompt="a knight"),
+        _percify(identity_embedding=_embedding(2), seed=5, identity_strength=0.5),  # other strength: own call
+        GenerationRequest(prompt="portrait of an explorer", seed=6, steps=STEPS),  # plain, same engine call
+    ]
+    batched = engine.generate(reqs)
+    assert batched[0].extra["batchImages"] == [4]  # both strength-0.8 requests shared one call
+    assert batched[2].extra["batchImages"] == [1]
+    for req, res in zip(reqs, batched):
+        alone = engine.generate(req)
+        for got, want in zip(res.images, alone.images):
+            assert np.abs(_pixels(got) - _pixels(want)).max() <= 2  # float reassociation across batch sizes only
+
+
+def test_identity_report_shape(engine, photos):
+    res = engine.generate(_percify(photos=[photos["astronaut"]], batch_size=2))
+    doc = json.loads(json.dumps(res.to_json()))  # JSON-serialisable end to end
+    ident = doc["identity"]
+    assert doc["kind"] == "percify"
+    assert ident["source"] == "photos" and ident["strength"] == 0.8 and ident["backend"] == "embedded"
+    assert ident["referencePhotos"] == 1
+    face = ident["faces"][0]
+    assert face["found"] == 1 and face["usedRule"] == "only" and len(face["used"]["bbox"]) == 4
+    assert face["used"]["size"] >= 32 and 0 < face["used"]["detScore"] <= 1
+    assert len(ident["similarity"]) == len(ident["outputFaces"]) == 2
+    for sim, n in zip(ident["similarity"], ident["outputFaces"]):
+        assert (sim is None) == (n == 0)
+        assert sim is None or -1.0 <= sim <= 1.0
+
+
+def test_identity_similarity_scores_the_output_face(engine, photos):
+    """The per-image score: the same person scores higher than another person; no face → None."""
+    from avatar_engine.images import load_image
+
+    analyzer = engine.face_analyzer
+    ref = engine.generate(_percify(photos=[photos["astronaut"]], steps=1))  # fills the reference cache
+    ref_emb = engine._tasks["percify"].analyze([load_image(photos["astronaut"])], 32).embedding
+    same, n_same = identity_similarity(analyzer, ref_emb, load_image(photos["astronaut2"]))
+    other, n_other = identity_similarity(analyzer, ref_emb, load_image(photos["person_b"]))
+    none, n_none = identity_similarity(analyzer, ref_emb, ref.images[0])
+    assert n_same == n_other == 1 and same > other
+    assert none is None and n_none == 0
+
+
+# ---- adapter lifecycle -----------------------------------------------------------------------
+
+def test_plain_generate_unaffected_by_adapter():
+    """A fresh engine: plain output before the adapter is loaded == after percify ran == after
+    unload (which must also remove the FaceID LoRA); a reload gives the same adapter."""
+    from avatar_engine.adapters import release_identity_adapter
+
+    eng = AvatarEngine(EngineConfig(device="cpu", default_model="tiny-sd15"))
+    plain_req = GenerationRequest(prompt="portrait of an explorer", seed=8, steps=STEPS)
+    before = _pixels(eng.generate(plain_req).images[0])
+    p1 = eng.generate(_percify(identity_embedding=_embedding(1), seed=8, score_outputs=False))
+    assert p1.extra["identity"]["scored"] is False and p1.extra["identity"]["similarity"] == [None]
+    assert p1.extra["identity"]["source"] == "embedding" and p1.extra["identity"]["faces"] == []
+    model = eng.load("tiny-sd15")
+    assert model.state["ip_adapter"].lora_names  # the tiny adapter carries a FaceID LoRA like real checkpoints
+    assert np.array_equal(_pixels(eng.generate(plain_req).images[0]), before)
+    assert release_identity_adapter(model) and "ip_adapter" not in model.state
+    assert not getattr(model.pipe.unet, "peft_config", {})
+    assert model.pipe.unet.encoder_hid_proj is None
+    assert np.array_equal(_pixels(eng.generate(plain_req).images[0]), before)
+    again = eng.generate(_percify(identity_embedding=_embedding(1), seed=8, score_outputs=False))
+    assert np.array_equal(_pixels(again.images[0]), _pixels(p1.images[0]))
+
+
+def test_tiny_sdxl_identity(engine):
+    """The tiny adapter builds for the SDXL UNet too: strength 0 is the plain pipeline, and two
+    identities in one call give two different images."""
+    kw = dict(model="tiny-sdxl", seed=9, score_outputs=False)
+    plain = engine.generate(GenerationRequest(prompt="portrait of an explorer", seed=9, steps=STEPS, model="tiny-sdxl"))
+    zero, a, b = engine.generate([_percify(identity_embedding=_embedding(1), identity_strength=0.0, **kw),
+                                  _percify(identity_embedding=_embedding(1), **kw),
+                                  _percify(identity_embedding=_embedding(2), **kw)])
+    assert np.array_equal(_pixels(zero.images[0]), _pixels(plain.images[0]))
+    assert a.extra["batchImages"] == [2]
+    assert np.abs(_pixels(a.images[0]) - _pixels(b.images[0])).mean() > 1.0
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+
+def test_cli_percify_end_to_end(tmp_path, photos, capsys):
+    from avatar_engine.cli import main
+
+    photo = tmp_path / "me.jpg"
+    photo.write_bytes(photos["astronaut"])
+    out = tmp_path / "out"
+    rc = main(["percify", str(photo), "--prompt", "as a cyberpunk hero", "--identity-strength", "0.9",
+               "--seed", "7", "--steps", "2", "--batch-size", "2", "-o", str(out)])
+    assert rc == 0
+    sidecars = list(out.glob("*.json"))
+    assert len(sidecars) == 1
+    meta = json.loads(sidecars[0].read_text())
+    assert meta["kind"] == "percify" and meta["seed"] == 7 and len(meta["files"]) == 2
+    assert meta["identity"]["strength"] == 0.9 and meta["identity"]["photoFiles"] == [str(photo)]
+    for name in meta["files"]:
+        assert Image.open(out / name).size == (meta["width"], meta["height"])
+
+    landscape = tmp_path / "landscape.jpg"
+    landscape.write_bytes(photos["landscape"])
+    capsys.readouterr()
+    rc = main(["percify", str(landscape), "--steps", "1", "-o", str(out)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert rc == 2
+    assert len(errors) == 1 and "no face" in errors[0] and "(photos[0])" in errors[0]
+
+
+def test_adapter_configuration_errors_are_clear(tmp_path):
+    from types import SimpleNamespace
+
+    from avatar_engine import IPAdapterSource, ModelProfile, ProfileError
+    from avatar_engine.adapters import identity_adapter
+
+    bare = SimpleNamespace(state={}, applied={}, pipe=None,
+                           profile=ModelProfile(name="bare", architecture="sd15", tiny=True))
+    with pytest.raises(RequestValidationError) as err:
+        identity_adapter(bare)
+    assert err.value.param == "model" and "no IP-Adapter" in err.value.message
+
+    missing = SimpleNamespace(state={}, applied={}, pipe=None, profile=ModelProfile(
+        name="local", architecture="sd15", tiny=True,
+        ip_adapter=IPAdapterSource(local_path=str(tmp_path), weight_name="ip-adapter-faceid_sd15.bin")))
+    with pytest.raises(ProfileError) as perr:
+        identity_adapter(missing)
+    assert "ip-adapter-faceid_sd15.bin" in perr.value.message and "huggingface-cli download" in perr.value.message
