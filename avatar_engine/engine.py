@@ -31,6 +31,7 @@ from .speed import apply_speed_options, resolve_dtype, set_vae_slicing
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
+TASK_MODULES = ("avatar_engine.identity", "avatar_engine.cast")  # each defines TASKS = [Task subclasses]
 
 
 @dataclass
@@ -217,14 +218,9 @@ class AvatarEngine:
             return next(iter(self.profiles))
 
     def _register_builtin_tasks(self) -> None:
-        for module in ("avatar_engine.identity", "avatar_engine.cast"):
-            try:
-                mod = importlib.import_module(module)
-            except ModuleNotFoundError as exc:
-                if exc.name != module:
-                    raise
-                continue
-            for task_cls in getattr(mod, "TASKS", ()):
+        # Imported here: those modules build on this one (Task, LoadedModel).
+        for module in TASK_MODULES:
+            for task_cls in importlib.import_module(module).TASKS:
                 self.register_task(task_cls(self))
 
     def register_task(self, task: Task) -> None:
