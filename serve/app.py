@@ -25,6 +25,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError as FastAPIValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from pydantic.alias_generators import to_camel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -145,11 +146,24 @@ def dump(model: Any) -> Any:
     return model.model_dump(mode="json", by_alias=True)
 
 
+def _event_extra(avatar_id: str, extra: dict) -> dict:
+    """The store's event extras (snake_case, epoch seconds) → the API's wire names: `likedBy`
+    (avatar.liked) and `comment` as the API's Comment object (avatar.commented)."""
+    out: dict[str, Any] = {}
+    for key, value in (extra or {}).items():
+        if key == "comment" and isinstance(value, dict):
+            value = dump(S.Comment(id=value.get("id"), avatar_id=avatar_id, account_id=value.get("account_id"),
+                                   text=value.get("text"), created_at=iso(value.get("created_at"))))
+        out[to_camel(key)] = value
+    return out
+
+
 def event_renderer(base_url: str = "") -> Callable[..., dict]:
     """Webhook payloads carry the same Avatar object as the API (pass to `open_store`)."""
 
     def render(event_type: str, avatar: AvatarRecord, extra: dict) -> dict:
-        return {"type": event_type, "data": {"object": dump(render_avatar(avatar, base_url)), **(extra or {})}}
+        return {"type": event_type,
+                "data": {"object": dump(render_avatar(avatar, base_url)), **_event_extra(avatar.id, extra)}}
 
     return render
 
@@ -226,18 +240,30 @@ def check_webhook_url(url: str, settings: ServiceSettings) -> None:
 # ---------------------------------------------------------------------------------------------
 # Idempotency
 # ---------------------------------------------------------------------------------------------
+#: Refusals that say "not now" rather than answering the request: never stored under a key, so
+#: a retry with the same Idempotency-Key runs afresh once the limit allows (as Stripe does).
+_RETRYABLE_STATUSES = frozenset({409, 429})
+
+
+def request_fingerprint(method: str, path: str, canonical: Any) -> str:
+    """What an Idempotency-Key is bound to: method, path and the canonical (parsed, defaults
+    filled, photos hashed) request body."""
+    return hashlib.sha256(f"{method.upper()} {path}\n{_canonical(canonical)}".encode()).hexdigest()
+
+
 async def _idempotent(request: Request, principal: Principal, canonical: Any,
                       produce: Callable[[], Awaitable[Response]]) -> Response:
     """Run `produce` at most once per (account, Idempotency-Key) within 24 h. Same key + same
     request → the stored response with `Idempotent-Replayed: true`; other request → 422;
-    first still running → 409. 5xx/unexpected failures abandon the key so a retry runs afresh."""
+    first still running → 409. The record lives in the store, so this holds across replicas.
+    5xx/unexpected failures and 409/429 refusals abandon the key so a retry runs afresh."""
     key = request.headers.get("idempotency-key")
     if key is None:
         return await produce()
     if not key.strip() or len(key) > IDEMPOTENCY_KEY_MAX:
         raise invalid_request(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters", "Idempotency-Key")
     store: Store = _state(request).store
-    digest = hashlib.sha256(f"{request.method} {request.url.path}\n{_canonical(canonical)}".encode()).hexdigest()
+    digest = request_fingerprint(request.method, request.url.path, canonical)
     res = await _call(store.begin_idempotent, principal.id, key, digest)
     if res.state == IdempotencyState.REPLAY:
         stored = res.response
@@ -249,7 +275,7 @@ async def _idempotent(request: Request, principal: Principal, canonical: Any,
     if res.state == IdempotencyState.IN_FLIGHT:
         raise ApiError(409, "idempotency_conflict",
                        "A request with this Idempotency-Key is still being processed; retry later",
-                       param="Idempotency-Key")
+                       param="Idempotency-Key", headers={"Retry-After": "1"})
     try:
         response = await produce()
     except ApiError as exc:
@@ -271,7 +297,7 @@ async def _idempotent(request: Request, principal: Principal, canonical: Any,
     except BaseException:
         await _call(store.abandon_idempotent, principal.id, key)
         raise
-    if response.status_code >= 500:
+    if response.status_code >= 500 or response.status_code in _RETRYABLE_STATUSES:
         await _call(store.abandon_idempotent, principal.id, key)
         return response
     keep = {k: v for k, v in response.headers.items() if k.lower() in ("content-type", "location", "retry-after")}
@@ -286,8 +312,8 @@ def store_error(exc: StoreError) -> ApiError:
                         f"This request costs {exc.required} credits; the account has {exc.balance}")
     if isinstance(exc, ConcurrencyLimitExceeded):
         return ApiError(429, "rate_limit_exceeded",
-                        f"{exc.active} generations are already queued or running; your tier allows {exc.limit} "
-                        "at once", headers={"Retry-After": "5"})
+                        f"Concurrent generation limit reached: {exc.active} queued or processing, your tier "
+                        f"allows {exc.limit}; retry when one finishes", headers={"Retry-After": "5"})
     if isinstance(exc, PermissionDenied):
         return unauthorized_access("This object belongs to another account")
     if isinstance(exc, NotFound):
@@ -370,12 +396,12 @@ async def _prepare(request: Request, kind: str, body: Any, *, extra_prompts: lis
 
 
 def _cost(settings: ServiceSettings, sub: Submission) -> int:
+    """API.md "Credits": generate and remix = per-model cost × images; percify and cast flat."""
     if sub.kind == "percify":
         return settings.cost_percify
     if sub.kind == "cast":
         return settings.cost_cast
-    per_image = sub.profile.credit_cost if sub.profile.credit_cost is not None else settings.cost_per_image_default
-    return per_image * sub.resolved.batch_size
+    return settings.per_image_cost(sub.profile.name, sub.profile.credit_cost) * sub.resolved.batch_size
 
 
 async def _submit(request: Request, principal: Principal, sub: Submission) -> JSONResponse:
@@ -532,8 +558,8 @@ def create_app(settings: ServiceSettings, store: Store, engine_client: EngineCli
         try:
             desc = await engine_client.describe()
             default = desc.default_model
-            models = [S.ModelInfo(name=p.name, credit_cost=p.credit_cost if p.credit_cost is not None
-                                  else settings.cost_per_image_default, resolution=p.resolution, kinds=list(p.kinds))
+            models = [S.ModelInfo(name=p.name, credit_cost=settings.per_image_cost(p.name, p.credit_cost),
+                                  resolution=p.resolution, kinds=list(p.kinds))
                       for p in desc.profiles.values()]
         except Exception:  # noqa: BLE001
             log.exception("health: engine describe failed")
@@ -546,7 +572,7 @@ def create_app(settings: ServiceSettings, store: Store, engine_client: EngineCli
     async def account(request: Request, principal: Principal = auth):
         acct = await _call(store.get_account, principal.id)
         desc = await engine_client.describe()
-        costs = S.Costs(generate_per_image={n: (p.credit_cost if p.credit_cost is not None else settings.cost_per_image_default)
+        costs = S.Costs(generate_per_image={n: settings.per_image_cost(n, p.credit_cost)
                                             for n, p in desc.profiles.items()},
                         percify=settings.cost_percify, cast=settings.cost_cast)
         out = S.Account(id=acct.id, tier=acct.tier, credits=acct.credits,
@@ -986,4 +1012,4 @@ class _MetricsMiddleware:
                 metrics.requests.labels(method=scope.get("method", ""), route=path, status=str(status["code"])).inc()
 
 
-__all__ = ["create_app", "render_avatar", "event_renderer", "store_error", "check_webhook_url"]
+__all__ = ["create_app", "render_avatar", "event_renderer", "store_error", "check_webhook_url", "request_fingerprint"]

@@ -72,6 +72,9 @@ class ServiceSettings:
     cost_cast: int = 30
     cost_per_image_default: int = 2
     """Per-image cost for a model whose profile declares none."""
+    model_costs: dict[str, int] = field(default_factory=dict)
+    """Per-image cost by model profile name, overriding the profile's `credit_cost` (generate and
+    remix cost per-image cost × batchSize)."""
 
     # --- jobs ----------------------------------------------------------------------------
     lease_seconds: float = 60.0
@@ -100,11 +103,34 @@ class ServiceSettings:
     """Allow webhook destinations in private/loopback ranges (needed for local testing)."""
     webhook_allowlist: tuple[str, ...] = ()
     """CIDRs or host names allowed even though they are private."""
+    webhook_max_attempts: int = 8
+    """A message that failed this many delivery attempts is given up (marked failed)."""
+    webhook_base_backoff_s: float = 5.0
+    """Retry n waits uniform(0, min(max, base * 2**(n-1))) seconds (full jitter)."""
+    webhook_max_backoff_s: float = 3600.0
+    webhook_retry_schedule: tuple[float, ...] | None = None
+    """Explicit delays before retry 1, 2, ... (last repeats) instead of the jittered backoff."""
+    webhook_lease_seconds: float = 120.0
+    """A message claimed by a dispatcher that died is re-offered after this long."""
+    webhook_timeout_s: float = 10.0
+    """Per-request timeout towards a receiver."""
+    webhook_poll_seconds: float = 1.0
+    """How often each ingress replica's dispatcher looks for due messages."""
+    webhook_disable_after_consecutive_failures: int = 50
+    """Disable an endpoint after this many failed attempts in a row (0 = never); a 410 disables at once."""
 
     # ------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
         tiers = {str(k): (v if isinstance(v, TierLimits) else _tier_from(v, k)) for k, v in dict(self.tiers).items()}
         object.__setattr__(self, "tiers", tiers)
+        costs = {}
+        for model, cost in dict(self.model_costs or {}).items():
+            if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
+                raise ValueError(f"model_costs[{model!r}] must be a non-negative integer, got {cost!r}")
+            costs[str(model)] = cost
+        object.__setattr__(self, "model_costs", costs)
+        if self.webhook_retry_schedule is not None:
+            object.__setattr__(self, "webhook_retry_schedule", tuple(float(x) for x in self.webhook_retry_schedule))
         for name in ("models", "policy_words", "webhook_allowlist"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -112,13 +138,23 @@ class ServiceSettings:
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
         for name, lo in (("lease_seconds", 0.1), ("poll_seconds", 0.01), ("max_batch", 1), ("max_attempts", 1),
-                         ("max_body_bytes", 1), ("max_photo_bytes", 1), ("port", 0)):
+                         ("max_body_bytes", 1), ("max_photo_bytes", 1), ("port", 0), ("cost_percify", 0),
+                         ("cost_cast", 0), ("cost_per_image_default", 0), ("webhook_max_attempts", 1),
+                         ("webhook_lease_seconds", 0.1), ("webhook_timeout_s", 0.01), ("webhook_poll_seconds", 0.01),
+                         ("webhook_base_backoff_s", 0.0), ("webhook_max_backoff_s", 0.0),
+                         ("webhook_disable_after_consecutive_failures", 0)):
             if getattr(self, name) < lo:
                 raise ValueError(f"{name} must be >= {lo}")
         if "free" not in tiers:
             raise ValueError("tiers must define a 'free' tier")
 
     # Derived values ------------------------------------------------------------------------
+    def per_image_cost(self, model: str, profile_cost: int | None) -> int:
+        """Credits per image of `model`: `model_costs`, else the profile's, else the default."""
+        if model in self.model_costs:
+            return self.model_costs[model]
+        return profile_cost if profile_cost is not None else self.cost_per_image_default
+
     @property
     def resolved_db_url(self) -> str:
         return self.db_url or f"sqlite:///{os.path.abspath(os.path.join(self.data_dir, 'avatar.db'))}"
@@ -191,7 +227,7 @@ def _tier_from(value: Any, name: Any) -> TierLimits:
 def _parse_env(name: str, type_name: Any, raw: str) -> Any:
     t = str(type_name)
     try:
-        if name == "tiers":
+        if name in ("tiers", "model_costs"):
             return json.loads(raw)
         if t.startswith("bool"):
             return raw.strip().lower() in ("1", "true", "yes", "on")

@@ -1,6 +1,11 @@
-"""HTTP API behaviour through FastAPI's TestClient: real SQLite store, real asset files, real
-JobWorker; the engine is injected (a small fake that paints solid images, unless the real
-`tiny-sd15` engine is asked for) so each route's contract is checked in milliseconds."""
+"""HTTP API behaviour through FastAPI's TestClient: real store, real asset files, real JobWorker;
+the engine is injected (a small fake that paints solid images, unless the real `tiny-sd15`
+engine is asked for) so each route's contract is checked in milliseconds.
+
+Tests whose outcome depends on the store (credits, limits, idempotency, social counters, leases,
+webhooks outbox) run on SQLite and on PostgreSQL (`db` / `h` fixtures; PostgreSQL from
+AVATAR_TEST_POSTGRES_DSN, one schema per harness, skipped when unreachable unless CI=true).
+Pure request-validation checks run on SQLite only (`hs`)."""
 from __future__ import annotations
 
 import base64
@@ -10,13 +15,14 @@ import logging
 import time
 from types import SimpleNamespace
 
+import pg_support
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from avatar_engine.errors import RequestValidationError
 from avatar_engine.requests import GenerationResult
-from serve.app import create_app
+from serve.app import create_app, event_renderer
 from serve.assets import AssetStore
 from serve.engine_client import LocalEngineClient
 from serve.policy import PolicyChecker, normalise
@@ -55,11 +61,13 @@ class FakeEngine:
 
 
 class Harness:
-    def __init__(self, tmp_path, engine=None, store_kwargs=None, **overrides):
-        self.settings = ServiceSettings.from_dict({"data_dir": str(tmp_path), "lease_seconds": 30.0, **overrides},
-                                                  env=False)
+    def __init__(self, tmp_path, engine=None, store_kwargs=None, db_url=None, **overrides):
+        base = {"data_dir": str(tmp_path), "lease_seconds": 30.0, **({"db_url": db_url} if db_url else {})}
+        self.settings = ServiceSettings.from_dict({**base, **overrides}, env=False)
         tmp_path.mkdir(parents=True, exist_ok=True)
-        self.store = open_store(self.settings.resolved_db_url, **(store_kwargs or {}))
+        # As in the deployment: outbox payloads carry the API's avatar object.
+        self.store = open_store(self.settings.resolved_db_url,
+                                **{"event_renderer": event_renderer(), **(store_kwargs or {})})
         self.engine = engine or FakeEngine()
         self.assets = AssetStore.from_url(self.settings.resolved_assets_url)
         self.worker = JobWorker(self.store, self.engine, self.assets, self.settings,
@@ -74,8 +82,53 @@ class Harness:
         return acct, {"Authorization": f"Bearer {key}"}
 
 
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+class Databases:
+    """Fresh, isolated databases of one backend for a test; closed and dropped afterwards."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.urls: list[str] = []
+        self.harnesses: list[Harness] = []
+
+    def url(self) -> str | None:
+        """None = the harness's own SQLite file; else a PostgreSQL URL with a new schema."""
+        if self.backend == "sqlite":
+            return None
+        self.urls.append(pg_support.fresh_url("api"))
+        return self.urls[-1]
+
+    def harness(self, tmp_path, **kwargs) -> Harness:
+        harness = Harness(tmp_path, db_url=self.url(), **kwargs)
+        self.harnesses.append(harness)
+        return harness
+
+    def close(self) -> None:
+        for harness in self.harnesses:
+            harness.store.close()
+        pg_support.drop_schemas(self.urls)
+
+
+@pytest.fixture(params=BACKENDS)
+def db(request):
+    if request.param == "postgresql":
+        pg_support.require_postgres()
+    dbs = Databases(request.param)
+    yield dbs
+    dbs.close()
+
+
 @pytest.fixture
-def h(tmp_path):
+def h(db, tmp_path):
+    """A harness on each backend."""
+    return db.harness(tmp_path)
+
+
+@pytest.fixture
+def hs(tmp_path):
+    """A harness on SQLite only, for checks the store plays no part in."""
     harness = Harness(tmp_path)
     yield harness
     harness.store.close()
@@ -146,8 +199,8 @@ def test_worker_batches_queued_jobs_into_one_engine_call(h):
     assert {h.store.get_avatar(i).status for i in ids} == {"completed"}
 
 
-def test_failing_request_fails_alone_and_is_refunded(tmp_path):
-    h = Harness(tmp_path, engine=FakeEngine(fail_prompts=("boom",)))
+def test_failing_request_fails_alone_and_is_refunded(db, tmp_path):
+    h = db.harness(tmp_path, engine=FakeEngine(fail_prompts=("boom",)))
     acct, auth = h.account(credits=20)
     good = h.client.post("/v1/avatars/generate", json={"prompt": "fine"}, headers=auth).json()
     bad = h.client.post("/v1/avatars/generate", json={"prompt": "boom"}, headers=auth).json()
@@ -159,8 +212,8 @@ def test_failing_request_fails_alone_and_is_refunded(tmp_path):
     assert h.store.get_account(acct.id).credits == 18  # only the good job is charged
 
 
-def test_expired_lease_is_reclaimed_and_completed_once(tmp_path):
-    h = Harness(tmp_path)
+def test_expired_lease_is_reclaimed_and_completed_once(db, tmp_path):
+    h = db.harness(tmp_path)
     acct, auth = h.account(credits=10)
     av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
     # A worker claims the job and dies without heartbeating.
@@ -218,17 +271,17 @@ def test_delete_completed_removes_files(h):
     ({}, "prompt"),
     ({"prompt": "x", "tags": ["a", "  "]}, "tags[1]"),
 ])
-def test_invalid_generate_names_the_field(h, body, param):
-    _, auth = h.account()
-    assert_error(h.client.post("/v1/avatars/generate", json=body, headers=auth), 400, "invalid_request", param)
-    assert h.store.list_avatars(h.store.authenticate(auth["Authorization"][7:]).id).items == []
+def test_invalid_generate_names_the_field(hs, body, param):
+    _, auth = hs.account()
+    assert_error(hs.client.post("/v1/avatars/generate", json=body, headers=auth), 400, "invalid_request", param)
+    assert hs.store.list_avatars(hs.store.authenticate(auth["Authorization"][7:]).id).items == []
 
 
-def test_bad_json_and_non_object_bodies(h):
-    _, auth = h.account()
-    r = h.client.post("/v1/avatars/generate", content=b"{not json", headers={**auth, "content-type": "application/json"})
+def test_bad_json_and_non_object_bodies(hs):
+    _, auth = hs.account()
+    r = hs.client.post("/v1/avatars/generate", content=b"{not json", headers={**auth, "content-type": "application/json"})
     assert_error(r, 400, "invalid_request")
-    r = h.client.post("/v1/avatars/generate", json=[1, 2], headers=auth)
+    r = hs.client.post("/v1/avatars/generate", json=[1, 2], headers=auth)
     assert_error(r, 400, "invalid_request")
 
 
@@ -249,30 +302,30 @@ def test_unknown_route_wrong_method_and_oversize(tmp_path):
     assert_error(h.client.post("/v1/avatars/generate", json=big, headers=auth), 413, "request_too_large")
 
 
-def test_internal_error_is_logged_with_request_id_and_hides_traceback(h, caplog):
-    _, auth = h.account()
+def test_internal_error_is_logged_with_request_id_and_hides_traceback(hs, caplog):
+    _, auth = hs.account()
 
     def broken(_id):
         raise RuntimeError("database on fire")
 
-    h.store.get_avatar = broken  # instance attribute shadows the method
+    hs.store.get_avatar = broken  # instance attribute shadows the method
     with caplog.at_level(logging.ERROR):
-        r = h.client.get("/v1/avatars/av_x", headers=auth)
+        r = hs.client.get("/v1/avatars/av_x", headers=auth)
     err = assert_error(r, 500, "internal_error")
     assert "on fire" not in r.text
     assert r.headers["x-request-id"] == err["requestId"]
     assert any(err["requestId"] in rec.getMessage() for rec in caplog.records)
 
 
-def test_content_policy_on_prompt_and_metadata(h):
-    _, auth = h.account()
+def test_content_policy_on_prompt_and_metadata(hs):
+    _, auth = hs.account()
     for prompt in ("a N4K3D person", "n.a.k.e.d", "Ｎａｋｅｄ statue", "nakéd"):
-        assert_error(h.client.post("/v1/avatars/generate", json={"prompt": prompt}, headers=auth), 400,
+        assert_error(hs.client.post("/v1/avatars/generate", json={"prompt": prompt}, headers=auth), 400,
                      "content_policy_violation", "prompt")
-    assert_error(h.client.post("/v1/avatars/generate", json={"prompt": "ok", "title": "porn"}, headers=auth), 400,
+    assert_error(hs.client.post("/v1/avatars/generate", json={"prompt": "ok", "title": "porn"}, headers=auth), 400,
                  "content_policy_violation", "title")
     # Word boundaries: innocent words containing a listed one pass; negative prompts are not policed.
-    assert h.client.post("/v1/avatars/generate", json={"prompt": "sailor with a sextant in Essex",
+    assert hs.client.post("/v1/avatars/generate", json={"prompt": "sailor with a sextant in Essex",
                                                        "negativePrompt": "nsfw, nude"}, headers=auth).status_code == 202
 
 
@@ -283,8 +336,8 @@ def test_policy_normalisation():
     assert p.find("child-abuse scene") == "child abuse" and p.find("childish abuser") is None
 
 
-def test_credits_and_concurrency_limits(tmp_path):
-    h = Harness(tmp_path, tiers={"free": {"requests_per_minute": 100, "concurrent_jobs": 1},
+def test_credits_and_concurrency_limits(db, tmp_path):
+    h = db.harness(tmp_path, tiers={"free": {"requests_per_minute": 100, "concurrent_jobs": 1},
                                  "pro": TierLimits(100, 5)})
     _, poor = h.account(tier="pro", credits=3)
     assert_error(h.client.post("/v1/avatars/generate", json={"prompt": "x", "batchSize": 2}, headers=poor), 402,
@@ -298,8 +351,8 @@ def test_credits_and_concurrency_limits(tmp_path):
     assert h.client.post("/v1/avatars/generate", json={"prompt": "y"}, headers=free).status_code == 202
 
 
-def test_rate_limit_headers_and_429(tmp_path):
-    h = Harness(tmp_path, tiers={"free": {"requests_per_minute": 3, "concurrent_jobs": 1}})
+def test_rate_limit_headers_and_429(db, tmp_path):
+    h = db.harness(tmp_path, tiers={"free": {"requests_per_minute": 3, "concurrent_jobs": 1}})
     _, auth = h.account(tier="free")
     for i in range(3):
         r = h.client.get("/v1/account", headers=auth)
@@ -382,74 +435,74 @@ def test_list_pagination_filters_and_query_validation(h):
 # ------------------------------------------------------------------------------------------
 # Percify-yourself and cast (ingress side: parsing, validation, stored references)
 # ------------------------------------------------------------------------------------------
-def test_percify_multipart_and_json_store_photos_as_assets(h):
-    _, auth = h.account()
+def test_percify_multipart_and_json_store_photos_as_assets(hs):
+    _, auth = hs.account()
     files = [("photo", ("a.png", png_bytes(), "image/png")), ("photo", ("b.png", png_bytes(color=(1, 2, 3)), "image/png"))]
-    r = h.client.post("/v1/avatars/percify-yourself", data={"prompt": "me as a knight", "stylePreset": "fantasy",
+    r = hs.client.post("/v1/avatars/percify-yourself", data={"prompt": "me as a knight", "stylePreset": "fantasy",
                                                             "identityStrength": "0.8", "seed": "7"},
                       files=files, headers=auth)
     assert r.status_code == 202, r.text
     av = r.json()
     assert av["kind"] == "percify" and av["creditCost"] == 10 and av["seed"] == 7
-    params = h.store.get_avatar(av["id"]).params
+    params = hs.store.get_avatar(av["id"]).params
     assert len(params["photos"]) == 2 and params["identityStrength"] == 0.8
-    assert all(h.assets.exists(k) for k in params["photos"])
-    r = h.client.post("/v1/avatars/percify-yourself", headers=auth,
+    assert all(hs.assets.exists(k) for k in params["photos"])
+    r = hs.client.post("/v1/avatars/percify-yourself", headers=auth,
                       json={"photos": ["data:image/png;base64," + base64.b64encode(png_bytes()).decode()]})
     assert r.status_code == 202, r.text
     # Deleting removes the uploaded photos too.
-    h.client.delete(f"/v1/avatars/{av['id']}", headers=auth)
-    assert not any(h.assets.exists(k) for k in params["photos"])
+    hs.client.delete(f"/v1/avatars/{av['id']}", headers=auth)
+    assert not any(hs.assets.exists(k) for k in params["photos"])
 
 
-def test_percify_rejects_bad_photos(h):
-    _, auth = h.account()
-    bad = h.client.post("/v1/avatars/percify-yourself", files=[("photo", ("x.png", b"not an image", "image/png"))],
+def test_percify_rejects_bad_photos(hs):
+    _, auth = hs.account()
+    bad = hs.client.post("/v1/avatars/percify-yourself", files=[("photo", ("x.png", b"not an image", "image/png"))],
                         headers=auth)
     assert_error(bad, 400, "invalid_request", "photo[0]")
     too_many = [("photo", (f"{i}.png", png_bytes(), "image/png")) for i in range(6)]
-    assert_error(h.client.post("/v1/avatars/percify-yourself", files=too_many, headers=auth), 400, "invalid_request",
+    assert_error(hs.client.post("/v1/avatars/percify-yourself", files=too_many, headers=auth), 400, "invalid_request",
                  "photos")
-    assert_error(h.client.post("/v1/avatars/percify-yourself", json={"photos": ["%%%"]}, headers=auth), 400,
+    assert_error(hs.client.post("/v1/avatars/percify-yourself", json={"photos": ["%%%"]}, headers=auth), 400,
                  "invalid_request", "photos[0]")
-    assert_error(h.client.post("/v1/avatars/percify-yourself", json={"photos": ["https://example.com/me.jpg"]},
+    assert_error(hs.client.post("/v1/avatars/percify-yourself", json={"photos": ["https://example.com/me.jpg"]},
                                headers=auth), 400, "invalid_request", "photos[0]")
-    assert_error(h.client.post("/v1/avatars/percify-yourself", json={"prompt": "x"}, headers=auth), 400,
+    assert_error(hs.client.post("/v1/avatars/percify-yourself", json={"prompt": "x"}, headers=auth), 400,
                  "invalid_request", "photos")
-    assert_error(h.client.post("/v1/avatars/percify-yourself", content=b"x", headers={**auth, "content-type": "text/plain"}),
+    assert_error(hs.client.post("/v1/avatars/percify-yourself", content=b"x", headers={**auth, "content-type": "text/plain"}),
                  415, "invalid_request")
-    assert h.store.list_avatars(h.store.authenticate(auth["Authorization"][7:]).id).items == []
+    assert hs.store.list_avatars(hs.store.authenticate(auth["Authorization"][7:]).id).items == []
 
 
-def test_cast_with_photos_and_own_avatar(h):
-    _, alice = h.account()
-    _, bob = h.account()
-    mine = h.client.post("/v1/avatars/generate", json={"prompt": "hero"}, headers=alice).json()
-    theirs = h.client.post("/v1/avatars/generate", json={"prompt": "villain"}, headers=bob).json()
-    h.worker.run_once()
+def test_cast_with_photos_and_own_avatar(hs):
+    _, alice = hs.account()
+    _, bob = hs.account()
+    mine = hs.client.post("/v1/avatars/generate", json={"prompt": "hero"}, headers=alice).json()
+    theirs = hs.client.post("/v1/avatars/generate", json={"prompt": "villain"}, headers=bob).json()
+    hs.worker.run_once()
     b64 = base64.b64encode(png_bytes()).decode()
     body = {"prompt": "two friends at the beach", "characters": [
         {"prompt": "a knight", "photos": [b64]}, {"prompt": "a wizard", "avatarId": mine["id"]}]}
-    r = h.client.post("/v1/avatars/cast", json=body, headers=alice)
+    r = hs.client.post("/v1/avatars/cast", json=body, headers=alice)
     assert r.status_code == 202, r.text
     av = r.json()
     assert av["kind"] == "cast" and av["creditCost"] == 30
     assert [c["avatarId"] for c in av["characters"]] == [None, mine["id"]]
-    chars = h.store.get_avatar(av["id"]).params["characters"]
-    assert all(h.assets.exists(k) for c in chars for k in c["photos"]) and len(chars[1]["photos"]) == 1
-    assert_error(h.client.post("/v1/avatars/cast", json={"prompt": "x", "characters": [{"prompt": "solo"}]},
+    chars = hs.store.get_avatar(av["id"]).params["characters"]
+    assert all(hs.assets.exists(k) for c in chars for k in c["photos"]) and len(chars[1]["photos"]) == 1
+    assert_error(hs.client.post("/v1/avatars/cast", json={"prompt": "x", "characters": [{"prompt": "solo"}]},
                                headers=alice), 400, "invalid_request", "characters")
     foreign = {"prompt": "x", "characters": [{"prompt": "a"}, {"prompt": "b", "avatarId": theirs["id"]}]}
-    assert_error(h.client.post("/v1/avatars/cast", json=foreign, headers=alice), 403, "unauthorized_access")
+    assert_error(hs.client.post("/v1/avatars/cast", json=foreign, headers=alice), 403, "unauthorized_access")
     bad_prompt = {"prompt": "x", "characters": [{"prompt": "a"}, {"prompt": "a naked b"}]}
-    assert_error(h.client.post("/v1/avatars/cast", json=bad_prompt, headers=alice), 400, "content_policy_violation",
+    assert_error(hs.client.post("/v1/avatars/cast", json=bad_prompt, headers=alice), 400, "content_policy_violation",
                  "characters[1].prompt")
     # Multipart: characters as JSON text, photos per character index.
-    r = h.client.post("/v1/avatars/cast", headers=alice,
+    r = hs.client.post("/v1/avatars/cast", headers=alice,
                       data={"prompt": "duo", "characters": '[{"prompt": "a"}, {"prompt": "b"}]'},
                       files=[("photo1", ("p.png", png_bytes(), "image/png"))])
     assert r.status_code == 202, r.text
-    assert len(h.store.get_avatar(r.json()["id"]).params["characters"][1]["photos"]) == 1
+    assert len(hs.store.get_avatar(r.json()["id"]).params["characters"][1]["photos"]) == 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -498,14 +551,14 @@ def test_publish_like_comment_feed_remix(h):
     assert got["comments"] == 1 and got["likes"] == 0
 
 
-def test_webhook_endpoints_crud_and_private_destinations(tmp_path):
-    h = Harness(tmp_path)
+def test_webhook_endpoints_crud_and_private_destinations(db, tmp_path):
+    h = db.harness(tmp_path)
     _, auth = h.account()
     assert_error(h.client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"}, headers=auth), 400,
                  "invalid_request", "url")
     assert_error(h.client.post("/v1/webhooks", json={"url": "ftp://example.com"}, headers=auth), 400,
                  "invalid_request", "url")
-    h2 = Harness(tmp_path / "b", webhook_allow_private=True)
+    h2 = db.harness(tmp_path / "b", webhook_allow_private=True)
     _, auth2 = h2.account()
     r = h2.client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "events": ["avatar.completed"]},
                        headers=auth2)
@@ -527,9 +580,9 @@ def _resolve(spec, schema):
     return schema
 
 
-def test_openapi_documents_what_is_returned(h):
-    _, auth = h.account()
-    spec = h.client.get("/v1/openapi.json").json()
+def test_openapi_documents_what_is_returned(hs):
+    _, auth = hs.account()
+    spec = hs.client.get("/v1/openapi.json").json()
     paths = spec["paths"]
     for path in ("/v1/avatars/generate", "/v1/avatars/percify-yourself", "/v1/avatars/cast", "/v1/avatars",
                  "/v1/avatars/{avatarId}", "/v1/account", "/v1/health", "/v1/feed", "/v1/webhooks"):
@@ -553,27 +606,27 @@ def test_openapi_documents_what_is_returned(h):
     assert "multipart/form-data" in paths["/v1/avatars/percify-yourself"]["post"]["requestBody"]["content"]
     for op in (m for p in paths.values() for m in p.values()):
         assert any(code.startswith("2") for code in op["responses"]), op["operationId"]
-    av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
-    h.worker.run_once()
-    got = h.client.get(f"/v1/avatars/{av['id']}", headers=auth).json()
+    av = hs.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
+    hs.worker.run_once()
+    got = hs.client.get(f"/v1/avatars/{av['id']}", headers=auth).json()
     schema = _resolve(spec, paths["/v1/avatars/{avatarId}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"])
     assert set(got) == set(schema["properties"])
     assert set(schema["required"]) <= set(got)
     err_schema = spec["components"]["schemas"]["ErrorBody"]
-    err = h.client.get("/v1/avatars/av_none", headers=auth).json()["error"]
+    err = hs.client.get("/v1/avatars/av_none", headers=auth).json()["error"]
     assert set(err) == set(err_schema["properties"])
     acct_schema = _resolve(spec, paths["/v1/account"]["get"]["responses"]["200"]["content"]["application/json"]["schema"])
-    assert set(h.client.get("/v1/account", headers=auth).json()) == set(acct_schema["properties"])
+    assert set(hs.client.get("/v1/account", headers=auth).json()) == set(acct_schema["properties"])
 
 
-def test_metrics_endpoint_reports_jobs_and_batches(h):
+def test_metrics_endpoint_reports_jobs_and_batches(hs):
     from serve.metrics import WorkerMetrics
 
-    h.worker.metrics = WorkerMetrics()
-    _, auth = h.account()
-    h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth)
-    h.worker.run_once()
-    text = h.client.get("/metrics").text
+    hs.worker.metrics = WorkerMetrics()
+    _, auth = hs.account()
+    hs.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth)
+    hs.worker.run_once()
+    text = hs.client.get("/metrics").text
     assert 'avatar_jobs_total{kind="generate",outcome="completed"} 1.0' in text
     assert "avatar_batch_size_count 1.0" in text
     assert "avatar_queue_depth 0.0" in text
@@ -598,6 +651,27 @@ def test_settings_from_env(monkeypatch, tmp_path):
         ServiceSettings.from_env()
 
 
+def test_cost_and_webhook_delivery_settings_reach_the_dispatcher(monkeypatch):
+    from serve.webhooks import WebhookOptions
+
+    monkeypatch.setenv("AVATAR_MODEL_COSTS", '{"tiny-sd15": 3, "sdxl": 8}')
+    monkeypatch.setenv("AVATAR_WEBHOOK_RETRY_SCHEDULE", "1, 5,30")
+    monkeypatch.setenv("AVATAR_WEBHOOK_LEASE_SECONDS", "4.5")
+    monkeypatch.setenv("AVATAR_WEBHOOK_ALLOWLIST", "127.0.0.1,hooks.internal")
+    s = ServiceSettings.from_env(webhook_base_backoff_s=0.5, webhook_max_backoff_s=2)
+    assert s.model_costs == {"tiny-sd15": 3, "sdxl": 8}
+    assert s.per_image_cost("sdxl", 2) == 8 and s.per_image_cost("other", 4) == 4 and s.per_image_cost("x", None) == 2
+    assert ServiceSettings.from_dict(s.to_dict(), env=False) == s
+    opts = WebhookOptions.from_settings(s)
+    assert (opts.retry_schedule, opts.lease_seconds, opts.base_backoff_s, opts.max_backoff_s) == ((1.0, 5.0, 30.0), 4.5, 0.5, 2)
+    assert opts.allowlist == ("127.0.0.1", "hooks.internal") and opts.allow_private is False
+    assert WebhookOptions.from_settings(ServiceSettings()).max_attempts == 8
+    with pytest.raises(ValueError, match=r"model_costs\['sdxl'\]"):
+        ServiceSettings(model_costs={"sdxl": -1})
+    with pytest.raises(ValueError, match="webhook_lease_seconds"):
+        ServiceSettings(webhook_lease_seconds=0)
+
+
 def test_fsspec_asset_backend_roundtrip():
     store = AssetStore.from_url("memory://avatar-test-assets")
     info = store.put_image("av_1", 0, Image.new("RGB", (32, 16), (9, 9, 9)))
@@ -612,7 +686,7 @@ def test_fsspec_asset_backend_roundtrip():
         store.get_bytes("../etc/passwd")
 
 
-def test_completed_job_is_delivered_to_a_webhook_with_the_api_avatar(tmp_path):
+def test_completed_job_is_delivered_to_a_webhook_with_the_api_avatar(db, tmp_path):
     """End to end through the outbox: API-created endpoint, job completed by the worker, the
     dispatcher (serve.webhooks) POSTs a signed event whose data is the API's avatar object."""
     import http.server
@@ -635,7 +709,7 @@ def test_completed_job_is_delivered_to_a_webhook_with_the_api_avatar(tmp_path):
     srv = http.server.HTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        h = Harness(tmp_path, store_kwargs={"event_renderer": event_renderer()}, webhook_allow_private=True)
+        h = db.harness(tmp_path, store_kwargs={"event_renderer": event_renderer()}, webhook_allow_private=True)
         acct, auth = h.account()
         ep = h.client.post("/v1/webhooks", json={"url": f"http://127.0.0.1:{srv.server_port}/hook",
                                                  "events": ["avatar.completed"]}, headers=auth).json()
@@ -723,8 +797,8 @@ def test_percify_and_cast_with_the_real_tiny_engine(tmp_path, tiny_engine):
                  "characters[1].box")
 
 
-def test_output_safety_checker_fails_the_job_and_refunds(tmp_path):
-    h = Harness(tmp_path)
+def test_output_safety_checker_fails_the_job_and_refunds(db, tmp_path):
+    h = db.harness(tmp_path)
     h.worker.policy = PolicyChecker([], output_checker=lambda images: [True] * len(images))
     acct, auth = h.account(credits=10)
     av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
@@ -735,8 +809,8 @@ def test_output_safety_checker_fails_the_job_and_refunds(tmp_path):
     assert h.store.get_account(acct.id).credits == 10
 
 
-def test_heartbeat_keeps_a_long_job_from_being_stolen(tmp_path):
-    h = Harness(tmp_path, lease_seconds=0.4, heartbeat_seconds=0.1)
+def test_heartbeat_keeps_a_long_job_from_being_stolen(db, tmp_path):
+    h = db.harness(tmp_path, lease_seconds=0.4, heartbeat_seconds=0.1)
     _, auth = h.account()
     av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
     stolen = []
@@ -750,17 +824,311 @@ def test_heartbeat_keeps_a_long_job_from_being_stolen(tmp_path):
     assert stolen == [] and h.store.get_avatar(av["id"]).attempts == 1
 
 
-def test_cli_create_key_and_grant_credits(tmp_path, capsys):
+def test_cli_create_key_and_grant_credits(db, tmp_path, capsys):
+    """The operator commands work on both stores (the API reads what they wrote)."""
     from serve.cli import main
 
-    assert main(["create-key", "--tier", "pro", "--credits", "100", "--data-dir", str(tmp_path), "-q"]) == 0
+    url = db.url() or f"sqlite:///{tmp_path}/avatar.db"
+    where = ["--db", url]
+    assert main(["create-key", "--tier", "pro", "--credits", "100", *where, "-q"]) == 0
     key = capsys.readouterr().out.strip()
-    store = open_store(f"sqlite:///{tmp_path}/avatar.db")
-    acct = store.authenticate(key)
-    assert acct.tier == "pro" and acct.credits == 100
-    assert main(["grant-credits", acct.id, "25", "--data-dir", str(tmp_path)]) == 0
-    assert store.get_account(acct.id).credits == 125
-    assert main(["grant-credits", "acct_missing", "5", "--data-dir", str(tmp_path)]) == 2
-    assert main(["set-tier", acct.id, "enterprise", "--data-dir", str(tmp_path)]) == 0
-    assert store.get_account(acct.id).tier == "enterprise"
-    store.close()
+    store = open_store(url)
+    try:
+        acct = store.authenticate(key)
+        assert acct.tier == "pro" and acct.credits == 100
+        assert main(["grant-credits", acct.id, "25", *where]) == 0
+        assert store.get_account(acct.id).credits == 125
+        assert [e.kind for e in store.ledger(acct.id)] == ["grant", "grant"]
+        assert main(["grant-credits", "acct_missing", "5", *where]) == 2
+        assert main(["set-tier", acct.id, "enterprise", *where]) == 0
+        assert store.get_account(acct.id).tier == "enterprise"
+        h = Harness(tmp_path / "api", db_url=url)
+        got = h.client.get("/v1/account", headers={"Authorization": f"Bearer {key}"}).json()
+        assert got["credits"] == 125 and got["tier"] == "enterprise"
+        assert got["limits"] == {"requestsPerMinute": 300, "concurrentGenerations": 20}
+        h.store.close()
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Tier, credit, idempotency, webhook and community rules (both stores)
+# ------------------------------------------------------------------------------------------
+class FakeClock:
+    """The store's clock, moved by the test instead of sleeping."""
+
+    def __init__(self, t: float = 1_800_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _assert_rate_headers(resp, quota):
+    assert resp.headers["ratelimit-policy"] == f'"minute";q={quota};w=60', resp.headers
+    assert resp.headers["ratelimit"].startswith('"minute";r='), resp.headers
+
+
+def test_every_refusal_has_the_error_shape_and_rate_limit_headers(db, tmp_path):
+    h = db.harness(tmp_path, tiers={"free": {"requests_per_minute": 4, "concurrent_jobs": 1}})
+    _, auth = h.account(tier="free", credits=2)
+    r = h.client.post("/v1/avatars/generate", json={"prompt": "x", "batchSize": 2}, headers=auth)
+    err = assert_error(r, 402, "insufficient_credits")
+    assert "costs 4 credits" in err["message"] and "has 2" in err["message"]
+    _assert_rate_headers(r, 4)
+    assert h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).status_code == 202
+    r = h.client.post("/v1/avatars/generate", json={"prompt": "y"}, headers=auth)
+    assert_error(r, 429, "rate_limit_exceeded")
+    assert int(r.headers["retry-after"]) >= 1
+    _assert_rate_headers(r, 4)
+    h.client.get("/v1/account", headers=auth)
+    r = h.client.get("/v1/account", headers=auth)  # 5th request in the window
+    assert_error(r, 429, "rate_limit_exceeded")
+    assert int(r.headers["retry-after"]) >= 1 and r.headers["ratelimit"].startswith('"minute";r=0;')
+    assert h.client.get("/v1/health").status_code == 200  # unauthenticated health is not limited
+
+
+def test_rate_limit_window_resets_and_is_per_account(db, tmp_path):
+    clock = FakeClock(1_800_000_000.0)  # a window boundary
+    h = db.harness(tmp_path, store_kwargs={"clock": clock},
+                   tiers={"free": {"requests_per_minute": 2, "concurrent_jobs": 1}})
+    _, a = h.account(tier="free")
+    _, b = h.account(tier="free")
+    assert [h.client.get("/v1/account", headers=a).status_code for _ in range(3)] == [200, 200, 429]
+    assert h.client.get("/v1/account", headers=b).status_code == 200  # another account's own budget
+    clock.t += 59.0
+    r = h.client.get("/v1/account", headers=a)
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    clock.t += 1.0
+    assert h.client.get("/v1/account", headers=a).status_code == 200
+
+
+def test_rate_limited_submission_is_not_stored_under_its_idempotency_key(db, tmp_path):
+    h = db.harness(tmp_path)
+    _, auth = h.account(tier="free", credits=10)
+    assert h.client.post("/v1/avatars/generate", json={"prompt": "first"}, headers=auth).status_code == 202
+    hdr = {**auth, "Idempotency-Key": "retry-me"}
+    assert_error(h.client.post("/v1/avatars/generate", json={"prompt": "second"}, headers=hdr), 429,
+                 "rate_limit_exceeded")
+    h.worker.run_once()  # the first job finishes: a slot is free again
+    r = h.client.post("/v1/avatars/generate", json={"prompt": "second"}, headers=hdr)
+    assert r.status_code == 202 and "idempotent-replayed" not in r.headers
+    again = h.client.post("/v1/avatars/generate", json={"prompt": "second"}, headers=hdr)
+    assert again.headers["idempotent-replayed"] == "true" and again.json()["id"] == r.json()["id"]
+
+
+def test_insufficient_credits_is_replayed_under_its_key(db, tmp_path):
+    """A 402 is the answer to that request (Stripe semantics): a replay returns it, and a new
+    request after a top-up needs a new key."""
+    h = db.harness(tmp_path)
+    acct, auth = h.account(credits=1)
+    hdr = {**auth, "Idempotency-Key": "poor"}
+    first = h.client.post("/v1/avatars/generate", json={"prompt": "x", "batchSize": 2}, headers=hdr)
+    assert_error(first, 402, "insufficient_credits")
+    h.store.grant_credits(acct.id, 10)
+    again = h.client.post("/v1/avatars/generate", json={"prompt": "x", "batchSize": 2}, headers=hdr)
+    assert again.status_code == 402 and again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+    fresh = h.client.post("/v1/avatars/generate", json={"prompt": "x", "batchSize": 2},
+                          headers={**auth, "Idempotency-Key": "paid"})
+    assert fresh.status_code == 202 and h.store.get_account(acct.id).credits == 11 - 4
+
+
+def test_idempotency_is_scoped_per_account_and_lasts_24_hours(db, tmp_path):
+    clock = FakeClock()
+    h = db.harness(tmp_path, store_kwargs={"clock": clock})
+    alice_acct, alice = h.account()
+    bob_acct, bob = h.account()
+    body = {"prompt": "same body", "seed": 5}
+    a = h.client.post("/v1/avatars/generate", json=body, headers={**alice, "Idempotency-Key": "k"})
+    b = h.client.post("/v1/avatars/generate", json=body, headers={**bob, "Idempotency-Key": "k"})
+    assert a.status_code == b.status_code == 202 and "idempotent-replayed" not in b.headers
+    assert a.json()["id"] != b.json()["id"]
+    assert len(h.store.list_avatars(alice_acct.id).items) == len(h.store.list_avatars(bob_acct.id).items) == 1
+    clock.t += 24 * 3600 - 1
+    replay = h.client.post("/v1/avatars/generate", json=body, headers={**alice, "Idempotency-Key": "k"})
+    assert replay.headers["idempotent-replayed"] == "true" and replay.json()["id"] == a.json()["id"]
+    assert replay.headers["location"] == f"/v1/avatars/{a.json()['id']}"
+    assert_error(h.client.post("/v1/avatars/generate", json={"prompt": "other"},
+                               headers={**alice, "Idempotency-Key": "k"}), 422, "invalid_request", "Idempotency-Key")
+    clock.t += 2  # past 24 h: the key is free again
+    fresh = h.client.post("/v1/avatars/generate", json={"prompt": "other"}, headers={**alice, "Idempotency-Key": "k"})
+    assert fresh.status_code == 202 and "idempotent-replayed" not in fresh.headers
+    assert fresh.json()["id"] != a.json()["id"]
+
+
+def test_idempotency_key_on_every_post(db, tmp_path):
+    """publish, like, comment, remix and webhook creation replay too (and bind key to path)."""
+    h = db.harness(tmp_path, webhook_allowlist=["127.0.0.1"])
+    _, alice = h.account()
+    acct_b, bob = h.account()
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "dragon"}, headers=alice).json()
+    h.worker.run_once()
+
+    def twice(path, headers, key, **kw):
+        hdr = {**headers, "Idempotency-Key": key}
+        first, second = h.client.post(path, headers=hdr, **kw), h.client.post(path, headers=hdr, **kw)
+        assert first.status_code < 300, first.text
+        assert second.status_code == first.status_code and second.headers["idempotent-replayed"] == "true"
+        assert second.content == first.content
+        return first.json()
+
+    twice(f"/v1/avatars/{av['id']}/publish", alice, "pub")
+    twice(f"/v1/avatars/{av['id']}/like", bob, "like")
+    twice(f"/v1/avatars/{av['id']}/comment", bob, "cm", json={"text": "nice"})
+    rx = twice(f"/v1/avatars/{av['id']}/remix", bob, "rx", json={"strength": 0.4})
+    ep = twice("/v1/webhooks", alice, "wh", json={"url": "http://127.0.0.1:9/h"})
+    got = h.client.get(f"/v1/avatars/{av['id']}", headers=alice).json()
+    assert (got["likes"], got["comments"], got["remixes"]) == (1, 1, 1)
+    assert len(h.store.list_avatars(acct_b.id).items) == 1 and rx["remixedFrom"] == av["id"]
+    assert [e["id"] for e in h.client.get("/v1/webhooks", headers=alice).json()["data"]] == [ep["id"]]
+    # The same key on another route is another request: 422, not a replay of the first.
+    assert_error(h.client.post(f"/v1/avatars/{av['id']}/like", headers={**bob, "Idempotency-Key": "cm"}), 422,
+                 "invalid_request", "Idempotency-Key")
+    assert_error(h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers={**bob, "Idempotency-Key": ""}),
+                 400, "invalid_request", "Idempotency-Key")
+
+
+def test_costs_are_configurable_per_model_and_operation(db, tmp_path):
+    h = db.harness(tmp_path, model_costs={"fake": 5}, cost_percify=7, cost_cast=11)
+    acct, auth = h.account(credits=1000)
+    account = h.client.get("/v1/account", headers=auth).json()
+    assert account["costs"] == {"generatePerImage": {"fake": 5}, "percify": 7, "cast": 11}
+    assert account["credits"] == 1000 and account["tier"] == "pro"
+    assert account["limits"] == {"requestsPerMinute": 60, "concurrentGenerations": 5}
+    assert h.client.get("/v1/health").json()["models"][0]["creditCost"] == 5
+    gen = h.client.post("/v1/avatars/generate", json={"prompt": "x", "batchSize": 3}, headers=auth).json()
+    b64 = base64.b64encode(png_bytes()).decode()
+    per = h.client.post("/v1/avatars/percify-yourself", json={"photos": [b64]}, headers=auth).json()
+    cast = h.client.post("/v1/avatars/cast", headers=auth, json={
+        "prompt": "duo", "characters": [{"prompt": "a"}, {"prompt": "b"}]}).json()
+    assert (gen["creditCost"], per["creditCost"], cast["creditCost"]) == (15, 7, 11)
+    h.worker.drain()
+    rx = h.client.post(f"/v1/avatars/{gen['id']}/remix", json={"batchSize": 2}, headers=auth).json()
+    assert rx["creditCost"] == 10  # remix = generate: per-model cost × images
+    assert h.store.get_account(acct.id).credits == h.store.ledger_balance(acct.id)
+
+
+def test_account_shows_the_balance_through_the_credit_lifecycle(db, tmp_path):
+    """reserve on accept, charge on completion, release on failure and on cancellation."""
+    h = db.harness(tmp_path, engine=FakeEngine(fail_prompts=("boom",)))
+    acct, auth = h.account(credits=10)
+
+    def credits():
+        return h.client.get("/v1/account", headers=auth).json()["credits"]
+
+    ok = h.client.post("/v1/avatars/generate", json={"prompt": "fine", "batchSize": 2}, headers=auth).json()
+    bad = h.client.post("/v1/avatars/generate", json={"prompt": "boom"}, headers=auth).json()
+    assert credits() == 10 - 4 - 2
+    h.worker.run_once()
+    assert credits() == 10 - 4
+    gone = h.client.post("/v1/avatars/generate", json={"prompt": "later"}, headers=auth).json()
+    assert credits() == 4
+    h.client.delete(f"/v1/avatars/{gone['id']}", headers=auth)
+    assert credits() == 6
+    kinds = {i: sorted(e.kind for e in h.store.ledger(acct.id) if e.avatar_id == i)
+             for i in (ok["id"], bad["id"], gone["id"])}
+    assert kinds == {ok["id"]: ["charge", "reserve"], bad["id"]: ["release", "reserve"],
+                     gone["id"]: ["release", "reserve"]}
+    assert h.store.ledger_balance(acct.id) == 6
+
+
+def test_publish_rules_and_feed_order_with_cursor(db, tmp_path):
+    h = db.harness(tmp_path)
+    _, alice = h.account()
+    _, bob = h.account()
+    fans = [h.account()[1] for _ in range(3)]
+    ids = [h.client.post("/v1/avatars/generate", json={"prompt": f"p{i}"}, headers=alice).json()["id"] for i in range(3)]
+    assert_error(h.client.post(f"/v1/avatars/{ids[0]}/publish", headers=alice), 400, "invalid_request", "avatarId")
+    h.worker.run_once()
+    hidden = h.client.post("/v1/avatars/generate", json={"prompt": "private one"}, headers=alice).json()["id"]
+    h.worker.run_once()
+    assert_error(h.client.post(f"/v1/avatars/{ids[0]}/publish", headers=bob), 403, "unauthorized_access")
+    for i in ids:
+        pub = h.client.post(f"/v1/avatars/{i}/publish", headers=alice).json()
+        assert pub["published"] and pub["visibility"] == "public" and pub["publishedAt"]
+    for n, i in enumerate(ids):  # ids[0]: 0 likes, ids[1]: 1, ids[2]: 2
+        for fan in fans[:n]:
+            h.client.post(f"/v1/avatars/{i}/like", headers=fan)
+    newest = [a["id"] for a in h.client.get("/v1/feed", headers=bob).json()["data"]]
+    assert newest == ids[::-1] and hidden not in newest
+    liked, cursor = [], None
+    while True:
+        page = h.client.get("/v1/feed", params={"sort": "mostLiked", "limit": 1, **({"cursor": cursor} if cursor else {})},
+                            headers=bob).json()
+        liked += [(a["id"], a["likes"]) for a in page["data"]]
+        if not page["hasMore"]:
+            break
+        cursor = page["nextCursor"]
+    assert liked == [(ids[2], 2), (ids[1], 1), (ids[0], 0)]
+    h.client.patch(f"/v1/avatars/{ids[2]}", json={"visibility": "private"}, headers=alice)
+    assert [a["id"] for a in h.client.get("/v1/feed", headers=bob).json()["data"]] == [ids[1], ids[0]]
+    assert_error(h.client.get("/v1/feed", params={"sort": "oldest"}, headers=bob), 400, "invalid_request", "sort")
+
+
+def test_likes_comments_and_their_webhooks_go_to_the_owner(db, tmp_path):
+    h = db.harness(tmp_path, webhook_allowlist=["127.0.0.1"])
+    owner_acct, owner = h.account()
+    fan_acct, fan = h.account()
+    h.client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/owner"}, headers=owner)
+    h.client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/fan"}, headers=fan)
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=owner).json()
+    h.worker.run_once()
+    h.client.post(f"/v1/avatars/{av['id']}/publish", headers=owner)
+    for _ in range(2):  # the second like is a no-op: no second event
+        assert h.client.post(f"/v1/avatars/{av['id']}/like", headers=fan).json() == {
+            "object": "like", "avatarId": av["id"], "liked": True, "likes": 1}
+    c = h.client.post(f"/v1/avatars/{av['id']}/comment", json={"text": "great work"}, headers=fan).json()
+    assert h.client.delete(f"/v1/avatars/{av['id']}/like", headers=fan).json()["likes"] == 0
+    assert h.client.delete(f"/v1/avatars/{av['id']}/like", headers=fan).json() == {
+        "object": "like", "avatarId": av["id"], "liked": False, "likes": 0}
+    events = {d.event_type: d.payload for d in h.store.list_deliveries(owner_acct.id)}
+    assert sorted(events) == ["avatar.commented", "avatar.completed", "avatar.liked", "avatar.published"]
+    liked = events["avatar.liked"]["data"]
+    assert liked["likedBy"] == fan_acct.id and liked["object"]["id"] == av["id"] and liked["object"]["likes"] == 1
+    comment = events["avatar.commented"]["data"]["comment"]
+    assert comment == {**c, "object": "comment"} and comment["text"] == "great work"
+    assert comment["avatarId"] == av["id"] and comment["accountId"] == fan_acct.id
+    assert h.store.list_deliveries(fan_acct.id) == []  # the actor's own endpoints hear nothing
+
+
+def test_comments_length_and_content_policy(db, tmp_path):
+    h = db.harness(tmp_path)
+    _, alice = h.account()
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "x", "visibility": "unlisted"}, headers=alice).json()
+    path = f"/v1/avatars/{av['id']}/comment"
+    assert_error(h.client.post(path, json={"text": "so NSFW lol"}, headers=alice), 400, "content_policy_violation", "text")
+    assert_error(h.client.post(path, json={"text": "x" * 2001}, headers=alice), 400, "invalid_request", "text")
+    assert_error(h.client.post(path, json={"text": "   "}, headers=alice), 400, "invalid_request", "text")
+    assert_error(h.client.post(path, json={}, headers=alice), 400, "invalid_request", "text")
+    assert h.client.post(path, json={"text": "y" * 2000}, headers=alice).status_code == 201
+    listed = h.client.get(f"/v1/avatars/{av['id']}/comments", headers=alice).json()
+    assert [len(c["text"]) for c in listed["data"]] == [2000]
+
+
+def test_remix_lineage_visibility_and_source_image(db, tmp_path):
+    h = db.harness(tmp_path)
+    _, alice = h.account()
+    _, bob = h.account()
+    src = h.client.post("/v1/avatars/generate", json={"prompt": "a red fox", "seed": 11, "stylePreset": "anime"},
+                        headers=alice).json()
+    assert_error(h.client.post(f"/v1/avatars/{src['id']}/remix", json={}, headers=alice), 400, "invalid_request",
+                 "avatarId")  # not completed yet
+    h.worker.run_once()
+    assert_error(h.client.post(f"/v1/avatars/{src['id']}/remix", json={}, headers=bob), 403, "unauthorized_access")
+    h.client.post(f"/v1/avatars/{src['id']}/publish", headers=alice)
+    assert_error(h.client.post(f"/v1/avatars/{src['id']}/remix", json={"strength": 0}, headers=bob), 400,
+                 "invalid_request", "strength")
+    rx = h.client.post(f"/v1/avatars/{src['id']}/remix", json={"strength": 0.5, "seed": 3}, headers=bob).json()
+    assert (rx["kind"], rx["remixedFrom"], rx["prompt"], rx["stylePreset"], rx["seed"], rx["strength"]) == (
+        "remix", src["id"], "a red fox", "anime", 3, 0.5)
+    stored = h.store.get_avatar(rx["id"]).params
+    assert h.assets.get_bytes(stored["initImage"]) == h.assets.get_bytes(h.store.get_avatar(src["id"]).result["images"][0]["key"])
+    h.worker.run_once()
+    h.client.post(f"/v1/avatars/{rx['id']}/publish", headers=bob)
+    rx2 = h.client.post(f"/v1/avatars/{rx['id']}/remix", json={"prompt": "a blue fox"}, headers=alice).json()
+    assert rx2["remixedFrom"] == rx["id"] and rx2["prompt"] == "a blue fox"
+    h.worker.run_once()
+    counts = {i: h.client.get(f"/v1/avatars/{i}", headers=alice).json()["remixes"] for i in (src["id"], rx["id"], rx2["id"])}
+    assert counts == {src["id"]: 1, rx["id"]: 1, rx2["id"]: 0}
+    assert h.client.get(f"/v1/avatars/{rx2['id']}", headers=alice).json()["status"] == "completed"
