@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("-n", "--requests", type=int, default=32)
     ap.add_argument("-c", "--concurrency", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--poll", type=float, default=0.05, help="seconds between status polls")
+    ap.add_argument("--poll", type=float, default=0.25, help="seconds between status polls (each poll costs CPU the worker shares on small machines)")
     args = ap.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
            "AVATAR_TIERS": json.dumps({"free": [10, 1], "pro": [60, 5], "enterprise": [100000, 1000]}),

@@ -628,8 +628,8 @@ class Store(abc.ABC):
         headers: Mapping[str, str] | None = None,
     ) -> None:
         """Store the response and mark the record done (replayed for 24 h from creation).
-        Policy: store every response the client should see again — 2xx and 4xx (including
-        402/429 refusals, as Stripe does)."""
+        The caller decides what is final: the service stores 2xx and most 4xx (402 included, as
+        Stripe does) but abandons 409/429, whose retry should run again once allowed."""
 
     @abc.abstractmethod
     def abandon_idempotent(self, account_id: str, key: str) -> None:
