@@ -12,7 +12,6 @@ conditioning code stays out of the scheduler.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 import os
@@ -23,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .config import EngineConfig, ModelProfile, cache_dir, default_profile_name, load_profiles
+from .config import EngineConfig, ModelProfile, default_profile_name, load_profiles
 from .errors import ProfileError, RequestValidationError
 from .prompts import BuiltPrompt, PromptBuilder
 from .requests import GenerationRequest, GenerationResult

@@ -1,6 +1,5 @@
 """AvatarEngine behaviour on the tiny models: determinism, batching invariants, shapes."""
 import numpy as np
-import pytest
 from PIL import Image
 
 from avatar_engine import AvatarEngine, EngineConfig, GenerationRequest

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from avatar_engine.errors import NoFaceError, ProfileError
-from avatar_engine.faces import (ARCFACE_TEMPLATE, Face, align_face, analyze_reference_photos, combine_embeddings,
+from avatar_engine.faces import (ARCFACE_TEMPLATE, Face, analyze_reference_photos, combine_embeddings,
                                  cosine_similarity, face_analyzer_from_config, largest_face)
 
 torch.set_num_threads(2)

@@ -6,8 +6,6 @@ ends by checking, for every account, that the balance equals the sum of its ledg
 """
 from __future__ import annotations
 
-import os
-import secrets
 import subprocess
 import sys
 import threading
@@ -31,11 +29,10 @@ from serve.store import (
 )
 from serve.store.migrations import LATEST_VERSION
 
-PG_DSN = os.environ.get("AVATAR_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-SESSION = secrets.token_hex(4)
+from pg_support import PG_DSN, SESSION, require_postgres, unreachable
+
 REPO = Path(__file__).resolve().parents[1]
 _schema_counter = iter(range(1_000_000))
-_pg_reason: list[str] = []
 
 
 class FakeClock:
@@ -51,24 +48,11 @@ class FakeClock:
         self.t += seconds
 
 
-def _pg_unreachable() -> str | None:
-    if not _pg_reason:
-        try:
-            import psycopg
-
-            with psycopg.connect(PG_DSN, connect_timeout=3) as conn:
-                conn.execute("SELECT 1")
-            _pg_reason.append("")
-        except Exception as exc:  # noqa: BLE001 - any failure means "skip PostgreSQL"
-            _pg_reason.append(f"PostgreSQL unreachable at {PG_DSN} ({type(exc).__name__}: {exc})"[:300])
-    return _pg_reason[0] or None
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _drop_leftover_schemas():
     """Belt and braces: drop this session's schemas even if a test teardown was interrupted."""
     yield
-    if _pg_reason and not _pg_reason[0]:
+    if unreachable() is None:
         import psycopg
 
         with psycopg.connect(PG_DSN, autocommit=True) as conn:
@@ -88,9 +72,7 @@ def backend(request, tmp_path) -> dict[str, Any]:
     """Where a fresh, empty database lives: {"url": ..., "schema": ...}."""
     if request.param == "sqlite":
         return {"url": f"sqlite:///{tmp_path / 'store.db'}", "schema": None}
-    reason = _pg_unreachable()
-    if reason:
-        pytest.skip(reason)
+    require_postgres()
     return {"url": PG_DSN, "schema": f"store_test_{SESSION}_{next(_schema_counter)}"}
 
 

@@ -10,8 +10,6 @@ import datetime as dt
 import http.server
 import ipaddress
 import json
-import os
-import secrets
 import socket
 import ssl
 import threading
@@ -38,10 +36,9 @@ from serve.webhooks import (
     verify_signature,
 )
 
-PG_DSN = os.environ.get("AVATAR_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-SESSION = secrets.token_hex(4)
+from pg_support import PG_DSN, SESSION, require_postgres
+
 _schema_counter = iter(range(1_000_000))
-_pg_reason: list[str] = []
 
 
 class FakeClock:
@@ -57,19 +54,6 @@ class FakeClock:
         self.t += seconds
 
 
-def _pg_unreachable() -> str | None:
-    if not _pg_reason:
-        try:
-            import psycopg
-
-            with psycopg.connect(PG_DSN, connect_timeout=3) as conn:
-                conn.execute("SELECT 1")
-            _pg_reason.append("")
-        except Exception as exc:  # noqa: BLE001 - any failure means "skip PostgreSQL"
-            _pg_reason.append(f"PostgreSQL unreachable at {PG_DSN} ({type(exc).__name__}: {exc})"[:300])
-    return _pg_reason[0] or None
-
-
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
@@ -80,9 +64,7 @@ def store(request, tmp_path, clock):
     if request.param == "sqlite":
         s = open_store(f"sqlite:///{tmp_path / 'store.db'}", clock=clock)
     else:
-        reason = _pg_unreachable()
-        if reason:
-            pytest.skip(reason)
+        require_postgres()
         s = open_store(PG_DSN, schema=f"webhooks_test_{SESSION}_{next(_schema_counter)}", clock=clock)
     yield s
     s.drop_all()
