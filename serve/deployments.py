@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import threading
 from typing import Any, Mapping
 
 import yaml
@@ -107,6 +108,35 @@ class AvatarModel:
             pass
 
 
+class Housekeeper:
+    """Periodically deletes expired idempotency records and old rate-limit windows so those
+    tables stay small. Cheap and idempotent: every ingress replica may run one."""
+
+    def __init__(self, store: Any, interval_s: float = 600.0):
+        self.store, self.interval_s = store, interval_s
+        self._stop = threading.Event()
+
+    def start(self) -> "Housekeeper":
+        threading.Thread(target=self._run, name="avatar-housekeeper", daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.run_once()
+
+    def run_once(self) -> int:
+        try:
+            removed = self.store.purge_expired()
+            log.info("housekeeping: removed %d expired rows", removed)
+            return removed
+        except Exception:  # noqa: BLE001 - retried next interval; never kill the replica
+            log.exception("housekeeping failed")
+            return 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 @serve.deployment(name=INGRESS_NAME, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100)
 @serve.ingress()
 class AvatarIngress:
@@ -123,6 +153,7 @@ class AvatarIngress:
         from .webhooks import WebhookDispatcher, WebhookOptions
 
         self.dispatcher = WebhookDispatcher(self.store, WebhookOptions.from_settings(self.settings)).start()
+        self.housekeeper = Housekeeper(self.store).start()
 
     def __serve_build_asgi_app__(self):
         from .app import create_app
@@ -132,6 +163,7 @@ class AvatarIngress:
     def __del__(self):
         try:
             self.dispatcher.stop(timeout=5)
+            self.housekeeper.stop()
         except Exception:  # noqa: BLE001
             pass
 
