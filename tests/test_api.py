@@ -898,7 +898,10 @@ def test_rate_limit_window_resets_and_is_per_account(db, tmp_path):
     assert h.client.get("/v1/account", headers=b).status_code == 200  # another account's own budget
     clock.t += 59.0
     r = h.client.get("/v1/account", headers=a)
-    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    # 1 s to the window's end, then 30 s until one of the two requests has slid out.
+    assert r.status_code == 429 and r.headers["retry-after"] == "31"
+    clock.t += 30.0
+    assert h.client.get("/v1/account", headers=a).status_code == 429
     clock.t += 1.0
     assert h.client.get("/v1/account", headers=a).status_code == 200
 

@@ -187,15 +187,8 @@ def no_face_png() -> str:
 # ------------------------------------------------------------------------------------------
 # Tiers
 # ------------------------------------------------------------------------------------------
-def _window_left(svc, auth) -> int:
-    return int(svc.client.get("/v1/account", headers=auth).headers["ratelimit"].rsplit("t=", 1)[1])
-
-
 def test_eleventh_request_in_a_minute_on_free_is_429_with_retry_after(svc):
-    _, probe = svc.account(tier="free")
-    left = _window_left(svc, probe)
-    if left < 8:  # the fixed window is about to roll over: start in a fresh one
-        time.sleep(left + 0.2)
+    # Sliding window: the count holds across a fixed-window boundary, so no need to dodge one.
     _, auth = svc.account(tier="free")
     seen = []
     for i in range(10):
@@ -207,7 +200,7 @@ def test_eleventh_request_in_a_minute_on_free_is_429_with_retry_after(svc):
     r = svc.client.post("/v1/avatars/generate", json={"prompt": "one too many", **FAST}, headers=auth)
     err = assert_error(r, 429, "rate_limit_exceeded")
     assert "10 requests per minute" in err["message"]
-    assert 1 <= int(r.headers["retry-after"]) <= 60
+    assert 1 <= int(r.headers["retry-after"]) <= 66  # sliding window: at most 60 s + 60/limit
     assert r.headers["ratelimit"].startswith('"minute";r=0;')
     assert svc.store.list_avatars(svc.store.authenticate(auth["Authorization"][7:]).id).items == []
 

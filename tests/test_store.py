@@ -547,18 +547,33 @@ def test_idempotency_states(store, clock):
         begin(acct.id, "", "h")
 
 
-def test_rate_limit_fixed_window_across_threads(store, clock):
+def test_rate_limit_sliding_window_across_threads(store, clock):
     acct = store.create_account("free", 0)
     clock.t = 1_700_000_020.0  # 20 s before a minute boundary
     decisions = [store.hit_rate_limit(acct.id, 10) for _ in range(11)]
     assert [d.allowed for d in decisions] == [True] * 10 + [False]
     assert [d.remaining for d in decisions[:3]] == [9, 8, 7] and decisions[9].remaining == 0
-    assert decisions[10].reset_seconds == pytest.approx(20.0)
-    clock.advance(20)
-    assert store.hit_rate_limit(acct.id, 10) == (True, 9, 60.0)
+    # 20 s to the boundary, then 6 s until 9 of the 10 are older than a sliding minute.
+    assert decisions[10].reset_seconds == pytest.approx(26.0)
+    clock.advance(20)  # a new fixed window, but the last minute still holds 10 requests
+    assert not store.hit_rate_limit(acct.id, 10).allowed
+    clock.advance(6)
+    assert store.hit_rate_limit(acct.id, 10) == (True, 0, 54.0)
+    assert not store.hit_rate_limit(acct.id, 10).allowed
+    clock.advance(60)  # the burst window has slid out entirely
+    assert store.hit_rate_limit(acct.id, 10).allowed
     other = store.create_account("free", 0)
     results = run_parallel([lambda: store.hit_rate_limit(other.id, 10).allowed for _ in range(25)])
     assert sum(results) == 10
+
+
+def test_rate_limit_burst_across_a_boundary_is_refused(store, clock):
+    """A fixed window would allow 10 at :59 and 10 more at :01; a minute must hold 10."""
+    acct = store.create_account("free", 0)
+    clock.t = 1_700_000_039.0  # 1 s before a boundary
+    assert all(store.hit_rate_limit(acct.id, 10).allowed for _ in range(10))
+    clock.advance(2)
+    assert sum(store.hit_rate_limit(acct.id, 10).allowed for _ in range(10)) == 0
 
 
 def test_webhook_endpoints_are_scoped(store):

@@ -330,7 +330,7 @@ class IdempotencyResult:
 class RateLimitDecision(NamedTuple):
     allowed: bool
     remaining: int  # requests left in the current window after this one
-    reset_seconds: float  # seconds until the window resets (use for Retry-After when refused)
+    reset_seconds: float  # allowed: seconds to the window's end; refused: seconds until one more fits
 
 
 @dataclass(frozen=True)
@@ -645,8 +645,11 @@ class Store(abc.ABC):
     def hit_rate_limit(
         self, account_id: str, limit: int, *, window_seconds: float = 60.0
     ) -> RateLimitDecision:
-        """Count one request in the account's current fixed window (shared by all processes).
-        Refused requests are not counted. Returns (allowed, remaining, reset_seconds)."""
+        """Count one request against a sliding window of `window_seconds` (shared by all
+        processes): the previous fixed window's count, weighted by its remaining overlap, plus
+        the current one's. Refused requests are not counted. Returns (allowed, remaining,
+        reset_seconds): time to the current window's end when allowed, the wait until one more
+        request fits when refused (use it for Retry-After)."""
 
     # ---- webhooks -------------------------------------------------------------------------
     @abc.abstractmethod

@@ -1188,6 +1188,10 @@ class SQLStore(Store):
 
     # ---- rate limiting --------------------------------------------------------------------
     def hit_rate_limit(self, account_id: str, limit: int, *, window_seconds: float = 60.0) -> RateLimitDecision:
+        """Sliding-window counter (the approximation Cloudflare and nginx-style limiters use):
+        the previous window's count, weighted by how much of it still overlaps the last
+        `window_seconds`, plus the current window's count must stay under `limit`. A fixed
+        window alone would let 2×limit through around a boundary."""
         if window_seconds <= 0:
             raise InvalidArgument("window_seconds", "must be positive")
         bucket = f"{account_id}:{window_seconds:g}"
@@ -1195,23 +1199,41 @@ class SQLStore(Store):
         def work(c: _Cursor) -> RateLimitDecision:
             now = self._now()
             window_id = int(math.floor(now / window_seconds))
+            elapsed = now - window_id * window_seconds
             window_end = (window_id + 1) * window_seconds
-            reset = max(0.0, window_end - now)
             if limit <= 0:
-                return RateLimitDecision(False, 0, reset)
-            row = c.one(
-                "INSERT INTO rate_limits (bucket, window_id, count, window_end) VALUES (?, ?, 1, ?)"
-                " ON CONFLICT (bucket, window_id) DO UPDATE SET count = rate_limits.count + 1"
-                " WHERE rate_limits.count < ? RETURNING count",
-                (bucket, window_id, window_end, limit))
+                return RateLimitDecision(False, 0, window_end - now)
+            prev_row = c.one("SELECT count FROM rate_limits WHERE bucket = ? AND window_id = ?",
+                             (bucket, window_id - 1))
+            prev = int(prev_row["count"]) if prev_row else 0
+            carried = prev * (1.0 - elapsed / window_seconds)
+            cap = int(math.floor(limit - carried + 1e-9))  # most requests the current window may hold now
+            row = None
+            if cap >= 1:
+                row = c.one(
+                    "INSERT INTO rate_limits (bucket, window_id, count, window_end) VALUES (?, ?, 1, ?)"
+                    " ON CONFLICT (bucket, window_id) DO UPDATE SET count = rate_limits.count + 1"
+                    " WHERE rate_limits.count < ? RETURNING count",
+                    (bucket, window_id, window_end, cap))
             if row is None:
-                return RateLimitDecision(False, 0, reset)
+                cur_row = c.one("SELECT count FROM rate_limits WHERE bucket = ? AND window_id = ?",
+                                (bucket, window_id))
+                cur = int(cur_row["count"]) if cur_row else 0
+                return RateLimitDecision(False, 0, self._retry_after(limit, prev, cur, elapsed, window_seconds))
             count = int(row["count"])
-            if count == 1:  # first hit of a new window: drop this bucket's old windows
-                c.run("DELETE FROM rate_limits WHERE bucket = ? AND window_id < ?", (bucket, window_id))
-            return RateLimitDecision(True, max(0, limit - count), reset)
+            if count == 1:  # first hit of a new window: windows before the previous one are dead
+                c.run("DELETE FROM rate_limits WHERE bucket = ? AND window_id < ?", (bucket, window_id - 1))
+            return RateLimitDecision(True, max(0, cap - count), window_end - now)
 
         return self._run(work)
+
+    @staticmethod
+    def _retry_after(limit: int, prev: int, cur: int, elapsed: float, window: float) -> float:
+        """Seconds until one more request fits the sliding window (for Retry-After)."""
+        if cur >= limit:  # wait for this window to end and enough of it to slide out
+            return (window - elapsed) + window * (1.0 - (limit - 1) / cur)
+        # the previous window's weight must fall to limit - 1 - cur
+        return max(0.0, window * (1.0 - (limit - 1 - cur) / prev) - elapsed) if prev else 0.0
 
     # ---- webhooks -------------------------------------------------------------------------
     def create_endpoint(self, account_id: str, url: str, events: Sequence[str] = ("*",), *,
