@@ -567,6 +567,17 @@ def test_rate_limit_sliding_window_across_threads(store, clock):
     assert sum(results) == 10
 
 
+def test_purge_keeps_the_window_a_sliding_limit_still_needs(store, clock):
+    acct = store.create_account("free", 0)
+    clock.t = 1_700_000_039.0
+    assert all(store.hit_rate_limit(acct.id, 10).allowed for _ in range(10))
+    clock.advance(2)  # next window: the full previous one still counts
+    store.purge_expired()
+    assert not store.hit_rate_limit(acct.id, 10).allowed
+    clock.advance(120)
+    assert store.purge_expired() >= 1 and store.hit_rate_limit(acct.id, 10).allowed
+
+
 def test_rate_limit_burst_across_a_boundary_is_refused(store, clock):
     """A fixed window would allow 10 at :59 and 10 more at :01; a minute must hold 10."""
     acct = store.create_account("free", 0)

@@ -1181,7 +1181,9 @@ class SQLStore(Store):
         def work(c: _Cursor) -> int:
             now = self._now()
             n = c.run("DELETE FROM idempotency_keys WHERE expires_at <= ?", (now,))
-            n += c.run("DELETE FROM rate_limits WHERE window_end <= ?", (now,))
+            # A window still counts (weighted) during the next one: keep it one window longer.
+            # window_end / (window_id + 1) is the window's length.
+            n += c.run("DELETE FROM rate_limits WHERE window_end + window_end / (window_id + 1) <= ?", (now,))
             return n
 
         return self._run(work)
