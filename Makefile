@@ -11,10 +11,14 @@ $(BIN)/activate:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch is pinned to the local CPU wheel; on a GPU machine install your CUDA torch first.
-install: $(BIN)/activate
-	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q torch
+# The stamp file makes repeated `make test` skip the install until pyproject.toml changes.
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[face,serve,dev]"
 	$(BIN)/pip install -q --no-deps "insightface>=0.7.3" "facenet-pytorch==2.6.0"
+	touch $@
 
 demo: install
 	$(BIN)/avatar-engine generate "portrait of an astronaut, studio light" --style professional --seed 42 -o $(OUT)
