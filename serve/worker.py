@@ -141,6 +141,7 @@ class BatchReport:
     completed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # lease lost (cancelled / reclaimed)
+    retried: list[str] = field(default_factory=list)  # result not stored; back in the queue
 
 
 class JobWorker:
@@ -249,7 +250,30 @@ class JobWorker:
         if self.metrics:
             self.metrics.observe_generation(elapsed, runnable[0][1].model or "", len(runnable))
         for (job, _), result in zip(runnable, results):
-            self._finish(job, result, elapsed, hb, report)
+            try:
+                self._finish(job, result, elapsed, hb, report)
+            except Exception:  # noqa: BLE001 - one job's storage error must not lose its batch-mates
+                log.exception("could not store the result of job %s", job.id)
+                self._retry_or_fail(job, report)
+
+    def _retry_or_fail(self, job: Avatar, report: BatchReport) -> None:
+        """Saving a result failed (asset backend or store error): hand the job back to the queue
+        for another attempt, or fail it (credits released) once it has used its attempts. If the
+        store is down too, the lease simply expires and the job is reclaimed or reaped later."""
+        try:
+            if job.attempts >= self.settings.max_attempts:
+                self._fail(job, "internal_error", "The generated images could not be stored; the credits were released",
+                           report)
+            elif self.store.requeue_job(job.id, job.lease_token):
+                report.retried.append(job.id)
+                self._outcome(job, "retried")
+            else:
+                if self.store.job_statuses([job.id]).get(job.id) in (None, "cancelled"):
+                    self.assets.delete_avatar(job.id)  # deleted meanwhile: drop any partial files
+                report.dropped.append(job.id)
+                self._outcome(job, "dropped")
+        except Exception:  # noqa: BLE001
+            log.exception("could not requeue job %s; its lease will expire", job.id)
 
     def _finish(self, job: Avatar, result: Any, elapsed: float, hb: _Heartbeat, report: BatchReport) -> None:
         if hb.is_lost(job.id):

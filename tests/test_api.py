@@ -1135,3 +1135,66 @@ def test_remix_lineage_visibility_and_source_image(db, tmp_path):
     counts = {i: h.client.get(f"/v1/avatars/{i}", headers=alice).json()["remixes"] for i in (src["id"], rx["id"], rx2["id"])}
     assert counts == {src["id"]: 1, rx["id"]: 1, rx2["id"]: 0}
     assert h.client.get(f"/v1/avatars/{rx2['id']}", headers=alice).json()["status"] == "completed"
+
+
+def test_storage_error_on_one_result_neither_loses_its_batch_mates_nor_sticks_the_job(db, tmp_path):
+    """Saving one job's images fails: the other job of the batch still completes; the failing job
+    goes back to the queue, and once its attempts are used it fails with its credits released."""
+    h = db.harness(tmp_path)
+    acct, auth = h.account(credits=10)
+    good = h.client.post("/v1/avatars/generate", json={"prompt": "fine"}, headers=auth).json()["id"]
+    bad = h.client.post("/v1/avatars/generate", json={"prompt": "doomed"}, headers=auth).json()["id"]
+    put_image = h.assets.put_image
+
+    def flaky_put(avatar_id, index, image):
+        if avatar_id == bad:
+            raise OSError("disk full")
+        return put_image(avatar_id, index, image)
+
+    h.assets.put_image = flaky_put
+    report = h.worker.run_once()
+    assert report.completed == [good] and report.retried == [bad]
+    assert h.store.get_avatar(bad).status == "queued"
+    for _ in range(h.settings.max_attempts - 1):
+        h.worker.run_once()
+    got = h.client.get(f"/v1/avatars/{bad}", headers=auth).json()
+    assert got["status"] == "failed" and got["error"]["code"] == "internal_error"
+    assert h.store.get_account(acct.id).credits == 8  # only the good job is charged
+
+
+def test_store_blip_when_completing_is_retried_and_charged_once(db, tmp_path):
+    h = db.harness(tmp_path)
+    acct, auth = h.account(credits=10)
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()["id"]
+    complete = h.store.complete_job
+    blips = [ConnectionError("database restarting")]
+
+    def blip_once(*args, **kwargs):
+        if blips:
+            raise blips.pop()
+        return complete(*args, **kwargs)
+
+    h.store.complete_job = blip_once
+    assert h.worker.run_once().retried == [av]
+    assert h.worker.run_once().completed == [av]
+    assert [e.kind for e in h.store.ledger(acct.id)].count("charge") == 1
+    assert h.store.get_account(acct.id).credits == 8
+
+
+def test_private_avatar_of_another_account_is_closed_to_every_route(h):
+    _, alice = h.account()
+    _, bob = h.account()
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=alice).json()["id"]
+    h.worker.run_once()
+    assert h.client.post(f"/v1/avatars/{av}/comment", json={"text": "mine"}, headers=alice).status_code == 201
+    for method, path, body in [
+        ("get", f"/v1/avatars/{av}/thumbnail", None), ("get", f"/v1/avatars/{av}/comments", None),
+        ("post", f"/v1/avatars/{av}/like", None), ("delete", f"/v1/avatars/{av}/like", None),
+        ("post", f"/v1/avatars/{av}/comment", {"text": "hi"}), ("post", f"/v1/avatars/{av}/remix", {}),
+        ("post", f"/v1/avatars/{av}/publish", None),
+    ]:
+        assert_error(h.client.request(method, path, json=body, headers=bob), 403, "unauthorized_access")
+    cast = {"prompt": "two friends", "characters": [{"prompt": "a", "avatarId": av}, {"prompt": "b", "avatarId": av}]}
+    assert_error(h.client.post("/v1/avatars/cast", json=cast, headers=bob), 403, "unauthorized_access")
+    got = h.store.get_avatar(av)
+    assert (got.likes, got.comments, got.remixes) == (0, 1, 0)
