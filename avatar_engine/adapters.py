@@ -329,6 +329,9 @@ class IdentityAdapter:
         self._set_procs(self._plain_procs)
         if self.lora_names:
             self.pipe.unet.delete_adapters(self.lora_names)
+        from .regional import forget_processors
+
+        forget_processors(self.pipe.unet)  # cast's cached processors reference the IP processors
         self.lora_names = []
         self.loaded = False
 

@@ -35,8 +35,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from .adapters import FACEID_EMBED_DIM as EMBEDDING_DIM
 from .engine import LoadedModel, Task, WorkItem
 from .errors import RequestValidationError
+from .identity import analyze_references, check_photo_types, load_photo, normed_embedding
 from .prompts import BuiltPrompt
 from .regional import (LAYOUTS, Box, RegionalState, auto_layout, box_overlap, pixel_box, region_masks,
                        regional_attention)
@@ -46,7 +48,6 @@ from .speed import set_vae_slicing
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_DIM = 512
 MIN_BOX_SIDE = 0.1  # a region narrower or lower than 10 % of the frame cannot hold a person
 MAX_BOX_OVERLAP = 0.25  # intersection / smaller box; more and two people share one region
 DEFAULT_IDENTITY_STRENGTH = 0.8  # as percify-yourself
@@ -88,31 +89,13 @@ class CastCharacter:
         if not isinstance(self.photos, (list, tuple)) or len(self.photos) > MAX_REFERENCE_PHOTOS:
             raise _fail(f"{p}.photos",
                         f"{p}.photos must be a list of at most {MAX_REFERENCE_PHOTOS} photos of one person")
-        from PIL import Image
-
-        for j, photo in enumerate(self.photos):
-            if not isinstance(photo, (Image.Image, bytes, bytearray, memoryview)):
-                raise _fail(f"{p}.photos[{j}]", f"{p}.photos[{j}] must be an image (PIL image or JPEG/PNG/WebP bytes)")
+        check_photo_types(self.photos, f"{p}.photos")
         if self.identity_embedding is not None:
             if self.photos:
                 raise _fail(f"{p}.identityEmbedding", f"{p}: give photos or identityEmbedding, not both")
-            _embedding(self.identity_embedding, f"{p}.identityEmbedding")
+            normed_embedding(self.identity_embedding, f"{p}.identityEmbedding")
         if self.box is not None:
             validate_box(self.box, f"{p}.box")
-
-
-def _embedding(value: Any, param: str) -> np.ndarray:
-    """A 512-d L2-normed float32 vector, or an error naming `param`."""
-    try:
-        v = np.asarray(value, dtype=np.float32).reshape(-1)
-    except (TypeError, ValueError):
-        raise _fail(param, f"{param} must be a list of {EMBEDDING_DIM} numbers") from None
-    if v.shape != (EMBEDDING_DIM,):
-        raise _fail(param, f"{param} must have {EMBEDDING_DIM} numbers, got {v.size}")
-    norm = float(np.linalg.norm(v))
-    if not np.isfinite(v).all() or norm == 0.0:
-        raise _fail(param, f"{param} must be finite and not all zeros")
-    return v / norm
 
 
 def validate_box(box: Any, param: str) -> Box:
@@ -290,19 +273,9 @@ class CastPlan:
     masks: torch.Tensor  # [K, H, W] pixel weights
     embeddings: list[np.ndarray | None]
     sources: list[str | None]  # "photos" | "embedding" | None
-    references: list[Any]  # IdentityReference | None
+    references: list[Any]  # identity.IdentityConditioning | None (cached, shared: do not mutate)
     scene: BuiltPrompt
     region_prompts: list[BuiltPrompt]
-
-
-def _load_photo(photo: Any, param: str):
-    from PIL import Image, ImageOps
-
-    if isinstance(photo, Image.Image):
-        return ImageOps.exif_transpose(photo).convert("RGB")
-    from .images import load_image
-
-    return load_image(bytes(photo), param=param)
 
 
 def encode_texts(pipe, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -321,8 +294,6 @@ class CastTask(Task):
     name = "cast"
 
     def prepare(self, model: LoadedModel, request: CastRequest) -> CastPlan:
-        from .faces import analyze_reference_photos
-
         width, height = request.width, request.height
         layout, boxes = request.region_boxes()
         embeddings: list[np.ndarray | None] = []
@@ -330,14 +301,14 @@ class CastTask(Task):
         references: list[Any] = []
         for i, c in enumerate(request.characters):
             if c.photos:
-                images = [_load_photo(ph, f"characters[{i}].photos[{j}]") for j, ph in enumerate(c.photos)]
-                ref = analyze_reference_photos(self.engine.face_analyzer, images, param=f"characters[{i}].photos",
-                                               min_face_size=model.profile.face_min_size)
+                images = [load_photo(ph, f"characters[{i}].photos[{j}]") for j, ph in enumerate(c.photos)]
+                ref = analyze_references(self.engine, images, model.profile.face_min_size,
+                                         param=f"characters[{i}].photos")
                 embeddings.append(np.asarray(ref.embedding, np.float32))
                 sources.append("photos")
                 references.append(ref)
             elif c.identity_embedding is not None:
-                embeddings.append(_embedding(c.identity_embedding, f"characters[{i}].identityEmbedding"))
+                embeddings.append(normed_embedding(c.identity_embedding, f"characters[{i}].identityEmbedding"))
                 sources.append("embedding")
                 references.append(None)
             else:
@@ -361,6 +332,10 @@ class CastTask(Task):
         return CastPlan(layout=layout, boxes=boxes, pixel_boxes=[pixel_box(b, width, height) for b in boxes],
                         masks=region_masks(boxes, width, height), embeddings=embeddings, sources=sources,
                         references=references, scene=scene, region_prompts=region_prompts)
+
+    def items(self, model: LoadedModel, request: CastRequest, index: int, plan: CastPlan) -> list[WorkItem]:
+        # The scene prompt was built in prepare(); do not tokenize it again.
+        return [WorkItem(index, i, seed, plan.scene, plan) for i, seed in enumerate(request.image_seeds())]
 
     def group_key(self, request: CastRequest) -> tuple:
         # Same number of prompts per image (the text sequence length) and the same adapter state

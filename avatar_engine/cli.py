@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({exc.param})" if getattr(exc, "param", None) else ""
         print(f"error{where}: {exc.message}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
-        print(f"error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+    except OSError as exc:  # unreadable photo/JSONL/output dir: one line, not a traceback
+        detail = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+        print(f"error: {detail}", file=sys.stderr)
         return 2
     return 0
 

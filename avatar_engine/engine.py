@@ -248,12 +248,12 @@ class AvatarEngine:
             applied = apply_speed_options(pipe, profile, self.device)
             builder = PromptBuilder([getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)])
             model = LoadedModel(profile, pipe, self.device, dtype, builder, applied)
-            self._models[profile.name] = model
             if profile.speed.warmup:
                 req = GenerationRequest(prompt="warm-up", seed=0, steps=2, model=profile.name).resolve(profile)
                 task = self._tasks["generate"]
                 with torch.inference_mode():
                     task.run(model, [req], task.items(model, req, 0, None), None)
+            self._models[profile.name] = model  # only once warm: a failed warm-up is retried, not kept
             log.info("loaded %s (%s) in %.1fs: %s", profile.name, profile.source, time.perf_counter() - t0, applied)
             return model
 
@@ -363,7 +363,12 @@ class AvatarEngine:
         if not spec:
             return
         module, _, fn = spec.partition(":")
-        flags = [bool(f) for f in getattr(importlib.import_module(module), fn)(result.images)]
+        try:
+            checker = getattr(importlib.import_module(module), fn)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ProfileError(f"profile {model.profile.name!r}: safety_checker {spec!r} cannot be imported "
+                               f"({type(exc).__name__}: {exc})", param="model") from exc
+        flags = [bool(f) for f in checker(result.images)]
         result.extra["nsfw"] = flags
 
 

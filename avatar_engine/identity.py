@@ -18,9 +18,11 @@ analyzer finds in the output (null when it finds none).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import math
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -36,8 +38,45 @@ PHOTOS_PARAM = "photos"
 REFERENCE_CACHE_SIZE = 32
 
 
-def _photo_param(i: int) -> str:
-    return f"{PHOTOS_PARAM}[{i}]"
+def _photo_param(i: int, param: str = PHOTOS_PARAM) -> str:
+    return f"{param}[{i}]"
+
+
+def check_photo_types(photos: Sequence, param: str = PHOTOS_PARAM) -> None:
+    """Each photo must be a PIL image or encoded bytes; the error names `param[i]`.
+    Shared by percify and cast."""
+    from PIL import Image
+
+    for i, photo in enumerate(photos):
+        if not isinstance(photo, (Image.Image, bytes, bytearray, memoryview)):
+            raise RequestValidationError(f"{_photo_param(i, param)} must be an image (PIL image or JPEG/PNG/WebP "
+                                         f"bytes)", param=_photo_param(i, param))
+
+
+def load_photo(photo: Any, param: str):
+    """An upright RGB PIL image from a PIL image or encoded bytes (decoded safely by
+    `images.load_image`, errors naming `param`). Shared by percify and cast."""
+    from PIL import Image, ImageOps
+
+    if isinstance(photo, Image.Image):
+        return ImageOps.exif_transpose(photo).convert("RGB")
+    from .images import load_image
+
+    return load_image(bytes(photo), param=param)
+
+
+def normed_embedding(value: Any, param: str = "identityEmbedding") -> np.ndarray:
+    """A 512-d L2-normed float32 identity, or an error naming `param`. Shared by percify and cast."""
+    try:
+        v = np.asarray(value, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError):
+        raise RequestValidationError(f"{param} must be a list of {FACEID_EMBED_DIM} numbers", param=param) from None
+    if v.shape != (FACEID_EMBED_DIM,):
+        raise RequestValidationError(f"{param} must have {FACEID_EMBED_DIM} numbers, got {v.size}", param=param)
+    norm = float(np.linalg.norm(v))
+    if not np.all(np.isfinite(v)) or not math.isfinite(norm) or norm == 0.0:
+        raise RequestValidationError(f"{param} must be finite and not all zeros", param=param)
+    return (v / norm).astype(np.float32)
 
 
 @dataclass
@@ -68,37 +107,18 @@ class PercifyRequest(GenerationRequest):
         if self.identity_embedding is not None:
             if self.photos:
                 raise RequestValidationError("pass photos or identityEmbedding, not both", param="identityEmbedding")
-            _normed_embedding(self.identity_embedding)
+            normed_embedding(self.identity_embedding)
             return
         check_photos(self.photos, PHOTOS_PARAM)
-        from PIL import Image
-
-        for i, photo in enumerate(self.photos):
-            if not isinstance(photo, (Image.Image, bytes, bytearray, memoryview)):
-                raise RequestValidationError(f"{_photo_param(i)} must be an image (PIL image or JPEG/PNG/WebP bytes)",
-                                             param=_photo_param(i))
+        check_photo_types(self.photos, PHOTOS_PARAM)
 
     def resolve(self, profile) -> "PercifyRequest":
         """Also decodes photo bytes (errors name `photos[i]`) and normalises the embedding."""
         out = super().resolve(profile)
-        from .images import load_image
-
-        photos = [load_image(bytes(p), param=_photo_param(i)) if not hasattr(p, "convert") else p.convert("RGB")
-                  for i, p in enumerate(self.photos)]
-        emb = None if self.identity_embedding is None else _normed_embedding(self.identity_embedding)
+        photos = [load_photo(p, _photo_param(i)) for i, p in enumerate(self.photos)]
+        emb = None if self.identity_embedding is None else normed_embedding(self.identity_embedding)
         return dataclasses.replace(out, photos=photos, identity_strength=float(self.identity_strength),
                                    identity_embedding=emb)
-
-
-def _normed_embedding(value: Any) -> np.ndarray:
-    try:
-        v = np.asarray(value, dtype=np.float32).reshape(-1)
-    except (TypeError, ValueError):
-        v = np.zeros(0, np.float32)
-    if v.shape != (FACEID_EMBED_DIM,) or not np.all(np.isfinite(v)) or float(np.linalg.norm(v)) == 0.0:
-        raise RequestValidationError(f"identityEmbedding must be {FACEID_EMBED_DIM} finite numbers, not all zero",
-                                     param="identityEmbedding")
-    return (v / np.linalg.norm(v)).astype(np.float32)
 
 
 @dataclass
@@ -130,14 +150,44 @@ def identity_similarity(analyzer, reference: np.ndarray, image) -> tuple[float |
     return round(cosine_similarity(reference, face.embedding), 4), len(faces)
 
 
+_REFERENCE_CACHES: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+
+
+def analyze_references(engine, photos: Sequence, min_face_size: int, *, param: str = PHOTOS_PARAM,
+                       crops: bool = False) -> IdentityConditioning:
+    """Reference photos → identity, applying the face policy (errors name `param[i]`). Cached
+    per engine by pixel content (a user often sends the same photos again, to percify or cast;
+    detection dominates a tiny model's cost). Shared by percify and cast; callers hold the
+    engine lock. Callers must not mutate the result (it is shared between requests)."""
+    from .faces import analyze_reference_photos
+
+    analyzer = engine.face_analyzer
+    cache = _REFERENCE_CACHES.setdefault(engine, OrderedDict())
+    key = (id(analyzer), min_face_size, crops, param, tuple(_digest(p) for p in photos))
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    ref = analyze_reference_photos(analyzer, list(photos), param=param, min_face_size=min_face_size)
+    faces = []
+    for i, (n, face) in enumerate(zip(ref.faces_per_photo, ref.used_faces)):
+        faces.append({"photo": _photo_param(i, param), "found": int(n), "used": _face_json(face),
+                      "usedRule": "largest" if n > 1 else "only"})
+    cond = IdentityConditioning(embedding=np.asarray(ref.embedding, np.float32), source="photos", faces=faces,
+                                notes=list(ref.notes), consistency=round(float(ref.consistency), 4))
+    if crops:
+        from .faces import align_face
+
+        cond.crops = [align_face(p, f.kps, 224) for p, f in zip(photos, ref.used_faces)]
+    cache[key] = cond
+    while len(cache) > REFERENCE_CACHE_SIZE:
+        cache.popitem(last=False)
+    return cond
+
+
 class PercifyTask(Task):
     """Percify-yourself on any profile with an `ip_adapter`."""
 
     name = "percify"
-
-    def __init__(self, engine):
-        super().__init__(engine)
-        self._references: OrderedDict[tuple, IdentityConditioning] = OrderedDict()
 
     # ---- per request ----------------------------------------------------------------------
     def prepare(self, model: LoadedModel, request: PercifyRequest) -> IdentityConditioning:
@@ -151,30 +201,7 @@ class PercifyTask(Task):
         return self.analyze(request.photos, model.profile.face_min_size, crops=adapter.variant == "faceid-plusv2")
 
     def analyze(self, photos: Sequence, min_face_size: int, crops: bool = False) -> IdentityConditioning:
-        """Reference photos → identity, applying the face policy. Cached by pixel content (a
-        user often sends the same photos again; detection dominates a tiny model's cost)."""
-        from .faces import analyze_reference_photos
-
-        analyzer = self.engine.face_analyzer
-        key = (id(analyzer), min_face_size, crops, tuple(_digest(p) for p in photos))
-        if key in self._references:
-            self._references.move_to_end(key)
-            return self._references[key]
-        ref = analyze_reference_photos(analyzer, list(photos), param=PHOTOS_PARAM, min_face_size=min_face_size)
-        faces = []
-        for i, (n, face) in enumerate(zip(ref.faces_per_photo, ref.used_faces)):
-            faces.append({"photo": _photo_param(i), "found": int(n), "used": _face_json(face),
-                          "usedRule": "largest" if n > 1 else "only"})
-        cond = IdentityConditioning(embedding=np.asarray(ref.embedding, np.float32), source="photos", faces=faces,
-                                    notes=list(ref.notes), consistency=round(float(ref.consistency), 4))
-        if crops:
-            from .faces import align_face
-
-            cond.crops = [align_face(p, f.kps, 224) for p, f in zip(photos, ref.used_faces)]
-        self._references[key] = cond
-        while len(self._references) > REFERENCE_CACHE_SIZE:
-            self._references.popitem(last=False)
-        return cond
+        return analyze_references(self.engine, photos, min_face_size, crops=crops)
 
     def group_key(self, request: PercifyRequest) -> tuple:
         return super().group_key(request) + (float(request.identity_strength),)
@@ -223,7 +250,7 @@ class PercifyTask(Task):
             "backend": self.engine.config.face_backend,
             "adapter": model.applied.get("ip_adapter"),
             "referencePhotos": len(prepared.faces),
-            "faces": prepared.faces,
+            "faces": copy.deepcopy(prepared.faces),  # prepared may be a cached object shared by requests
             "notes": prepared.notes + self._backend_notes(model),
             "consistency": prepared.consistency,
             "scored": scored,

@@ -44,6 +44,11 @@ class BuiltPrompt:
                 "tokens": self.token_counts}
 
 
+def _words(words: list[str]) -> list[str]:
+    """Template words as reported (without the template's commas), whichever step dropped them."""
+    return [w.strip(",") for w in words if w.strip(",")]
+
+
 class PromptBuilder:
     """Composes prompts for one pipeline; `tokenizers` are the pipeline's CLIP tokenizers
     (one for SD1.5, two for SDXL). The tightest window of all of them is respected."""
@@ -85,12 +90,12 @@ class PromptBuilder:
         kept_tail, dropped_tail = self._fit_words(tail_words, lambda w: f"{head}{user} {' '.join(w)}".strip())
         composed = f"{head}{user} {' '.join(kept_tail)}".strip()
         if self._fits(composed):
-            return self._result(composed, negative, [], dropped_tail)
+            return self._result(composed, negative, [], _words(dropped_tail))
         # 2) style head goes too; 3) then the user's prompt is cut at a word boundary.
         dropped_style = head.split() + dropped_tail + kept_tail
         user_words = user.split()
         kept, dropped = self._fit_words(user_words, lambda w: " ".join(w))
-        return self._result(" ".join(kept), negative, dropped, [w.strip(",") for w in dropped_style if w.strip(",")])
+        return self._result(" ".join(kept), negative, dropped, _words(dropped_style))
 
     def _fit_negative(self, negative: str) -> tuple[str, list[str]]:
         if self._fits(negative):

@@ -258,6 +258,12 @@ class RegionalAttnProcessor:
 _PROCESSORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def forget_processors(unet) -> None:
+    """Drop the processors cached for `unet`: they hold the IP-Adapter processors they wrap
+    (and so their weights), which must go when the adapter is unloaded."""
+    _PROCESSORS.pop(unet, None)
+
+
 @contextlib.contextmanager
 def regional_attention(unet, state: RegionalState):
     """Install RegionalAttnProcessor on every cross-attention layer for the duration of the
