@@ -14,6 +14,7 @@ Seams for cross-cutting features are dependencies/helpers in this module: `authe
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import secrets
@@ -41,7 +42,7 @@ from .assets import AssetStore, upload_key
 from .auth import Principal, authenticate
 from .engine_client import EngineClient, EngineDescription, ProfileInfo
 from .errors import (
-    ApiError, RequestContextMiddleware, avatar_not_found, content_policy_violation, error_body,
+    ApiError, RequestContextMiddleware, authentication_required, avatar_not_found, content_policy_violation, error_body,
     install_error_handlers, invalid_request, not_found, request_id_of, unauthorized_access,
 )
 from .metrics import IngressMetrics
@@ -957,7 +958,12 @@ def create_app(settings: ServiceSettings, store: Store, engine_client: EngineCli
     app.openapi = openapi
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics_endpoint():
+    async def metrics_endpoint(request: Request):
+        token = settings.metrics_token
+        if token:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                raise authentication_required("GET /metrics needs 'Authorization: Bearer <metrics token>'")
         body = app.state.metrics.exposition() + await engine_client.metrics_text()
         from .metrics import CONTENT_TYPE
 

@@ -103,6 +103,9 @@ class ServiceSettings:
     """Allow webhook destinations in private/loopback ranges (needed for local testing)."""
     webhook_allowlist: tuple[str, ...] = ()
     """CIDRs or host names allowed even though they are private."""
+    metrics_token: str | None = None
+    """When set, `GET /metrics` requires `Authorization: Bearer <metrics_token>` (Prometheus
+    `authorization` config); when unset it is open, for scrapers on a private network."""
     webhook_max_attempts: int = 8
     """A message that failed this many delivery attempts is given up (marked failed)."""
     webhook_base_backoff_s: float = 5.0

@@ -1198,3 +1198,15 @@ def test_private_avatar_of_another_account_is_closed_to_every_route(h):
     assert_error(h.client.post("/v1/avatars/cast", json=cast, headers=bob), 403, "unauthorized_access")
     got = h.store.get_avatar(av)
     assert (got.likes, got.comments, got.remixes) == (0, 1, 0)
+
+
+def test_metrics_token_protects_the_scrape_endpoint(tmp_path):
+    harness = Harness(tmp_path, metrics_token="s3cret-scrape")
+    try:
+        assert_error(harness.client.get("/metrics"), 401, "authentication_required")
+        assert_error(harness.client.get("/metrics", headers={"Authorization": "Bearer wrong"}), 401,
+                     "authentication_required")
+        ok = harness.client.get("/metrics", headers={"Authorization": "Bearer s3cret-scrape"})
+        assert ok.status_code == 200 and "avatar_http_requests_total" in ok.text
+    finally:
+        harness.store.close()
