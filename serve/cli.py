@@ -58,34 +58,29 @@ def cmd_create_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_grant(args: argparse.Namespace) -> int:
+def _update_account(args: argparse.Namespace, change, describe) -> int:
+    """Run one operator change on an account; an unknown account is a one-line error."""
     from .store import AccountNotFound
 
     store = _store(args)
     try:
-        acct = store.grant_credits(args.account, args.amount, note=args.note)
+        acct = change(store)
     except AccountNotFound:
         print(f"error: no account {args.account!r}", file=sys.stderr)
         return 2
     finally:
         store.close()
-    print(f"account: {acct.id}  credits: {acct.credits}")
+    print(f"account: {acct.id}  {describe(acct)}")
     return 0
+
+
+def cmd_grant(args: argparse.Namespace) -> int:
+    return _update_account(args, lambda s: s.grant_credits(args.account, args.amount, note=args.note),
+                           lambda a: f"credits: {a.credits}")
 
 
 def cmd_set_tier(args: argparse.Namespace) -> int:
-    from .store import AccountNotFound
-
-    store = _store(args)
-    try:
-        acct = store.set_tier(args.account, args.tier)
-    except AccountNotFound:
-        print(f"error: no account {args.account!r}", file=sys.stderr)
-        return 2
-    finally:
-        store.close()
-    print(f"account: {acct.id}  tier: {acct.tier}")
-    return 0
+    return _update_account(args, lambda s: s.set_tier(args.account, args.tier), lambda a: f"tier: {a.tier}")
 
 
 def start_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:

@@ -16,6 +16,7 @@ import time
 from types import SimpleNamespace
 
 import pg_support
+from fakes import FakeClock
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -854,15 +855,6 @@ def test_cli_create_key_and_grant_credits(db, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------
 # Tier, credit, idempotency, webhook and community rules (both stores)
 # ------------------------------------------------------------------------------------------
-class FakeClock:
-    """The store's clock, moved by the test instead of sleeping."""
-
-    def __init__(self, t: float = 1_800_000_000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
 
 def _assert_rate_headers(resp, quota):
     assert resp.headers["ratelimit-policy"] == f'"minute";q={quota};w=60', resp.headers

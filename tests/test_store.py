@@ -30,22 +30,11 @@ from serve.store import (
 from serve.store.migrations import LATEST_VERSION
 
 from pg_support import PG_DSN, SESSION, require_postgres, unreachable
+from fakes import FakeClock
 
 REPO = Path(__file__).resolve().parents[1]
 _schema_counter = iter(range(1_000_000))
 
-
-class FakeClock:
-    """Injected time: tests move it explicitly instead of sleeping."""
-
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 @pytest.fixture(scope="session", autouse=True)

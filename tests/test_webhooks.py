@@ -37,21 +37,10 @@ from serve.webhooks import (
 )
 
 from pg_support import PG_DSN, SESSION, require_postgres
+from fakes import FakeClock
 
 _schema_counter = iter(range(1_000_000))
 
-
-class FakeClock:
-    """Injected time shared by store and dispatcher: tests move it instead of sleeping."""
-
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 @pytest.fixture
