@@ -31,6 +31,7 @@ from .speed import (batch_buckets, bucket_for, compile_pipeline, describe_pipeli
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
+PreviewFn = Callable[[int, int, int, Any], None]  # (request index, image index, step, PIL image)
 TASK_MODULES = ("avatar_engine.identity", "avatar_engine.cast")  # each defines TASKS = [Task subclasses]
 
 
@@ -328,9 +329,11 @@ class AvatarEngine:
         return round_to_bucket(images_that_fit(model.memory, width * height, regional))
 
     def generate(self, requests: Sequence[GenerationRequest] | GenerationRequest,
-                 progress: ProgressFn | None = None) -> list[GenerationResult]:
+                 progress: ProgressFn | None = None, preview: PreviewFn | None = None) -> list[GenerationResult]:
         """Run requests (any mix of kinds and models); results come back in request order.
-        `progress(done_steps, total_steps)` is called after every denoising step."""
+        `progress(done_steps, total_steps)` is called after every denoising step;
+        `preview(request_index, image_index, step, image)` every `speed.preview_every` steps on
+        profiles with `speed.preview: taesd`."""
         single = isinstance(requests, GenerationRequest)
         reqs = [requests] if single else list(requests)
         t_start = time.perf_counter()
@@ -340,7 +343,7 @@ class AvatarEngine:
             tasks = [self._tasks[r.kind] for r in resolved]
             prepared = [t.prepare(models[r.model], r) for t, r in zip(tasks, resolved)]
             items = [t.items(models[r.model], r, i, p) for i, (t, r, p) in enumerate(zip(tasks, resolved, prepared))]
-            images, call_ms, call_sizes = self._execute(models, resolved, tasks, items, progress)
+            images, call_ms, call_sizes = self._execute(models, resolved, tasks, items, progress, preview)
             results = []
             for i, r in enumerate(resolved):
                 res = GenerationResult(
@@ -353,17 +356,31 @@ class AvatarEngine:
                 results.append(res)
         return results[0] if single else results
 
-    def _execute(self, models, resolved, tasks, items, progress: ProgressFn | None = None):
+    def _execute(self, models, resolved, tasks, items, progress: ProgressFn | None = None,
+                 preview: PreviewFn | None = None):
         """Plan the calls, pad each to its batch bucket, run them; images per request."""
+        from .stepcache import step_cache
+
         calls = self._plan(resolved, tasks, models, items)
         total_steps = sum(self._denoising_steps(resolved[chunk[0].request_index]) for chunk in calls)
         done = [0]
 
-        def on_step(pipe, step, timestep, kwargs):
-            done[0] += 1
-            if progress:
-                progress(done[0], total_steps)
-            return kwargs
+        def step_callback(model: LoadedModel, chunk: list[WorkItem]):
+            every = model.profile.speed.preview_every
+            decoder = self._preview_decoder(model) if preview else None
+
+            def on_step(pipe, step, timestep, kwargs):
+                done[0] += 1
+                if progress:
+                    progress(done[0], total_steps)
+                if decoder is not None and (step + 1) % every == 0 and "latents" in kwargs:
+                    from .preview import decode_previews
+
+                    for it, img in zip(chunk, decode_previews(decoder, kwargs["latents"][:len(chunk)])):
+                        preview(it.request_index, it.image_index, step + 1, img)
+                return kwargs
+
+            return on_step
 
         images: list[list] = [[None] * r.batch_size for r in resolved]
         call_ms = [0.0] * len(resolved)
@@ -375,8 +392,8 @@ class AvatarEngine:
             if model.buckets:  # padding rows repeat the last image; their outputs are dropped
                 padded += [chunk[-1]] * (bucket_for(len(chunk), model.buckets[-1]) - len(chunk))
             t0 = time.perf_counter()
-            with torch.inference_mode(), serving_stance(model):
-                out = tasks[chunk[0].request_index].run(model, resolved, padded, on_step)
+            with torch.inference_mode(), serving_stance(model), step_cache(model.pipe.unet):
+                out = tasks[chunk[0].request_index].run(model, resolved, padded, step_callback(model, chunk))
             ms = (time.perf_counter() - t0) * 1000
             for it, img in zip(chunk, out):
                 images[it.request_index][it.image_index] = img
@@ -400,6 +417,17 @@ class AvatarEngine:
             flat = [it for i in indices for it in items[i]]
             calls += [flat[s:s + size] for s in range(0, len(flat), size)]
         return calls
+
+    @staticmethod
+    def _preview_decoder(model: LoadedModel):
+        """The profile's preview decoder (loaded on first use); None when previews are off."""
+        if model.profile.speed.preview == "none":
+            return None
+        if "preview_decoder" not in model.state:
+            from .preview import load_preview_decoder
+
+            model.state["preview_decoder"] = load_preview_decoder(model.profile, model.device, model.dtype)
+        return model.state["preview_decoder"]
 
     @staticmethod
     def _denoising_steps(r: GenerationRequest) -> int:

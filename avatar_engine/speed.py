@@ -89,6 +89,10 @@ def prepare_pipeline(pipe, profile: ModelProfile, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
     if opts.fp8:
         quantize_fp8(pipe.unet, device, profile.name)
+    if opts.step_cache_interval > 1:
+        from .stepcache import install_step_cache
+
+        install_step_cache(pipe.unet, opts.step_cache_interval, opts.step_cache_depth)
 
 
 def _latents_in(layout):

@@ -18,7 +18,7 @@ import torch
 from .requests import ASPECT_RATIOS, MAX_BATCH_SIZE
 
 log = logging.getLogger(__name__)
-WARMUP_STEPS = 2
+WARMUP_STEPS = 1  # guards do not depend on the step count
 
 
 def compiled_graphs() -> int:
