@@ -560,7 +560,7 @@ def create_app(settings: ServiceSettings, store: Store, engine_client: EngineCli
             desc = await engine_client.describe()
             default = desc.default_model
             models = [S.ModelInfo(name=p.name, credit_cost=settings.per_image_cost(p.name, p.credit_cost),
-                                  resolution=p.resolution, kinds=list(p.kinds))
+                                  resolution=p.resolution, kinds=list(p.kinds), engine=p.engine)
                       for p in desc.profiles.values()]
         except Exception:  # noqa: BLE001
             log.exception("health: engine describe failed")
