@@ -17,6 +17,7 @@ the device's bf16 peak is known (FLOPs per image from the UNet/VAE configs, benc
     python benchmarks/engine_throughput.py --runs tiny   # only the tiny profile
     python benchmarks/engine_throughput.py --runs real --size 512 --steps 25 -n 16 --device cuda
     python benchmarks/engine_throughput.py --workload percify
+    python benchmarks/engine_throughput.py --runs real --speed step_cache_interval=3   # an option on
 
 On CPU the real-architecture run is compute-bound (a 256 px UNet step costs seconds), so its
 batching ratio says little about a GPU; the tiny run mostly measures per-call overhead. Both
@@ -44,6 +45,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from avatar_engine import AvatarEngine, EngineConfig, GenerationRequest, load_profiles  # noqa: E402
 from avatar_engine.engine import load_pipeline  # noqa: E402
@@ -114,7 +116,9 @@ def run_one(label: str, model_name: str, size: int | None, steps: int | None, n:
     profile = profiles[model_name]
     if size:
         profile = dataclasses.replace(profile, resolution=size, size_multiple=min(profile.size_multiple, 64))
-        profiles[model_name] = profile
+    if args.speed:
+        profile = dataclasses.replace(profile, speed=dataclasses.replace(profile.speed, **args.speed))
+    profiles[model_name] = profile
     engine = AvatarEngine(EngineConfig(device=args.device, max_batch_size=args.max_batch_size), profiles=profiles)
     if args.workload == "percify":
         from percify_workload import make_percify_requests, naive_percify_setup
@@ -145,7 +149,7 @@ def run_one(label: str, model_name: str, size: int | None, steps: int | None, n:
         "steps": first.steps, "cfg": first.guidance_scale, "size": f"{first.width}x{first.height}",
         "device": str(engine.device), "dtype": str(model.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "rounds": args.rounds, "load_s": round(load_s, 1),
-        "engine_options": model.applied, "warmup": model.warmup,
+        "engine_options": model.applied, "speed_overrides": args.speed, "warmup": model.warmup,
         "max_batch": engine.max_batch(model, first.width, first.height),
         "images_per_s": {k: round(v, 3) for k, v in ips.items()},
         "round_seconds": {k: [round(t, 2) for t in ts] for k, ts in times.items()},
@@ -173,6 +177,12 @@ def run_one(label: str, model_name: str, size: int | None, steps: int | None, n:
     return report
 
 
+def _option(text: str) -> tuple[str, object]:
+    key, _, raw = text.partition("=")
+    value = yaml.safe_load(raw)  # true/false/null/numbers/strings as in models.yaml
+    return key.strip(), value
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="tiny,real", help="comma list of: tiny, real (default both)")
@@ -185,7 +195,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per side (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     ap.add_argument("--workload", choices=("generate", "percify"), default="generate")
+    ap.add_argument("--speed", action="append", default=[], metavar="OPTION=VALUE",
+                    help="override a speed option of the engine sides, e.g. step_cache_interval=3 (repeatable)")
     args = ap.parse_args(argv)
+    args.speed = dict(_option(kv) for kv in args.speed)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {}
