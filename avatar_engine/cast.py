@@ -38,7 +38,7 @@ import torch
 from .adapters import FACEID_EMBED_DIM as EMBEDDING_DIM
 from .engine import LoadedModel, Task, WorkItem
 from .errors import RequestValidationError
-from .identity import analyze_references, check_photo_types, load_photo, normed_embedding
+from .identity import analyze_references, check_photo_types, load_photo, normed_embedding, refuse_other_people
 from .prompts import BuiltPrompt
 from .regional import (LAYOUTS, Box, RegionalState, auto_layout, box_overlap, pixel_box, region_masks,
                        regional_attention)
@@ -90,6 +90,7 @@ class CastCharacter:
             raise _fail(f"{p}.photos",
                         f"{p}.photos must be a list of at most {MAX_REFERENCE_PHOTOS} photos of one person")
         check_photo_types(self.photos, f"{p}.photos")
+        refuse_other_people(self.photos, f"{p}.photos")  # photos of two people: 400 at submit, naming one
         if self.identity_embedding is not None:
             if self.photos:
                 raise _fail(f"{p}.identityEmbedding", f"{p}: give photos or identityEmbedding, not both")

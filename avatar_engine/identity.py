@@ -89,6 +89,22 @@ def normed_embedding(value: Any, param: str = "identityEmbedding") -> np.ndarray
     return (v / norm).astype(np.float32)
 
 
+def refuse_other_people(photos: Sequence, param: str = PHOTOS_PARAM) -> None:
+    """Request-time one-person check (no engine needed, so a service runs it at submit): with
+    2+ photos, photos that the process-wide default scorer judges to be another person raise
+    `IdentityMismatchError` naming `param[i]`. Photos in which it finds no face are left to the
+    engine's face policy; with the hand-crafted fallback scorer nothing is checked. Shared by
+    percify and cast."""
+    if len(photos) < 2:
+        return
+    from .faces.scoring import default_scorer
+
+    scorer = default_scorer()
+    if scorer.recognition_model:  # the hand-crafted fallback's verdict is never enforced
+        images = [load_photo(p, _photo_param(i, param)) for i, p in enumerate(photos)]
+        check_reference_identity(scorer, images, param, "refuse")
+
+
 @dataclass
 class PercifyRequest(GenerationRequest):
     """Prompt + 1..5 photos of one person → avatars with that person's face.
@@ -119,6 +135,9 @@ class PercifyRequest(GenerationRequest):
         if not ok:
             raise RequestValidationError(f"identityStrength must be a number between {lo:g} and {hi:g}",
                                          param="identityStrength")
+        if self.mismatched_photos not in MISMATCH_POLICIES:
+            raise RequestValidationError(f"mismatchedPhotos must be one of {', '.join(MISMATCH_POLICIES)}",
+                                         param="mismatchedPhotos")
         if self.identity_embedding is not None:
             if self.photos:
                 raise RequestValidationError("pass photos or identityEmbedding, not both", param="identityEmbedding")
@@ -126,16 +145,8 @@ class PercifyRequest(GenerationRequest):
             return
         check_photos(self.photos, PHOTOS_PARAM)
         check_photo_types(self.photos, PHOTOS_PARAM)
-        if self.mismatched_photos not in MISMATCH_POLICIES:
-            raise RequestValidationError(f"mismatchedPhotos must be one of {', '.join(MISMATCH_POLICIES)}",
-                                         param="mismatchedPhotos")
-        if len(self.photos) >= 2 and self.mismatched_photos == "refuse":
-            from .faces.scoring import default_scorer
-
-            scorer = default_scorer()
-            if scorer.recognition_model:  # the hand-crafted fallback's verdict is never enforced
-                images = [load_photo(p, _photo_param(i)) for i, p in enumerate(self.photos)]
-                check_reference_identity(scorer, images, PHOTOS_PARAM, "refuse")
+        if self.mismatched_photos == "refuse":
+            refuse_other_people(self.photos, PHOTOS_PARAM)
 
     def resolve(self, profile) -> "PercifyRequest":
         """Also decodes photo bytes (errors name `photos[i]`) and normalises the embedding."""

@@ -26,7 +26,7 @@ Published (PuLID paper, Table 1, DivID-120; FaceSim / CLIP-T): PhotoMaker 0.271 
 IP-Adapter FaceID 0.619 / 28.4, InstantID 0.725 / 28.7, PuLID 0.733 / 31.3.
 
 Last line: {"scorer": ..., "rows": [{"model", "method", "strength", "task", "images", "faceSim",
-"faceSimStd", "sameRate", "faceRate", "clipT"}, ...]}
+"faceSimStd", "sameRate", "faceRate", "clipT", "seconds"}, ...]}
 """
 from __future__ import annotations
 
@@ -222,13 +222,13 @@ def print_table(rows: list[dict], scorer: dict, clip_note: str | None) -> None:
         print("WARNING: the fallback scorer is not a face-recognition model; these numbers are not identity "
               "fidelity", file=out)
     head = f"{'model':<14} {'method':<14} {'task':<8} {'strength':>8} {'images':>6} {'FaceSim':>8} {'± std':>7} " \
-           f"{'same':>6} {'faces':>6} {'CLIP-T':>7}"
+           f"{'same':>6} {'faces':>6} {'CLIP-T':>7} {'time':>7}"
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in rows:
         print(f"{r['model']:<14} {r['method']:<14} {r['task']:<8} {r['strength']:>8.2f} {r['images']:>6} "
               f"{_fmt(r['faceSim'], '.3f'):>8} {_fmt(r['faceSimStd'], '.3f'):>7} {_fmt(r['sameRate'], '.0%'):>6} "
-              f"{_fmt(r['faceRate'], '.0%'):>6} {_fmt(r['clipT'], '.1f'):>7}", file=out)
+              f"{_fmt(r['faceRate'], '.0%'):>6} {_fmt(r['clipT'], '.1f'):>7} {r['seconds']:>6.1f}s", file=out)
         for s in r.get("skipped", []):
             print(f"    skipped {s}", file=out)
     if clip_note:
@@ -294,11 +294,15 @@ def main(argv=None, engine=None) -> dict:
             continue
         for method, kwargs in methods:
             for strength in strengths:
+                t = time.perf_counter()
                 r = run_percify(engine, model, kwargs, strength, people, prompts, args, clip)
-                rows.append({"model": model, "method": method, "task": "percify", "strength": strength, **r})
+                rows.append({"model": model, "method": method, "task": "percify", "strength": strength, **r,
+                             "seconds": round(time.perf_counter() - t, 2)})
                 if args.cast_pairs > 0 and len(people) >= 2:
+                    t = time.perf_counter()
                     c = run_cast(engine, model, strength, people, prompts, args.cast_pairs, args, clip, kwargs)
-                    rows.append({"model": model, "method": method, "task": "cast", "strength": strength, **c})
+                    rows.append({"model": model, "method": method, "task": "cast", "strength": strength, **c,
+                                 "seconds": round(time.perf_counter() - t, 2)})
     print_table(rows, scorer.info(), clip.reason)
     print(f"wall time {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     result = {"scorer": scorer.name, "identities": len(people), "prompts": len(prompts), "rows": rows}

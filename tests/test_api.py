@@ -475,7 +475,7 @@ def test_percify_rejects_bad_photos(hs):
     assert hs.store.list_avatars(hs.store.authenticate(auth["Authorization"][7:]).id).items == []
 
 
-def test_percify_photos_of_two_people_are_refused_at_submit(hs):
+def test_photos_of_two_people_are_refused_at_submit(hs):
     """The engine's one-person check runs in the ingress's validation: a 400 naming the photo,
     no job, no charge."""
     import os
@@ -497,6 +497,10 @@ def test_percify_photos_of_two_people_are_refused_at_submit(hs):
     assert "does not show the same person" in r.json()["error"]["message"]
     same = [("photo", (f"{i}.jpg", _photo_bytes(img), "image/jpeg")) for i, img in enumerate([me, me.resize((300, 300))])]
     assert hs.client.post("/v1/avatars/percify-yourself", files=same, data={"prompt": "me"}, headers=auth).status_code == 202
+    b64 = [base64.b64encode(_photo_bytes(img)).decode() for img in (me, other)]
+    r = hs.client.post("/v1/avatars/cast", headers=auth, json={"prompt": "friends", "characters": [
+        {"prompt": "a"}, {"prompt": "b", "photos": b64}]})
+    assert_error(r, 400, "invalid_request", "characters[1].photos[1]")
 
 
 def test_cast_with_photos_and_own_avatar(hs):

@@ -440,6 +440,24 @@ def test_swapping_photos_swaps_the_matched_identities(tiny_engine, astronaut, gr
     assert not other.same and other.distance > 0.6
 
 
+def test_a_characters_photos_of_two_people_are_refused(tiny_engine, astronaut, group_face):
+    """One character's photos must be one person: refused naming the photo, at validation (a
+    service's submit) and in the engine; edited copies of one photo pass."""
+    from avatar_engine import IdentityMismatchError
+
+    require_dlib()
+    mixed = [CastCharacter("a", photos=[png_bytes(astronaut)]),
+             CastCharacter("b", photos=[png_bytes(group_face), png_bytes(astronaut.resize((256, 256)))])]
+    with pytest.raises(IdentityMismatchError) as err:
+        cast(characters=mixed).validate()
+    assert err.value.param == "characters[1].photos[1]" and "does not show the same person" in err.value.message
+    with pytest.raises(IdentityMismatchError):
+        tiny_engine.generate(cast(characters=mixed))
+    same = [CastCharacter("a", photos=[png_bytes(astronaut), png_bytes(astronaut.resize((300, 300)))]),
+            CastCharacter("b", photos=[png_bytes(Image.new("RGB", (8, 8)))])]  # no face: left to the face policy
+    cast(characters=same).validate()
+
+
 # ---- CLI ------------------------------------------------------------------------------------------
 
 def test_cli_cast_writes_png_and_report(tiny_engine, tmp_path, monkeypatch, capsys, astronaut):

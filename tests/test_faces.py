@@ -229,6 +229,16 @@ def test_insightface_backend_runs_real_insightface_code(tmp_path, analyzer, astr
     wrong = sess.run(None, {"input.1": blob[:, ::-1].copy()})[0][0]
     assert cosine_similarity(f.embedding, wrong) < 0.9999
 
+    # The insightface backend can score too: ArcFace embeddings, cosine verdict.
+    from avatar_engine.faces.scoring import scorer_from_config
+
+    arc = scorer_from_config("arcface", analyzer=fa)
+    assert arc.name == "arcface" and arc.recognition_model and arc.metric == "cosine-distance"
+    (scored,) = arc.describe(astronaut)
+    np.testing.assert_allclose(scored.descriptor, f.embedding)
+    m = arc.compare(scored.descriptor, f.embedding)
+    assert m.same and m.similarity == pytest.approx(1.0, abs=1e-4) and arc.info()["verdict"] == "cosine similarity > 0.35"
+
     # The same analyzer drives the identity policy.
     ident = analyze_reference_photos(fa, [astronaut])
     assert ident.faces_per_photo == [1]

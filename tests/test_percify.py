@@ -170,6 +170,21 @@ def test_drop_option_leaves_out_the_other_person(engine, photos):
     assert err.value.param == "mismatchedPhotos"
 
 
+def test_fallback_scorer_is_labelled_in_the_report(engine, photos, monkeypatch):
+    """An engine scoring with the hand-crafted fallback (what `auto` falls back to without dlib)
+    says so in every report; its verdict never refuses photos."""
+    from avatar_engine import identity
+    from avatar_engine.faces.scoring import scorer_from_config
+
+    assert AvatarEngine(EngineConfig(device="cpu", face_scorer="handcrafted")).config.face_scorer == "handcrafted"
+    monkeypatch.setitem(identity._SCORERS, engine, scorer_from_config("handcrafted", analyzer=engine.face_analyzer))
+    res = engine.generate(_percify(photos=[photos["astronaut"], photos["astronaut2"]], steps=1))
+    ident = res.extra["identity"]
+    assert identity.face_scorer(engine).name == ident["scorer"]["name"] == "handcrafted-hog-lbp" and ident["scorer"]["fallback"] is True
+    assert ident["referenceCheck"]["enforced"] is False
+    assert any("not a face-recognition model" in n for n in ident["notes"])
+
+
 # ---- conditioning ----------------------------------------------------------------------------
 
 def test_strength_zero_equals_plain_pipeline(engine, photos):
