@@ -192,8 +192,8 @@ def face_scorer(engine):
         from .faces.scoring import default_scorer, scorer_from_config
 
         name = getattr(engine.config, "face_scorer", "auto") or "auto"
-        if name == "auto":
-            scorer = default_scorer()
+        if name == "auto" or (name == "dlib" and default_scorer().name == "dlib-resnet"):
+            scorer = default_scorer()  # shared with request validation: reference photos are described once
         else:
             analyzer = engine.face_analyzer if name in ("arcface", "handcrafted") else None
             scorer = scorer_from_config(name, analyzer=analyzer)
