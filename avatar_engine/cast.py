@@ -38,7 +38,7 @@ import torch
 from .adapters import FACEID_EMBED_DIM as EMBEDDING_DIM
 from .engine import LoadedModel, Task, WorkItem
 from .errors import RequestValidationError
-from .identity import analyze_references, check_photo_types, load_photo, normed_embedding
+from .identity import analyze_references, check_photo_types, load_photo, normed_embedding, refuse_other_people
 from .prompts import BuiltPrompt
 from .attention import MAX_CHARACTERS, conditioned
 from .regional import LAYOUTS, Box, auto_layout, box_overlap, pixel_box, region_masks, regional_conditioning
@@ -91,6 +91,7 @@ class CastCharacter:
             raise _fail(f"{p}.photos",
                         f"{p}.photos must be a list of at most {MAX_REFERENCE_PHOTOS} photos of one person")
         check_photo_types(self.photos, f"{p}.photos")
+        refuse_other_people(self.photos, f"{p}.photos")  # photos of two people: 400 at submit, naming one
         if self.identity_embedding is not None:
             if self.photos:
                 raise _fail(f"{p}.identityEmbedding", f"{p}: give photos or identityEmbedding, not both")
@@ -241,22 +242,27 @@ def _region_of(point: tuple[float, float], pixel_boxes: Sequence[tuple[int, int,
     return hits[0] if hits else None
 
 
-def identity_report(analyzer, images: Sequence[Any], references: Sequence[np.ndarray | None],
+def identity_report(scorer, images: Sequence[Any], references: Sequence[np.ndarray | None],
                     pixel_boxes: Sequence[tuple[int, int, int, int]]) -> tuple[list[list[dict]], list[int]]:
-    """Per character, per image: the matched output face, its similarity, and which region it
-    lies in. Also the number of faces detected per image."""
+    """Per character, per image: the output face matched to its reference (one-to-one, least
+    total scorer distance), the scorer's similarity/distance/verdict, and which region the face
+    lies in. `references` are scorer descriptors (identity.scoring_reference). Also the number
+    of faces the scorer detected per image."""
+    from .identity import match_faces
+
     per_char: list[list[dict]] = [[] for _ in references]
     counts = []
+    none = {"similarity": None, "distance": None, "sameIdentity": None, "faceBox": None, "foundInRegion": None}
     for image in images:
-        faces = [f for f in analyzer.embed(image) if f.embedding is not None]
+        faces = scorer.describe(image)
         counts.append(len(faces))
-        for i, (fi, sim) in enumerate(match_identities(references, [f.embedding for f in faces])):
+        for i, (fi, m) in enumerate(match_faces(scorer, references, [f.descriptor for f in faces])):
             if fi is None:
-                per_char[i].append({"similarity": None, "faceBox": None, "foundInRegion": None})
+                per_char[i].append(dict(none))
                 continue
             x0, y0, x1, y1 = faces[fi].bbox
             region = _region_of(((x0 + x1) / 2, (y0 + y1) / 2), pixel_boxes)
-            per_char[i].append({"similarity": sim, "faceBox": [round(float(v), 1) for v in faces[fi].bbox],
+            per_char[i].append({**m.to_json(), "faceBox": [round(float(v), 1) for v in faces[fi].bbox],
                                 "foundInRegion": region})
     return per_char, counts
 
@@ -383,12 +389,16 @@ class CastTask(Task):
             return pipe(**kwargs).images
 
     def finalize(self, model: LoadedModel, result: GenerationResult, plan: CastPlan) -> None:
+        from .identity import face_scorer, scoring_reference
+
         request: CastRequest = result.request  # type: ignore[assignment]
-        references = plan.embeddings
+        scorer = face_scorer(self.engine)
+        references = [scoring_reference(scorer, self.engine.face_analyzer, ref, emb)
+                      for ref, emb in zip(plan.references, plan.embeddings)]
         if any(e is not None for e in references):
-            per_char, counts = identity_report(self.engine.face_analyzer, result.images, references, plan.pixel_boxes)
+            per_char, counts = identity_report(scorer, result.images, references, plan.pixel_boxes)
         else:
-            none = {"similarity": None, "faceBox": None, "foundInRegion": None}
+            none = {"similarity": None, "distance": None, "sameIdentity": None, "faceBox": None, "foundInRegion": None}
             per_char, counts = [[dict(none) for _ in result.images] for _ in references], []
         characters = []
         for i, c in enumerate(request.characters):
@@ -401,16 +411,19 @@ class CastTask(Task):
                 "droppedWords": plan.region_prompts[i].dropped_words,  # cut to fit the 77-token window
                 "box": [round(v, 4) for v in plan.boxes[i]],
                 "pixelBox": list(plan.pixel_boxes[i]),
-                "hasIdentity": references[i] is not None,
+                "hasIdentity": plan.embeddings[i] is not None,
                 "identitySource": plan.sources[i],
                 "referencePhotos": len(c.photos),
                 "referenceConsistency": round(float(ref.consistency), 4) if ref is not None else None,
                 "notes": list(ref.notes) if ref is not None else [],
                 # mean over this request's images where a face was matched to this identity
                 "similarity": round(float(np.mean(sims)), 4) if sims else None,
+                "sameIdentity": all(m["sameIdentity"] for m in per_char[i] if m["sameIdentity"] is not None)
+                if sims else None,
                 "images": per_char[i],
             })
         result.extra["characters"] = characters
+        result.extra["scorer"] = scorer.info()
         result.extra["layout"] = plan.layout
         result.extra["identityStrength"] = request.identity_strength
         if counts:

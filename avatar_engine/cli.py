@@ -36,6 +36,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=None, help="images per pipeline call")
     p.add_argument("--face-backend", default="embedded", choices=("embedded", "insightface"))
     p.add_argument("--face-model-root", default=None, help="insightface model root (with models/<name>/*.onnx)")
+    p.add_argument("--face-scorer", default="auto", choices=("auto", "dlib", "arcface", "handcrafted"),
+                   help="what scores identity (auto: dlib's face descriptor when installed)")
 
 
 def generation_kwargs(args) -> dict:
@@ -50,7 +52,8 @@ def make_engine(args):
 
     return AvatarEngine(EngineConfig(device=args.device, profiles_path=args.models_file,
                                      max_batch_size=args.max_batch_size, face_backend=args.face_backend,
-                                     face_model_root=args.face_model_root))
+                                     face_model_root=args.face_model_root,
+                                     face_scorer=getattr(args, "face_scorer", "auto")))
 
 
 def write_outputs(result, out_dir: str, prefix: str) -> None:

@@ -202,6 +202,8 @@ class EngineConfig:
     max_batch_size: images per pipeline call cap; None = memory-aware (CPU: 16; CUDA: from free memory).
     profiles_path: models.yaml to read (None: default_models_path()).
     face_backend: "embedded" (offline, CPU) or "insightface" (needs face_model_root).
+    face_scorer: what scores identity (faces/scoring.py): "auto" (dlib when installed, else the
+    labelled hand-crafted fallback), "dlib", "arcface" (insightface backend) or "handcrafted".
     """
 
     device: str | None = None
@@ -211,3 +213,4 @@ class EngineConfig:
     face_backend: str = "embedded"
     face_model_root: str | None = None
     face_model_name: str = "buffalo_l"
+    face_scorer: str = "auto"

@@ -28,6 +28,11 @@ class NoFaceError(RequestValidationError):
     """A reference photo holds no usable face."""
 
 
+class IdentityMismatchError(RequestValidationError):
+    """The reference photos of one person are not the same person (by the face scorer's
+    verdict); `param` names the odd photo, e.g. `photos[1]`."""
+
+
 class ProfileError(AvatarEngineError):
     """A model profile is unknown, misconfigured, or its weights cannot be found."""
 

@@ -12,9 +12,17 @@ at 1), passed as a per-image tensor, so requests of different strengths share a 
 the embedding instead would not work: the FaceID projection ends in a LayerNorm, which undoes
 any scaling). Strength 0 reproduces the plain pipeline exactly.
 
-Every result carries `extra["identity"]`: faces found per photo, which was used, and per output
-image the cosine similarity between the reference identity and the largest face the same
-analyzer finds in the output (null when it finds none).
+Conditioning and scoring are separate (faces/scoring.py): the face analyzer gives the 512-d
+embedding IP-Adapter FaceID conditions on; a face *scorer* (dlib's ResNet descriptor by default)
+produces every identity number reported. Reference photos that are not one person by the
+scorer's verdict are refused (`IdentityMismatchError` naming the odd photo), or dropped with a
+note when the request says `mismatched_photos="drop"`.
+
+Every result carries `extra["identity"]`: faces found per photo, which was used, the scorer
+(`scorer`: name, metric, threshold, whether it is the unreliable fallback), the reference photos'
+consistency, and per output image, against the reference photos' scorer centroid: `similarity`
+(cosine of the scorer's descriptors), `distance` (the scorer's metric) and `sameIdentity` (its
+verdict) for the largest face the scorer finds in the output (null when it finds none).
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import copy
 import dataclasses
 import hashlib
 import math
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -33,6 +42,7 @@ from .adapters import FACEID_EMBED_DIM, identity_adapter
 from .attention import conditioned
 from .engine import LoadedModel, Task, WorkItem
 from .errors import RequestValidationError
+from .faces.scoring import MISMATCH_POLICIES
 from .requests import IDENTITY_STRENGTH_RANGE, GenerationRequest, GenerationResult, check_photos
 
 PHOTOS_PARAM = "photos"
@@ -80,6 +90,22 @@ def normed_embedding(value: Any, param: str = "identityEmbedding") -> np.ndarray
     return (v / norm).astype(np.float32)
 
 
+def refuse_other_people(photos: Sequence, param: str = PHOTOS_PARAM) -> None:
+    """Request-time one-person check (no engine needed, so a service runs it at submit): with
+    2+ photos, photos that the process-wide default scorer judges to be another person raise
+    `IdentityMismatchError` naming `param[i]`. Photos in which it finds no face are left to the
+    engine's face policy; with the hand-crafted fallback scorer nothing is checked. Shared by
+    percify and cast."""
+    if len(photos) < 2:
+        return
+    from .faces.scoring import default_scorer
+
+    scorer = default_scorer()
+    if scorer.recognition_model:  # the hand-crafted fallback's verdict is never enforced
+        images = [load_photo(p, _photo_param(i, param)) for i, p in enumerate(photos)]
+        check_reference_identity(scorer, images, param, "refuse")
+
+
 @dataclass
 class PercifyRequest(GenerationRequest):
     """Prompt + 1..5 photos of one person → avatars with that person's face.
@@ -88,12 +114,17 @@ class PercifyRequest(GenerationRequest):
     `images.load_image`). identity_strength: IP-Adapter scale, 0 = plain generation.
     identity_embedding: a precomputed 512-d identity (e.g. from an earlier request or the cast
     task) used instead of photos. score_outputs: False skips the per-image similarity (the
-    report then says `"scored": false`), e.g. for throughput benchmarks."""
+    report then says `"scored": false`), e.g. for throughput benchmarks.
+    mismatched_photos: "refuse" (default) — photos that are not one person by the face scorer's
+    verdict are an `IdentityMismatchError` naming the odd photo, raised by `validate()` (so a
+    service refuses them at submit time); "drop" — the odd photos are left out with a note (at
+    most half of them)."""
 
     photos: list = field(default_factory=list)
     identity_strength: float = 0.8
     identity_embedding: Any = None
     score_outputs: bool = True  # face-analyse every output for the similarity report (CPU time per image)
+    mismatched_photos: str = "refuse"
 
     kind = "percify"
 
@@ -105,6 +136,9 @@ class PercifyRequest(GenerationRequest):
         if not ok:
             raise RequestValidationError(f"identityStrength must be a number between {lo:g} and {hi:g}",
                                          param="identityStrength")
+        if self.mismatched_photos not in MISMATCH_POLICIES:
+            raise RequestValidationError(f"mismatchedPhotos must be one of {', '.join(MISMATCH_POLICIES)}",
+                                         param="mismatchedPhotos")
         if self.identity_embedding is not None:
             if self.photos:
                 raise RequestValidationError("pass photos or identityEmbedding, not both", param="identityEmbedding")
@@ -112,6 +146,8 @@ class PercifyRequest(GenerationRequest):
             return
         check_photos(self.photos, PHOTOS_PARAM)
         check_photo_types(self.photos, PHOTOS_PARAM)
+        if self.mismatched_photos == "refuse":
+            refuse_other_people(self.photos, PHOTOS_PARAM)
 
     def resolve(self, profile) -> "PercifyRequest":
         """Also decodes photo bytes (errors name `photos[i]`) and normalises the embedding."""
@@ -124,14 +160,16 @@ class PercifyRequest(GenerationRequest):
 
 @dataclass
 class IdentityConditioning:
-    """What one percify request conditions on (shared by all its images)."""
+    """What one percify request (or one cast character) conditions on and is scored against."""
 
-    embedding: np.ndarray  # 512-d, L2-normed
+    embedding: np.ndarray  # 512-d, L2-normed: the conditioning identity
     source: str  # "photos" | "embedding"
     faces: list[dict] = field(default_factory=list)  # per reference photo
     notes: list[str] = field(default_factory=list)
-    consistency: float | None = None
+    consistency: float | None = None  # lowest leave-one-out cosine similarity of the scorer's descriptors
     crops: list = field(default_factory=list)  # aligned 224 px face crops (faceid-plusv2 only)
+    score_reference: np.ndarray | None = None  # scorer centroid of the kept photos (None: nothing to score against)
+    check: dict | None = None  # the reference-photo check, as reported
 
 
 def _face_json(face) -> dict:
@@ -139,46 +177,133 @@ def _face_json(face) -> dict:
             "size": round(min(face.width, face.height), 1)}
 
 
-def identity_similarity(analyzer, reference: np.ndarray, image) -> tuple[float | None, int]:
-    """(cosine similarity of `reference` to the largest face in `image`, faces found);
-    similarity is None when no face is found."""
-    from .faces import cosine_similarity, largest_face
+# ---- scoring ---------------------------------------------------------------------------------
 
-    faces = analyzer.embed(image)
-    face = largest_face(faces)
-    if face is None or face.embedding is None:
+_SCORERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+_DESCRIPTORS: OrderedDict = OrderedDict()
+_DESCRIPTORS_LOCK = threading.Lock()
+DESCRIPTOR_CACHE_SIZE = 64
+
+
+def face_scorer(engine):
+    """The engine's face scorer, from `EngineConfig.face_scorer` ("auto": the process-wide
+    default, dlib when installed — the same object request validation uses)."""
+    scorer = _SCORERS.get(engine)
+    if scorer is None:
+        from .faces.scoring import default_scorer, scorer_from_config
+
+        name = getattr(engine.config, "face_scorer", "auto") or "auto"
+        if name == "auto" or (name == "dlib" and default_scorer().name == "dlib-resnet"):
+            scorer = default_scorer()  # shared with request validation: reference photos are described once
+        else:
+            analyzer = engine.face_analyzer if name in ("arcface", "handcrafted") else None
+            scorer = scorer_from_config(name, analyzer=analyzer)
+        _SCORERS[engine] = scorer
+    return scorer
+
+
+def reference_descriptor(scorer, image):
+    """The scorer's descriptor of the largest face in a reference photo (None: no face),
+    cached by pixel content (validation at submit and the engine's prepare see the same photos)."""
+    key = (id(scorer), _digest(image))
+    with _DESCRIPTORS_LOCK:
+        if key in _DESCRIPTORS:
+            _DESCRIPTORS.move_to_end(key)
+            return _DESCRIPTORS[key]
+    faces = scorer.describe(image)
+    desc = faces[0].descriptor if faces else None
+    with _DESCRIPTORS_LOCK:
+        _DESCRIPTORS[key] = desc
+        while len(_DESCRIPTORS) > DESCRIPTOR_CACHE_SIZE:
+            _DESCRIPTORS.popitem(last=False)
+    return desc
+
+
+def check_reference_identity(scorer, images: Sequence, param: str = PHOTOS_PARAM, policy: str = "refuse"):
+    """Reference photos → `faces.scoring.ReferenceCheck` (refuses or drops photos of another
+    person, see `check_same_person`)."""
+    from .faces.scoring import check_same_person
+
+    return check_same_person(scorer, [reference_descriptor(scorer, im) for im in images], param=param, policy=policy)
+
+
+def _check_json(check, param: str) -> dict:
+    return {"consistent": check.consistent, "enforced": check.enforced,
+            "dropped": [_photo_param(i, param) for i in check.dropped],
+            "unscored": [_photo_param(i, param) for i in check.unscored],
+            "photos": [None if m is None else {"photo": _photo_param(i, param), **m.to_json()}
+                       for i, m in enumerate(check.matches)]}
+
+
+def scoring_reference(scorer, analyzer, cond: "IdentityConditioning | None", embedding) -> np.ndarray | None:
+    """What outputs are scored against: the photos' scorer centroid; for a bare identity
+    embedding only when the scorer works in the conditioning space (same analyzer), else None."""
+    if cond is not None and cond.score_reference is not None:
+        return cond.score_reference
+    if embedding is not None and getattr(scorer, "analyzer", None) is analyzer:
+        return np.asarray(embedding, np.float32)
+    return None
+
+
+def identity_similarity(scorer, reference: np.ndarray | None, image) -> tuple[Any, int]:
+    """(`Match` of the largest face the scorer finds in `image` against `reference`, faces
+    found); the match is None when no face is found or there is no reference."""
+    faces = scorer.describe(image)
+    if not faces or reference is None:
         return None, len(faces)
-    return round(cosine_similarity(reference, face.embedding), 4), len(faces)
+    return scorer.compare(reference, faces[0].descriptor), len(faces)
+
+
+def match_faces(scorer, references: Sequence[np.ndarray | None], descriptors: Sequence[np.ndarray]) -> list:
+    """One-to-one assignment of faces to references minimising the total scorer distance
+    (Hungarian algorithm). Returns (face index, Match) per reference; (None, None) for a
+    reference that is None or left without a face."""
+    from scipy.optimize import linear_sum_assignment
+
+    out: list = [(None, None)] * len(references)
+    rows = [i for i, r in enumerate(references) if r is not None]
+    if not rows or len(descriptors) == 0:
+        return out
+    cost = np.array([[scorer.distance(references[i], d) for d in descriptors] for i in rows])
+    for r, c in zip(*linear_sum_assignment(cost)):
+        out[rows[r]] = (int(c), scorer.compare(references[rows[r]], descriptors[c]))
+    return out
 
 
 _REFERENCE_CACHES: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
 
 
 def analyze_references(engine, photos: Sequence, min_face_size: int, *, param: str = PHOTOS_PARAM,
-                       crops: bool = False) -> IdentityConditioning:
-    """Reference photos → identity, applying the face policy (errors name `param[i]`). Cached
+                       crops: bool = False, mismatched: str = "refuse") -> IdentityConditioning:
+    """Reference photos → identity, applying the face policy (errors name `param[i]`) and the
+    one-person check by the engine's scorer (refuse or drop, see `check_same_person`). Cached
     per engine by pixel content (a user often sends the same photos again, to percify or cast;
     detection dominates a tiny model's cost). Shared by percify and cast; callers hold the
     engine lock. Callers must not mutate the result (it is shared between requests)."""
-    from .faces import analyze_reference_photos
+    from .faces import analyze_reference_photos, combine_embeddings
 
     analyzer = engine.face_analyzer
+    scorer = face_scorer(engine)
     cache = _REFERENCE_CACHES.setdefault(engine, OrderedDict())
-    key = (id(analyzer), min_face_size, crops, param, tuple(_digest(p) for p in photos))
+    key = (id(analyzer), id(scorer), min_face_size, crops, param, mismatched, tuple(_digest(p) for p in photos))
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
     ref = analyze_reference_photos(analyzer, list(photos), param=param, min_face_size=min_face_size)
+    check = check_reference_identity(scorer, photos, param, mismatched)
     faces = []
     for i, (n, face) in enumerate(zip(ref.faces_per_photo, ref.used_faces)):
         faces.append({"photo": _photo_param(i, param), "found": int(n), "used": _face_json(face),
-                      "usedRule": "largest" if n > 1 else "only"})
-    cond = IdentityConditioning(embedding=np.asarray(ref.embedding, np.float32), source="photos", faces=faces,
-                                notes=list(ref.notes), consistency=round(float(ref.consistency), 4))
+                      "usedRule": "largest" if n > 1 else "only", "dropped": i in check.dropped})
+    kept = [i for i in range(len(photos)) if i not in check.dropped]
+    embedding = ref.embedding if not check.dropped else combine_embeddings([ref.used_faces[i].embedding for i in kept])
+    cond = IdentityConditioning(embedding=np.asarray(embedding, np.float32), source="photos", faces=faces,
+                                notes=list(ref.notes) + check.notes, consistency=round(float(check.consistency), 4),
+                                score_reference=check.reference, check=_check_json(check, param))
     if crops:
         from .faces import align_face
 
-        cond.crops = [align_face(p, f.kps, 224) for p, f in zip(photos, ref.used_faces)]
+        cond.crops = [align_face(photos[i], ref.used_faces[i].kps, 224) for i in kept]
     cache[key] = cond
     while len(cache) > REFERENCE_CACHE_SIZE:
         cache.popitem(last=False)
@@ -199,10 +324,12 @@ class PercifyTask(Task):
                                              "identityEmbedding", param="photos")
             return IdentityConditioning(embedding=np.asarray(request.identity_embedding, np.float32),
                                         source="embedding")
-        return self.analyze(request.photos, model.profile.face_min_size, crops=adapter.variant == "faceid-plusv2")
+        return self.analyze(request.photos, model.profile.face_min_size, crops=adapter.variant == "faceid-plusv2",
+                            mismatched=request.mismatched_photos)
 
-    def analyze(self, photos: Sequence, min_face_size: int, crops: bool = False) -> IdentityConditioning:
-        return analyze_references(self.engine, photos, min_face_size, crops=crops)
+    def analyze(self, photos: Sequence, min_face_size: int, crops: bool = False,
+                mismatched: str = "refuse") -> IdentityConditioning:
+        return analyze_references(self.engine, photos, min_face_size, crops=crops, mismatched=mismatched)
 
     # group_key: the base key. Strength is a per-image tensor (adapter.weights), so requests
     # of any strength share calls.
@@ -235,13 +362,23 @@ class PercifyTask(Task):
         return []
 
     def finalize(self, model: LoadedModel, result: GenerationResult, prepared: IdentityConditioning) -> None:
-        sims, found = [], []
+        sims, dists, same, found = [], [], [], []
         scored = bool(getattr(result.request, "score_outputs", True))
-        analyzer = self.engine.face_analyzer if scored else None
+        scorer = face_scorer(self.engine)
+        notes = list(prepared.notes)
+        reference = scoring_reference(scorer, self.engine.face_analyzer, prepared,
+                                      prepared.embedding if prepared.source == "embedding" else None)
+        if scored and reference is None:
+            notes.append(f"no reference photo to score against: an identityEmbedding cannot be compared by the "
+                         f"{scorer.name} scorer; send photos for similarity scores")
         for image in result.images:
-            s, n = identity_similarity(analyzer, prepared.embedding, image) if scored else (None, None)
-            sims.append(s)
+            m, n = identity_similarity(scorer, reference, image) if scored else (None, None)
+            sims.append(None if m is None else m.similarity)
+            dists.append(None if m is None else m.distance)
+            same.append(None if m is None else m.same)
             found.append(n)
+        if not scorer.recognition_model:
+            notes.append(scorer.label)
         result.extra["identity"] = {
             "source": prepared.source,
             "strength": result.request.identity_strength,
@@ -249,10 +386,14 @@ class PercifyTask(Task):
             "adapter": identity_adapter(model).label,
             "referencePhotos": len(prepared.faces),
             "faces": copy.deepcopy(prepared.faces),  # prepared may be a cached object shared by requests
-            "notes": prepared.notes + self._backend_notes(model),
+            "notes": notes + self._backend_notes(model),
+            "scorer": scorer.info(),
             "consistency": prepared.consistency,
+            "referenceCheck": copy.deepcopy(prepared.check),
             "scored": scored,
             "similarity": sims,
+            "distance": dists,
+            "sameIdentity": same,
             "outputFaces": found,
         }
 
@@ -276,10 +417,30 @@ def cmd_percify(args) -> None:
             photos.append(fh.read())
     engine = make_engine(args)
     req = PercifyRequest(prompt=args.prompt, photos=photos, identity_strength=args.identity_strength,
-                         **generation_kwargs(args))
+                         mismatched_photos=args.mismatched_photos, **generation_kwargs(args))
     result = engine.generate(req)
     result.extra["identity"]["photoFiles"] = list(args.photos)
     write_outputs(result, args.output, "percify")
+    import sys
+
+    print(identity_summary(result.extra["identity"]), file=sys.stderr)
+
+
+def identity_summary(ident: dict) -> str:
+    """One human-readable line per percify result: the scorer, its verdict rule and each image."""
+    sc = ident.get("scorer") or {}
+    parts = []
+    for i, (sim, dist, same) in enumerate(zip(ident.get("similarity", []), ident.get("distance", []),
+                                              ident.get("sameIdentity", []))):
+        if sim is None:
+            parts.append(f"image {i + 1}: no face found" if ident.get("scored", True) else f"image {i + 1}: not scored")
+        else:
+            parts.append(f"image {i + 1}: similarity {sim:.3f}, distance {dist:.3f} → "
+                         f"{'same person' if same else 'NOT the same person'}")
+    fallback = " [fallback: not a recognition model]" if sc.get("fallback") else ""
+    return (f"identity by {sc.get('name')} ({sc.get('verdict')}){fallback}; reference photos "
+            f"{'consistent' if (ident.get('referenceCheck') or {}).get('consistent', True) else 'INCONSISTENT'}: "
+            + "; ".join(parts))
 
 
 def add_cli(subparsers) -> None:
@@ -290,6 +451,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--prompt", default="a portrait of a person", help="what to make of the person")
     p.add_argument("--identity-strength", type=float, default=0.8,
                    help=f"{IDENTITY_STRENGTH_RANGE[0]:g}..{IDENTITY_STRENGTH_RANGE[1]:g}; 0 ignores the face")
+    p.add_argument("--mismatched-photos", choices=MISMATCH_POLICIES, default="refuse",
+                   help="photos that are not the same person: refuse the request (default) or drop them with a note")
     add_generation_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_percify)

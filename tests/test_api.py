@@ -475,6 +475,34 @@ def test_percify_rejects_bad_photos(hs):
     assert hs.store.list_avatars(hs.store.authenticate(auth["Authorization"][7:]).id).items == []
 
 
+def test_photos_of_two_people_are_refused_at_submit(hs):
+    """The engine's one-person check runs in the ingress's validation: a 400 naming the photo,
+    no job, no charge."""
+    import os
+
+    import numpy as np
+    from skimage import data as skdata
+
+    from face_support import require_dlib
+
+    require_dlib()
+    insightface = pytest.importorskip("insightface")
+    _, auth = hs.account()
+    me = Image.fromarray(np.asarray(skdata.astronaut()))
+    group = Image.open(os.path.join(os.path.dirname(insightface.__file__), "data", "images", "t1.jpg")).convert("RGB")
+    other = group.crop((850, 0, 1070, 260))
+    files = [("photo", (f"{i}.jpg", _photo_bytes(img), "image/jpeg")) for i, img in enumerate([me, other])]
+    r = hs.client.post("/v1/avatars/percify-yourself", files=files, data={"prompt": "me"}, headers=auth)
+    assert_error(r, 400, "invalid_request", "photos[1]")
+    assert "does not show the same person" in r.json()["error"]["message"]
+    same = [("photo", (f"{i}.jpg", _photo_bytes(img), "image/jpeg")) for i, img in enumerate([me, me.resize((300, 300))])]
+    assert hs.client.post("/v1/avatars/percify-yourself", files=same, data={"prompt": "me"}, headers=auth).status_code == 202
+    b64 = [base64.b64encode(_photo_bytes(img)).decode() for img in (me, other)]
+    r = hs.client.post("/v1/avatars/cast", headers=auth, json={"prompt": "friends", "characters": [
+        {"prompt": "a"}, {"prompt": "b", "photos": b64}]})
+    assert_error(r, 400, "invalid_request", "characters[1].photos[1]")
+
+
 def test_cast_with_photos_and_own_avatar(hs):
     _, alice = hs.account()
     _, bob = hs.account()

@@ -23,6 +23,7 @@ from avatar_engine.errors import ImageError, NoFaceError, RequestValidationError
 from avatar_engine.attention import (MAX_CHARACTERS, REGIONAL_PROMPTS, AvatarAttnProcessor, CallConditioning,
                                      IdentityWeights)
 from avatar_engine.regional import auto_layout, region_masks, regional_conditioning
+from face_support import require_dlib
 
 torch.set_num_threads(2)
 skimage_data = pytest.importorskip("skimage.data")
@@ -324,7 +325,8 @@ def test_two_to_four_characters(tiny_engine, n, aspect):
         x0, y0, x1, y1 = c["pixelBox"]
         assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
         assert c["similarity"] is None or -1.0 <= c["similarity"] <= 1.0  # tiny model draws no faces
-        assert c["images"] == [{"similarity": None, "faceBox": None, "foundInRegion": None}]
+        assert c["images"] == [{"similarity": None, "distance": None, "sameIdentity": None, "faceBox": None,
+                                "foundInRegion": None}]
     json.dumps(res.to_json())
 
 
@@ -433,19 +435,44 @@ def test_swapping_photos_swaps_the_matched_identities(tiny_engine, astronaut, gr
         assert result.extra["facesDetected"] == [2]
         return result.extra["characters"]
 
+    require_dlib()
     straight = report([astronaut, group_face])
     assert [c["images"][0]["foundInRegion"] for c in straight[:2]] == [0, 1]
-    assert all(c["similarity"] > 0.8 for c in straight[:2])
+    assert all(c["sameIdentity"] is True and c["images"][0]["distance"] < 0.6 for c in straight[:2])
+    assert all(c["similarity"] > 0.95 for c in straight[:2])  # dlib cosine: same person ≥ 0.99 on real photos
     assert straight[2]["hasIdentity"] is False and straight[2]["similarity"] is None
     swapped = report([group_face, astronaut])
     assert [c["images"][0]["foundInRegion"] for c in swapped[:2]] == [1, 0]
     assert swapped[0]["similarity"] == straight[1]["similarity"]
     # the function the task uses, with one identity and two faces: it picks its own face, wherever it is
-    from avatar_engine.faces import analyze_reference_photos
+    from avatar_engine.identity import face_scorer, reference_descriptor
 
-    own = analyze_reference_photos(tiny_engine.face_analyzer, [group_face]).embedding
-    per_char, counts = identity_report(tiny_engine.face_analyzer, [picture], [None, own], regions)
+    scorer = face_scorer(tiny_engine)
+    assert straight[0]["images"][0]["sameIdentity"] and tiny_engine.face_analyzer is not scorer
+    own = reference_descriptor(scorer, group_face)
+    per_char, counts = identity_report(scorer, [picture], [None, own], regions)
     assert counts == [2] and per_char[0][0]["similarity"] is None and per_char[1][0]["foundInRegion"] == 1
+    # the other person's face, assigned to nobody, would not pass as this identity
+    other = scorer.compare(own, reference_descriptor(scorer, left))
+    assert not other.same and other.distance > 0.6
+
+
+def test_a_characters_photos_of_two_people_are_refused(tiny_engine, astronaut, group_face):
+    """One character's photos must be one person: refused naming the photo, at validation (a
+    service's submit) and in the engine; edited copies of one photo pass."""
+    from avatar_engine import IdentityMismatchError
+
+    require_dlib()
+    mixed = [CastCharacter("a", photos=[png_bytes(astronaut)]),
+             CastCharacter("b", photos=[png_bytes(group_face), png_bytes(astronaut.resize((256, 256)))])]
+    with pytest.raises(IdentityMismatchError) as err:
+        cast(characters=mixed).validate()
+    assert err.value.param == "characters[1].photos[1]" and "does not show the same person" in err.value.message
+    with pytest.raises(IdentityMismatchError):
+        tiny_engine.generate(cast(characters=mixed))
+    same = [CastCharacter("a", photos=[png_bytes(astronaut), png_bytes(astronaut.resize((300, 300)))]),
+            CastCharacter("b", photos=[png_bytes(Image.new("RGB", (8, 8)))])]  # no face: left to the face policy
+    cast(characters=same).validate()
 
 
 # ---- CLI ------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ path driven by tiny generated ONNX models."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 
 import numpy as np
@@ -228,6 +229,16 @@ def test_insightface_backend_runs_real_insightface_code(tmp_path, analyzer, astr
     wrong = sess.run(None, {"input.1": blob[:, ::-1].copy()})[0][0]
     assert cosine_similarity(f.embedding, wrong) < 0.9999
 
+    # The insightface backend can score too: ArcFace embeddings, cosine verdict.
+    from avatar_engine.faces.scoring import scorer_from_config
+
+    arc = scorer_from_config("arcface", analyzer=fa)
+    assert arc.name == "arcface" and arc.recognition_model and arc.metric == "cosine-distance"
+    (scored,) = arc.describe(astronaut)
+    np.testing.assert_allclose(scored.descriptor, f.embedding)
+    m = arc.compare(scored.descriptor, f.embedding)
+    assert m.same and m.similarity == pytest.approx(1.0, abs=1e-4) and arc.info()["verdict"] == "cosine similarity > 0.35"
+
     # The same analyzer drives the identity policy.
     ident = analyze_reference_photos(fa, [astronaut])
     assert ident.faces_per_photo == [1]
@@ -237,3 +248,119 @@ def test_insightface_backend_runs_real_insightface_code(tmp_path, analyzer, astr
     with pytest.raises(NoFaceError) as e:
         analyze_reference_photos(strict, [astronaut], param="photos")
     assert e.value.param == "photos[0]"
+
+
+# --------------------------------------------------------------------------- scoring (dlib)
+
+def edited_copies(img: Image.Image) -> dict[str, Image.Image]:
+    """One photo of one person, edited the ways users' photos differ."""
+    import io
+
+    from PIL import ImageOps
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=40)
+    return {"rescaled": img.resize((300, 300), Image.BICUBIC), "jpeg": Image.open(io.BytesIO(buf.getvalue())).convert("RGB"),
+            "darkened": ImageEnhance.Brightness(img).enhance(0.5), "mirrored": ImageOps.mirror(img)}
+
+
+@pytest.fixture(scope="module")
+def dlib_scorer():
+    from face_support import require_dlib
+
+    require_dlib()
+    from avatar_engine.faces.scoring import default_scorer
+
+    return default_scorer()
+
+
+def test_dlib_scorer_separates_people_on_real_photos(dlib_scorer, astronaut, group_photo):
+    """The calibrated verdict on the bundled real faces: every edited copy of the astronaut is
+    the same person (L2 < 0.6), every pair of the six people of t1.jpg and the astronaut is not."""
+    s = dlib_scorer
+    assert s.name == "dlib-resnet" and s.recognition_model and s.metric == "l2" and s.threshold == 0.6
+    assert s.detector == "mtcnn"  # the embedded detector when its weights are installed
+    ref = s.describe(astronaut)
+    assert len(ref) == 1 and ref[0].descriptor.shape == (128,)
+    a = ref[0].descriptor
+    for name, img in edited_copies(astronaut).items():
+        m = s.compare(a, s.describe(img)[0].descriptor)
+        assert m.same and m.distance < 0.35 and m.similarity > 0.98, (name, m)
+    people = [a] + [f.descriptor for f in s.describe(group_photo)]
+    assert len(people) == 7
+    for i, j in itertools.combinations(range(7), 2):
+        m = s.compare(people[i], people[j])
+        assert not m.same and m.distance > 0.6, (i, j, m)
+    info = s.info()
+    assert info["name"] == "dlib-resnet" and info["fallback"] is False and "0.6" in info["verdict"]
+
+
+def test_dlib_scorer_with_dlib_detector(astronaut):
+    from face_support import require_dlib
+
+    require_dlib()
+    from avatar_engine.faces.scoring import scorer_from_config
+
+    s = scorer_from_config("dlib", detector="dlib")
+    assert s.detector == "dlib-hog"
+    faces = s.describe(astronaut)
+    assert faces and faces[0].descriptor.shape == (128,)
+    x0, y0, x1, y1 = faces[0].bbox
+    assert 150 < x0 < 220 and 240 < x1 < 300  # her face, the largest box
+    m = s.compare(faces[0].descriptor, s.describe(edited_copies(astronaut)["darkened"])[0].descriptor)
+    assert m.same
+    assert s.describe(Image.fromarray(skimage_data.coffee())) == []
+
+
+def test_dlib_model_files_located_by_path_and_never_the_68_point_model(dlib_scorer):
+    from avatar_engine.faces.scoring import DLIB_MODEL_FILES, dlib_model_dir
+
+    folder = dlib_model_dir()
+    assert folder is not None and os.path.isfile(os.path.join(folder, "dlib_face_recognition_resnet_model_v1.dat"))
+    assert "shape_predictor_5_face_landmarks.dat" in DLIB_MODEL_FILES.values()
+    assert not any("68" in f for f in DLIB_MODEL_FILES.values())  # iBUG-300W: non-commercial
+
+
+def test_reference_check_names_the_odd_photo(dlib_scorer, astronaut, group_photo):
+    from avatar_engine.errors import IdentityMismatchError
+    from avatar_engine.faces.scoring import check_same_person
+
+    s = dlib_scorer
+    a = [s.describe(img)[0].descriptor for img in [astronaut, *edited_copies(astronaut).values()]]
+    others = [f.descriptor for f in s.describe(group_photo)]
+    ok = check_same_person(s, a)
+    assert ok.consistent and ok.enforced and ok.kept == list(range(5)) and ok.dropped == []
+    assert all(m.same for m in ok.matches) and ok.consistency > 0.98
+    assert ok.reference.shape == (128,)
+    with pytest.raises(IdentityMismatchError) as e:
+        check_same_person(s, [a[0], a[1], others[0], a[2]], param="characters[1].photos")
+    assert e.value.param == "characters[1].photos[2]" and e.value.code == "invalid_request"
+    assert "does not show the same person" in e.value.message and "0.6" in e.value.message
+    with pytest.raises(IdentityMismatchError) as e:  # two photos, two people: the later one is named
+        check_same_person(s, [a[0], others[1]])
+    assert e.value.param == "photos[1]"
+    dropped = check_same_person(s, [a[0], others[0], a[1]], policy="drop")
+    assert dropped.kept == [0, 2] and dropped.dropped == [1] and dropped.consistent
+    assert "photos[1] was dropped" in dropped.notes[0]
+    with pytest.raises(IdentityMismatchError, match="too many"):  # no majority: refused even with drop
+        check_same_person(s, [a[0], others[0], others[1]], policy="drop")
+    unscored = check_same_person(s, [a[0], None, a[1]])
+    assert unscored.unscored == [1] and unscored.kept == [0, 2] and "not checked" in unscored.notes[0]
+
+
+def test_fallback_scorer_is_labelled_and_never_enforced(analyzer, astronaut, group_photo, monkeypatch):
+    from avatar_engine.faces import scoring
+
+    monkeypatch.setattr(scoring, "dlib_available", lambda: False)
+    s = scoring.scorer_from_config("auto", analyzer=analyzer)
+    assert s.name == "handcrafted-hog-lbp" and not s.recognition_model and s.info()["fallback"] is True
+    assert "not a face-recognition model" in s.label
+    a = s.describe(astronaut)[0].descriptor
+    b = s.describe(group_photo)[0].descriptor
+    check = scoring.check_same_person(s, [a, b])  # may disagree, but is only noted
+    assert check.enforced is False and check.dropped == []
+    with pytest.raises(ProfileError) as e:
+        scoring.scorer_from_config("sift")
+    assert e.value.param == "faceScorer"
+    with pytest.raises(ProfileError, match="insightface"):
+        scoring.scorer_from_config("arcface", analyzer=analyzer)

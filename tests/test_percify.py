@@ -14,6 +14,14 @@ from PIL import Image
 
 from avatar_engine import AvatarEngine, EngineConfig, GenerationRequest, NoFaceError, RequestValidationError
 from avatar_engine.identity import PercifyRequest, identity_similarity
+from face_support import require_dlib
+from pg_support import in_ci
+
+
+def dlib_ok() -> bool:
+    from avatar_engine.faces.scoring import dlib_available
+
+    return dlib_available()
 
 STEPS = 4  # enough denoising for identity to move pixels; keeps the file fast
 
@@ -43,6 +51,7 @@ def photos() -> dict[str, bytes]:
         "pair": _jpeg(group.crop((0, 120, 400, 440))),  # two faces; the left one is larger
         "tiny_face": _jpeg(astronaut.resize((150, 150))),  # face about 25 px across
         "landscape": _jpeg(Image.fromarray(skimage.data.rocket())),  # no face
+        "person_c": _jpeg(group.crop((0, 170, 240, 430))),  # the left person of the pair
     }
 
 
@@ -102,6 +111,80 @@ def test_several_faces_uses_the_largest_and_says_so(engine, photos):
     x0, y0, x1, y1 = face["used"]["bbox"]
     assert x1 < 200  # the left (larger) face of the pair, not the right one
     assert any("largest" in note for note in res.extra["identity"]["notes"])
+
+
+# ---- one person per request -------------------------------------------------------------------
+
+def _edited(img_bytes: bytes) -> list[bytes]:
+    """The same photo rescaled, recompressed, darkened and mirrored: one person's photos."""
+    from PIL import ImageEnhance, ImageOps
+
+    img = Image.open(io.BytesIO(img_bytes)).convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=35)
+    return [_jpeg(img.resize((320, 320))), buf.getvalue(), _jpeg(ImageEnhance.Brightness(img).enhance(0.5)),
+            _jpeg(ImageOps.mirror(img))]
+
+
+def test_photos_of_different_people_are_refused_naming_the_photo(engine, photos):
+    from avatar_engine import IdentityMismatchError
+
+    require_dlib()
+    req = _percify(photos=[photos["astronaut"], photos["astronaut2"], photos["person_b"]])
+    with pytest.raises(IdentityMismatchError) as err:
+        req.validate()  # no engine: the check a service runs at submit time
+    assert err.value.param == "photos[2]" and err.value.code == "invalid_request"
+    assert "photos[2] does not show the same person as the other 2 photos" in err.value.message
+    with pytest.raises(IdentityMismatchError) as err:  # the engine refuses too, before any pipeline call
+        engine.generate(_percify(photos=[photos["person_b"], photos["person_c"]]))
+    assert err.value.param == "photos[1]"
+    with pytest.raises(IdentityMismatchError) as err:
+        engine.generate(_percify(photos=[photos["person_c"], photos["astronaut"], photos["astronaut2"]]))
+    assert err.value.param == "photos[0]"  # the odd one out, wherever it is
+
+
+def test_edited_copies_of_one_photo_are_one_person(engine, photos):
+    require_dlib()
+    res = engine.generate(_percify(photos=[photos["astronaut"], *_edited(photos["astronaut"])], steps=2))
+    ident = res.extra["identity"]
+    assert ident["scorer"]["name"] == "dlib-resnet" and ident["scorer"]["fallback"] is False
+    check = ident["referenceCheck"]
+    assert check["consistent"] and check["enforced"] and check["dropped"] == []
+    assert [p["photo"] for p in check["photos"]] == [f"photos[{i}]" for i in range(5)]
+    assert all(p["sameIdentity"] and p["distance"] < 0.35 for p in check["photos"])
+    assert ident["consistency"] > 0.98
+
+
+def test_drop_option_leaves_out_the_other_person(engine, photos):
+    require_dlib()
+    kw = dict(steps=2, seed=21)
+    dropped = engine.generate(_percify(photos=[photos["astronaut"], photos["person_b"], photos["astronaut2"]],
+                                       mismatched_photos="drop", **kw))
+    ident = dropped.extra["identity"]
+    assert [f["dropped"] for f in ident["faces"]] == [False, True, False]
+    assert ident["referenceCheck"]["dropped"] == ["photos[1]"]
+    assert any("photos[1] was dropped" in n for n in ident["notes"])
+    # the identity is that of the two kept photos: the same pixels as sending only those
+    kept = engine.generate(_percify(photos=[photos["astronaut"], photos["astronaut2"]], **kw))
+    assert np.abs(_pixels(dropped.images[0]) - _pixels(kept.images[0])).max() <= 2
+    with pytest.raises(RequestValidationError) as err:
+        _percify(photos=[photos["astronaut"]], mismatched_photos="ignore").validate()
+    assert err.value.param == "mismatchedPhotos"
+
+
+def test_fallback_scorer_is_labelled_in_the_report(engine, photos, monkeypatch):
+    """An engine scoring with the hand-crafted fallback (what `auto` falls back to without dlib)
+    says so in every report; its verdict never refuses photos."""
+    from avatar_engine import identity
+    from avatar_engine.faces.scoring import scorer_from_config
+
+    assert AvatarEngine(EngineConfig(device="cpu", face_scorer="handcrafted")).config.face_scorer == "handcrafted"
+    monkeypatch.setitem(identity._SCORERS, engine, scorer_from_config("handcrafted", analyzer=engine.face_analyzer))
+    res = engine.generate(_percify(photos=[photos["astronaut"], photos["astronaut2"]], steps=1))
+    ident = res.extra["identity"]
+    assert identity.face_scorer(engine).name == ident["scorer"]["name"] == "handcrafted-hog-lbp" and ident["scorer"]["fallback"] is True
+    assert ident["referenceCheck"]["enforced"] is False
+    assert any("not a face-recognition model" in n for n in ident["notes"])
 
 
 # ---- conditioning ----------------------------------------------------------------------------
@@ -165,23 +248,33 @@ def test_identity_report_shape(engine, photos):
     face = ident["faces"][0]
     assert face["found"] == 1 and face["usedRule"] == "only" and len(face["used"]["bbox"]) == 4
     assert face["used"]["size"] >= 32 and 0 < face["used"]["detScore"] <= 1
-    assert len(ident["similarity"]) == len(ident["outputFaces"]) == 2
-    for sim, n in zip(ident["similarity"], ident["outputFaces"]):
-        assert (sim is None) == (n == 0)
+    assert len(ident["similarity"]) == len(ident["outputFaces"]) == len(ident["sameIdentity"]) == 2
+    assert len(ident["distance"]) == 2
+    for sim, dist, same, n in zip(ident["similarity"], ident["distance"], ident["sameIdentity"], ident["outputFaces"]):
+        assert (sim is None) == (n == 0) == (dist is None) == (same is None)
         assert sim is None or -1.0 <= sim <= 1.0
+    scorer = ident["scorer"]
+    assert {"name", "label", "detector", "metric", "threshold", "verdict", "fallback"} <= set(scorer)
+    assert ident["consistency"] == 1.0 and ident["referenceCheck"]["consistent"] is True
 
 
 def test_identity_similarity_scores_the_output_face(engine, photos):
-    """The per-image score: the same person scores higher than another person; no face → None."""
+    """The per-image score, by the dlib scorer against the reference photos: the same person
+    (another photo) is the same identity, another person is not; no face → None."""
+    from avatar_engine.identity import face_scorer, reference_descriptor
     from avatar_engine.images import load_image
 
-    analyzer = engine.face_analyzer
-    ref = engine.generate(_percify(photos=[photos["astronaut"]], steps=1))  # fills the reference cache
-    ref_emb = engine._tasks["percify"].analyze([load_image(photos["astronaut"])], 32).embedding
-    same, n_same = identity_similarity(analyzer, ref_emb, load_image(photos["astronaut2"]))
-    other, n_other = identity_similarity(analyzer, ref_emb, load_image(photos["person_b"]))
-    none, n_none = identity_similarity(analyzer, ref_emb, ref.images[0])
-    assert n_same == n_other == 1 and same > other
+    require_dlib()
+    scorer = face_scorer(engine)
+    assert scorer.name == "dlib-resnet"
+    ref = engine.generate(_percify(photos=[photos["astronaut"]], steps=1))
+    ref_desc = reference_descriptor(scorer, load_image(photos["astronaut"]))
+    same, n_same = identity_similarity(scorer, ref_desc, load_image(photos["astronaut2"]))
+    other, n_other = identity_similarity(scorer, ref_desc, load_image(photos["person_b"]))
+    none, n_none = identity_similarity(scorer, ref_desc, ref.images[0])
+    assert n_same == n_other == 1
+    assert same.same and not other.same and same.similarity > other.similarity
+    assert same.distance < 0.6 <= other.distance
     assert none is None and n_none == 0
 
 
@@ -272,6 +365,17 @@ def test_cli_percify_end_to_end(tmp_path, photos, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert rc == 2
     assert len(errors) == 1 and "no face" in errors[0] and "(photos[0])" in errors[0]
+
+    if dlib_ok() or in_ci():  # the astronaut's report is dlib's; another person's photo is refused by name
+        require_dlib()
+        assert meta["identity"]["scorer"]["name"] == "dlib-resnet"
+        assert meta["identity"]["sameIdentity"] == [None, None]  # the tiny model draws no face
+        other = tmp_path / "other.jpg"
+        other.write_bytes(photos["person_b"])
+        rc = main(["percify", str(photo), str(other), "--steps", "1", "-o", str(out)])
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+        assert rc == 2 and len(errors) == 1
+        assert "photos[1] does not show the same person" in errors[0] and "(photos[1])" in errors[0]
 
 
 def test_adapter_configuration_errors_are_clear(tmp_path):

@@ -1,6 +1,8 @@
 """Face analysis behind one interface (`FaceAnalyzer`): the offline `EmbeddedFaceAnalyzer`
 (default; real detection, hand-crafted embedding) and the production `InsightFaceAnalyzer`
-(ArcFace embeddings, as IP-Adapter FaceID expects)."""
+(ArcFace embeddings, as IP-Adapter FaceID expects). Those give the *conditioning* embedding.
+Identity *scoring* is a separate interface (`FaceScorer`, scoring.py): dlib's ResNet face
+descriptor by default, ArcFace optionally, the hand-crafted descriptor only as a labelled fallback."""
 from __future__ import annotations
 
 from ..errors import ProfileError
@@ -35,10 +37,14 @@ def __getattr__(name):  # lazy: keep `import avatar_engine.faces` light (no torc
         from .insightface_backend import InsightFaceAnalyzer
 
         return InsightFaceAnalyzer
+    if name in ("FaceScorer", "DlibScorer", "Match", "default_scorer", "scorer_from_config"):
+        from . import scoring
+
+        return getattr(scoring, name)
     raise AttributeError(name)
 
 
-__all__ = ["ALIGNED_SIZE", "ARCFACE_TEMPLATE", "BACKENDS", "EMBEDDING_DIM", "EmbeddedFaceAnalyzer", "Face",
-           "FaceAnalyzer", "IdentityReference", "InsightFaceAnalyzer", "align_face", "alignment_matrix",
+__all__ = ["ALIGNED_SIZE", "ARCFACE_TEMPLATE", "BACKENDS", "EMBEDDING_DIM", "DlibScorer", "EmbeddedFaceAnalyzer",
+           "Face", "FaceAnalyzer", "FaceScorer", "Match", "default_scorer", "scorer_from_config", "IdentityReference", "InsightFaceAnalyzer", "align_face", "alignment_matrix",
            "analyze_reference_photos", "combine_embeddings", "cosine_similarity", "face_analyzer_from_config",
            "l2_normalize", "largest_face"]
