@@ -25,7 +25,7 @@ import torch
 from .config import EngineConfig, ModelProfile, default_profile_name, load_profiles
 from .errors import ProfileError, RequestValidationError
 from .prompts import BuiltPrompt, PromptBuilder
-from .requests import ASPECT_RATIOS, MAX_BATCH_SIZE, GenerationRequest, GenerationResult
+from .requests import GenerationRequest, GenerationResult
 from .speed import (batch_buckets, bucket_for, compile_pipeline, describe_pipeline, on, prepare_pipeline,
                     resolve_dtype, serving_stance, set_vae_slicing)
 

@@ -42,7 +42,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from avatar_engine import AvatarEngine, EngineConfig, SpeedOptions, load_profiles  # noqa: E402
+from avatar_engine import AvatarEngine, EngineConfig, load_profiles  # noqa: E402
 from avatar_engine.warmup import variant_requests  # noqa: E402
 
 
