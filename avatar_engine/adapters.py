@@ -350,6 +350,8 @@ def identity_adapter(model) -> IdentityAdapter:
                 f"cannot do identity-preserving generation", param="model")
         adapter = IdentityAdapter(model.pipe, src, model.profile.name)
         model.state["ip_adapter"] = adapter
+        if model.warm:  # at load, the engine reads `applied` once everything is in place
+            model.refresh_applied()
     return adapter
 
 
@@ -361,4 +363,5 @@ def release_identity_adapter(model) -> bool:
     if adapter is None or not adapter.loaded:
         return False
     adapter.unload()
+    model.refresh_applied()
     return True

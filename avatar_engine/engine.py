@@ -62,6 +62,11 @@ class LoadedModel:
     memory: Any = None  # memory.MemoryProfile measured at load (CUDA)
     warmup: dict = field(default_factory=dict)  # seconds, calls and compiled graphs of the warm-up
 
+    def refresh_applied(self) -> dict:
+        """Read what runs back from the modules again (after an adapter is attached or released)."""
+        self.applied = describe_pipeline(self)
+        return self.applied
+
     def img2img(self):
         if "img2img" not in self.state:
             from diffusers import AutoPipelineForImage2Image
@@ -283,7 +288,7 @@ class AvatarEngine:
 
                 model.warmup = warm_up(self, model)
             model.warm = True
-            model.applied = describe_pipeline(model)
+            model.refresh_applied()
             self._models[profile.name] = model  # only once warm: a failed warm-up is retried, not kept
             log.info("loaded %s (%s) in %.1fs: %s", profile.name, profile.source, time.perf_counter() - t0,
                      model.applied)

@@ -302,6 +302,7 @@ def test_plain_generate_unaffected_by_adapter():
     assert np.array_equal(_pixels(eng.generate(plain_req).images[0]), before)
     assert release_identity_adapter(model) and "ip_adapter" not in model.state
     assert all(p.identity is None for p in model.pipe.unet.attn_processors.values())
+    assert "ip_adapter" not in model.applied  # the report follows the modules
     assert np.array_equal(_pixels(eng.generate(plain_req).images[0]), before)
     again = eng.generate(_percify(identity_embedding=_embedding(1), seed=8, score_outputs=False))
     assert np.array_equal(_pixels(again.images[0]), _pixels(p1.images[0]))
