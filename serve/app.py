@@ -550,7 +550,7 @@ def create_app(settings: ServiceSettings, store: Store, engine_client: EngineCli
     async def health(request: Request):
         db_ok = True
         try:
-            await _call(store.schema_version)
+            await _call(store.schema_revision)
         except Exception:  # noqa: BLE001
             log.exception("health: database check failed")
             db_ok = False

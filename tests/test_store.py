@@ -27,7 +27,9 @@ from serve.store import (
     PermissionDenied,
     open_store,
 )
-from serve.store.migrations import LATEST_VERSION
+from sqlalchemy import text
+
+from serve.store.db import Database
 
 from pg_support import PG_DSN, SESSION, require_postgres, unreachable
 from fakes import FakeClock
@@ -70,13 +72,18 @@ def store(backend, clock):
     s = open_store(backend["url"], schema=backend["schema"], clock=clock)
     yield s
     try:
-        mismatched = s._run(lambda c: c.all(  # the ledger invariant, checked after every test
+        mismatched = sql(s, (  # the ledger invariant, checked after every test
             "SELECT a.id, a.credits, COALESCE(SUM(l.delta), 0) AS ledger FROM accounts a"
             " LEFT JOIN credit_ledger l ON l.account_id = a.id GROUP BY a.id, a.credits"
-            " HAVING a.credits <> COALESCE(SUM(l.delta), 0)"), write=False)
+            " HAVING a.credits <> COALESCE(SUM(l.delta), 0)"))
         assert mismatched == [], f"balance differs from ledger: {mismatched}"
     finally:
         s.drop_all()
+
+
+def sql(store, query: str) -> list[dict[str, Any]]:
+    """Rows of a raw read-only query, as dicts."""
+    return [dict(r) for r in store.db.read(lambda c: c.execute(text(query)).mappings().all())]
 
 
 def run_parallel(fns: list[Callable[[], Any]]) -> list[Any]:
@@ -116,15 +123,15 @@ def run_job(store, avatar_id: str, result: dict | None = None) -> None:
 
 # --------------------------------------------------------------------------------------------
 def test_migrations_are_versioned_and_idempotent(store, backend, clock):
-    assert store.schema_version() == LATEST_VERSION
+    head = Database.head_revision()
+    assert head == "0002" and store.schema_revision() == head
     acct = store.create_account("pro", 5)
-    assert store.migrate() == LATEST_VERSION
+    assert store.migrate() == head
     again = open_store(backend["url"], schema=backend["schema"], clock=clock)
     try:
-        assert again.schema_version() == LATEST_VERSION
+        assert again.schema_revision() == head
         assert again.get_account(acct.id) == acct
-        rows = again._run(lambda c: c.all("SELECT version FROM schema_version"), write=False)
-        assert [r["version"] for r in rows] == list(range(1, LATEST_VERSION + 1))
+        assert sql(again, "SELECT version_num FROM alembic_version") == [{"version_num": head}]
     finally:
         again.close()
 
@@ -147,7 +154,7 @@ def test_api_keys_hashed_and_authenticated(store, clock):
     assert store.authenticate(other_prefix) is None
     for junk in ("", "Bearer x", "ak_live_short", plaintext + "x", "ak_" + "x" * 300):
         assert store.authenticate(junk) is None
-    rows = store._run(lambda c: c.all("SELECT * FROM api_keys"), write=False)
+    rows = sql(store, "SELECT * FROM api_keys")
     assert all(plaintext not in str(v) for r in rows for v in r.values()), "plaintext key stored"
 
     clock.advance(1)
