@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from avatar_engine.errors import AvatarEngineError
+from avatar_engine.protocol import TASK_FIELDS, request_from_wire
 from avatar_engine.requests import GenerationRequest
 
 from .assets import AssetStore
@@ -41,52 +42,18 @@ class JobBuildError(Exception):
         self.message = message
 
 
-def _common_kwargs(p: dict[str, Any]) -> dict[str, Any]:
-    return dict(
-        prompt=p["prompt"],
-        negative_prompt=p.get("negativePrompt"),
-        style_preset=p.get("stylePreset"),
-        aspect_ratio=p.get("aspectRatio", "1:1"),
-        guidance_scale=p.get("guidanceScale"),
-        seed=p.get("seed"),
-        batch_size=int(p.get("batchSize", 1)),
-        steps=p.get("steps"),
-        model=p.get("model"),
-    )
-
-
 def build_engine_request(job: Avatar, assets: AssetStore) -> GenerationRequest:
-    """Stored params (camelCase, resolved at submit) → the engine's request dataclass."""
-    p = dict(job.params)
-
+    """Stored params (the wire format, resolved at submit; photos and the init image as asset
+    keys) → the engine's request, through the one wire ↔ engine conversion (`avatar_engine.protocol`)."""
     def load(key: str):
         try:
             return assets.load_image(key).convert("RGB")
         except FileNotFoundError:
             raise JobBuildError("asset_missing", f"Reference image {key!r} of this job no longer exists") from None
 
-    kw = _common_kwargs(p)
-    if job.kind == "generate":
-        return GenerationRequest(**kw)
-    if job.kind == "remix":
-        return GenerationRequest(**kw, init_image=load(p["initImage"]), strength=float(p.get("strength", 0.6)))
-    if job.kind == "percify":
-        from avatar_engine.identity import PercifyRequest
-
-        extra = {"identity_strength": p["identityStrength"]} if p.get("identityStrength") is not None else {}
-        return PercifyRequest(**kw, photos=[load(k) for k in p["photos"]], **extra)
-    if job.kind == "cast":
-        from avatar_engine.cast import CastCharacter, CastRequest
-
-        characters = [CastCharacter(prompt=c["prompt"], photos=[load(k) for k in c.get("photos", [])],
-                                    box=c.get("box")) for c in p["characters"]]
-        extra: dict[str, Any] = {}
-        if p.get("identityStrength") is not None:
-            extra["identity_strength"] = p["identityStrength"]
-        if p.get("layout") is not None:
-            extra["layout"] = p["layout"]
-        return CastRequest(**kw, characters=characters, **extra)
-    raise JobBuildError("unsupported_kind", f"Unknown job kind {job.kind!r}")
+    if job.kind not in TASK_FIELDS:
+        raise JobBuildError("unsupported_kind", f"Unknown job kind {job.kind!r}")
+    return request_from_wire(job.params, job.kind, load=load, strict=False)
 
 
 class _BatchAbandoned(Exception):
