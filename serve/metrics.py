@@ -87,3 +87,30 @@ class IngressMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts requests by route template (not raw path, to keep label cardinality bounded)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def send_wrapper(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            metrics = getattr(scope.get("app").state, "metrics", None) if scope.get("app") else None
+            if metrics is not None:
+                metrics.requests.labels(method=scope.get("method", ""), route=path, status=str(status["code"])).inc()

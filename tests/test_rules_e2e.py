@@ -281,7 +281,7 @@ def test_failed_job_releases_its_credits(svc):
 # ------------------------------------------------------------------------------------------
 def test_idempotent_replay_mismatch_and_in_flight(svc):
     from serve import schemas as S
-    from serve.app import request_fingerprint
+    from serve.api.idempotency import request_fingerprint
 
     acct, auth = svc.account(tier="enterprise", credits=100)
     body = {"prompt": "idempotent portrait", "seed": 9, **FAST}

@@ -111,7 +111,7 @@ class AvatarsStore(StorePart):
         `avatar.published` outbox event (only on the first publish; repeating is a no-op).
         Raises AvatarNotFound, PermissionDenied, InvalidState (not completed)."""
         def work(conn: Connection) -> Avatar:
-            row = self.owned_row(conn, avatar_id, account_id)
+            row = self.owned_row(conn, avatar_id, account_id, "publish")
             if row["status"] != JobStatus.COMPLETED:
                 raise InvalidState(avatar_id, row["status"], "only completed avatars can be published")
             if bool(row["published"]) and row["visibility"] == Visibility.PUBLIC:
@@ -132,7 +132,7 @@ class AvatarsStore(StorePart):
         the caller can delete the image assets in `result`. Raises AvatarNotFound,
         PermissionDenied."""
         def work(conn: Connection) -> Avatar:
-            avatar = to_avatar(self.owned_row(conn, avatar_id, account_id))
+            avatar = to_avatar(self.owned_row(conn, avatar_id, account_id, "delete"))
             if avatar.status in ACTIVE_STATUSES:
                 avatar = self._finish(conn, avatar_id, JobStatus.CANCELLED, token=None, code="cancelled",
                                       message="deleted by the user") or avatar

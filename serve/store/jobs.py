@@ -118,13 +118,13 @@ class JobsStore(StorePart):
                 self.emit(conn, EventType.AVATAR_FAILED, avatar)
         return avatar
 
-    def owned_row(self, conn: Connection, avatar_id: str, account_id: str) -> Mapping[str, Any]:
-        """The avatar's row, locked (PostgreSQL); AvatarNotFound / PermissionDenied otherwise."""
+    def owned_row(self, conn: Connection, avatar_id: str, account_id: str, action: str = "modify") -> Mapping[str, Any]:
+        """The avatar's row, locked (PostgreSQL); AvatarNotFound / PermissionDenied(action) otherwise."""
         row = conn.execute(select(A).where(A.c.id == avatar_id).with_for_update()).mappings().first()
         if row is None:
             raise AvatarNotFound(avatar_id)
         if row["account_id"] != account_id:
-            raise PermissionDenied(avatar_id, account_id)
+            raise PermissionDenied(avatar_id, account_id, action)
         return row
 
     def cancel_job(self, avatar_id: str, account_id: str) -> Avatar:
@@ -132,7 +132,7 @@ class JobsStore(StorePart):
         through `heartbeat` / `job_statuses` / `complete_job` returning False. A job already in
         a terminal status is returned unchanged. Raises AvatarNotFound, PermissionDenied."""
         def work(conn: Connection) -> Avatar:
-            row = self.owned_row(conn, avatar_id, account_id)
+            row = self.owned_row(conn, avatar_id, account_id, "cancel")
             if row["status"] in ACTIVE_STATUSES:
                 done = self._finish(conn, avatar_id, JobStatus.CANCELLED, token=None, code="cancelled",
                                     message="cancelled by the user")

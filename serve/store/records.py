@@ -97,10 +97,11 @@ class PermissionDenied(StoreError):
 
     code = "unauthorized_access"
 
-    def __init__(self, object_id: str, account_id: str) -> None:
-        super().__init__(f"account {account_id!r} may not modify {object_id!r}")
+    def __init__(self, object_id: str, account_id: str, action: str = "modify") -> None:
+        super().__init__(f"account {account_id!r} may not {action} {object_id!r}")
         self.object_id = object_id
         self.account_id = account_id
+        self.action = action
 
 
 class InsufficientCredits(StoreError):
