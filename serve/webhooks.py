@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -35,26 +34,26 @@ import os
 import random
 import socket
 import ssl
-import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import httpx
 
+from .loops import BackgroundLoop
+from .schemas import iso
+from .settings import USER_AGENT, WebhookSettings
 from .store import Delivery, Store
 
 log = logging.getLogger("serve.webhooks")
 
 __all__ = [
-    "USER_AGENT", "SignatureError", "DestinationRefused", "WebhookOptions", "WebhookDispatcher",
+    "USER_AGENT", "SignatureError", "DestinationRefused", "WebhookSettings", "WebhookDispatcher",
     "AttemptResult", "secret_key", "sign", "signature_headers", "verify_signature",
     "check_destination", "destination_error", "render_body", "verify",
 ]
 
-USER_AGENT = "avatar-engine-webhooks/1.0"
 SECRET_PREFIX = "whsec_"
 #: Most bytes of a receiver's response body read (for the error message); the rest is dropped.
 MAX_RESPONSE_BYTES = 4096
@@ -263,11 +262,11 @@ def check_destination(url: str | httpx.URL, *, allow_private: bool = False,
 
 
 def destination_error(url: str, settings: Any, *, resolver: Resolver | None = None) -> str | None:
-    """Why `url` is refused under a ServiceSettings-like object's `webhook_allow_private` /
-    `webhook_allowlist`, or None when allowed (the API's check at endpoint creation)."""
+    """Why `url` is refused under the webhook settings' `allow_private` / `allowlist` (a
+    WebhookSettings, or a ServiceSettings' `webhooks`), or None when allowed."""
+    hooks: WebhookSettings = getattr(settings, "webhooks", settings)
     try:
-        check_destination(url, allow_private=bool(getattr(settings, "webhook_allow_private", False)),
-                          allowlist=getattr(settings, "webhook_allowlist", ()) or (), resolver=resolver)
+        check_destination(url, allow_private=hooks.allow_private, allowlist=hooks.allowlist, resolver=resolver)
     except DestinationRefused as exc:
         return str(exc)
     return None
@@ -276,10 +275,6 @@ def destination_error(url: str, settings: Any, *, resolver: Resolver | None = No
 # --------------------------------------------------------------------------------------------
 # Payload
 # --------------------------------------------------------------------------------------------
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def render_body(delivery: Delivery) -> bytes:
     """The JSON body `{"id", "type", "createdAt", "data"}` of a message; identical on every
     retry. `id` is the event id (shared by the copies sent to several endpoints of one account);
@@ -291,80 +286,13 @@ def render_body(delivery: Delivery) -> bytes:
     else:
         data = {k: v for k, v in payload.items() if k != "type"}
     envelope = {"id": delivery.event_id, "type": payload.get("type") or delivery.event_type,
-                "createdAt": _iso(delivery.created_at), "data": data}
+                "createdAt": iso(delivery.created_at), "data": data}
     return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
 
 
 # --------------------------------------------------------------------------------------------
 # Dispatcher
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class WebhookOptions:
-    """Delivery tuning; every field defaulted. `from_settings` reads a ServiceSettings."""
-
-    worker_id: str | None = None
-    """Lease owner name; default `webhooks-<hostname>-<pid>-<random>`."""
-    batch_size: int = 16
-    """Most messages claimed per `run_once`."""
-    concurrency: int = 8
-    """Most requests in flight at once (threads)."""
-    lease_seconds: float = 120.0
-    """A claimed message is re-offered after this long if its dispatcher died. Must exceed the
-    worst case of one request (several httpx phases × timeout_s × addresses tried) times
-    ceil(batch_size / concurrency), else a slow receiver may also get a duplicate (harmless)."""
-    timeout_s: float = 10.0
-    """httpx timeout (connect, write, each read) and the cap on reading the response."""
-    max_attempts: int = 8
-    """A message that failed this many attempts is marked failed for good."""
-    base_backoff_s: float = 5.0
-    """Retry n (1-based) waits uniform(0, min(max_backoff_s, base_backoff_s * 2**(n-1)))."""
-    max_backoff_s: float = 3600.0
-    retry_schedule: tuple[float, ...] | None = None
-    """Explicit delays (s) before retry 1, 2, ... (the last one repeats), used instead of the
-    jittered exponential backoff when set, e.g. (5, 300, 1800, 7200, 18000, 36000, 36000)."""
-    disable_after_consecutive_failures: int = 50
-    """An endpoint whose last N attempts (over all its messages) failed is disabled; 0 = never."""
-    poll_seconds: float = 1.0
-    """Idle poll interval of the background loop; `wake()` cuts it short."""
-    allow_private: bool = False
-    """Allow destinations in private/loopback ranges (ServiceSettings.webhook_allow_private)."""
-    allowlist: tuple[str, ...] = ()
-    """Host names or CIDRs allowed although private (ServiceSettings.webhook_allowlist)."""
-    verify: Any = True
-    """TLS verification for https: True (certifi's CAs), a CA bundle file/dir or an
-    `ssl.SSLContext`; False disables verification (tests only)."""
-    user_agent: str = USER_AGENT
-
-    def __post_init__(self) -> None:
-        if isinstance(self.allowlist, str):
-            object.__setattr__(self, "allowlist", tuple(s.strip() for s in self.allowlist.split(",") if s.strip()))
-        else:
-            object.__setattr__(self, "allowlist", tuple(self.allowlist or ()))
-        if self.retry_schedule is not None:
-            schedule = tuple(float(x) for x in self.retry_schedule)
-            if not schedule or min(schedule) < 0:
-                raise ValueError("retry_schedule must be a non-empty list of delays >= 0")
-            object.__setattr__(self, "retry_schedule", schedule)
-        for name, lo in (("batch_size", 1), ("concurrency", 1), ("lease_seconds", 0.1), ("timeout_s", 0.01),
-                         ("max_attempts", 1), ("base_backoff_s", 0.0), ("max_backoff_s", 0.0),
-                         ("disable_after_consecutive_failures", 0), ("poll_seconds", 0.01)):
-            if getattr(self, name) < lo:
-                raise ValueError(f"{name} must be >= {lo}")
-        if self.max_backoff_s < self.base_backoff_s:
-            raise ValueError("max_backoff_s must be >= base_backoff_s")
-
-    @classmethod
-    def from_settings(cls, settings: Any, **overrides: Any) -> "WebhookOptions":
-        """Options from a ServiceSettings-like object: `webhook_allow_private`,
-        `webhook_allowlist`, and any `webhook_<field>` it defines (e.g. webhook_timeout_s)."""
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if hasattr(settings, "webhook_" + f.name):
-                values[f.name] = getattr(settings, "webhook_" + f.name)
-        values.update(overrides)
-        return cls(**values)
-
-
 @dataclass(frozen=True)
 class AttemptResult:
     """What one delivery attempt did (`deliver()`'s result; `run_once` keeps them in `last_results`)."""
@@ -398,22 +326,17 @@ class WebhookDispatcher:
     times are compared with it) and also stamps `webhook-timestamp`; `rng` drives the jitter.
     """
 
-    def __init__(self, store: Store, options: Any = None, *,
+    def __init__(self, store: Store, settings: WebhookSettings | None = None, *,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None,
-                 resolver: Resolver | None = None, **option_overrides: Any) -> None:
-        """`options`: WebhookOptions, or a ServiceSettings-like object (`from_settings`), or
-        None; keyword `option_overrides` replace single fields (e.g. `retry_schedule=(0,)`)."""
-        if options is None:
-            opts = WebhookOptions()
-        elif isinstance(options, WebhookOptions):
-            opts = options
-        else:
-            opts = WebhookOptions.from_settings(options)
-        if option_overrides:
-            opts = dataclasses.replace(opts, **option_overrides)
+                 resolver: Resolver | None = None, **overrides: Any) -> None:
+        """`settings`: the service's `ServiceSettings.webhooks` (default: all defaults); keyword
+        `overrides` replace single fields (e.g. `retry_schedule=(0,)`)."""
+        opts = settings or WebhookSettings()
+        if overrides:
+            opts = WebhookSettings.model_validate({**opts.model_dump(), **overrides})
         if not opts.worker_id:
-            opts = dataclasses.replace(
-                opts, worker_id=f"webhooks-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            opts = opts.model_copy(update={
+                "worker_id": f"webhooks-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"})
         self.store = store
         self.options = opts
         self.clock = clock
@@ -421,9 +344,7 @@ class WebhookDispatcher:
         self.resolver = resolver
         self._ssl = _ssl_context(opts.verify)  # built once: loading CA bundles is not free
         self.last_results: list[AttemptResult] = []
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = BackgroundLoop(f"webhooks-{opts.worker_id}", self._step, opts.poll_seconds)
 
     # ---- one pass ----------------------------------------------------------------------
     def run_once(self) -> int:
@@ -557,38 +478,22 @@ class WebhookDispatcher:
 
     # ---- background loop ----------------------------------------------------------------
     def start(self) -> "WebhookDispatcher":
-        """Run the dispatch loop in a daemon thread (idempotent)."""
-        if self._thread is not None and self._thread.is_alive():
-            return self
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name=f"webhooks-{self.options.worker_id}", daemon=True)
-        self._thread.start()
+        """Run the dispatch loop in a daemon thread (idempotent): a pass every `poll_seconds`,
+        sooner after `wake()`, at once again while a pass claimed a full batch."""
+        self._loop.start()
         return self
 
     def wake(self) -> None:
         """Poll now (e.g. right after a state change wrote outbox messages)."""
-        self._wake.set()
+        self._loop.wake()
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the loop after the current pass; messages in flight finish or their leases expire."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout if timeout is not None else self.options.timeout_s * 3 + 5)
-            self._thread = None
+        self._loop.stop(timeout if timeout is not None else self.options.timeout_s * 3 + 5)
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop.running
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                n = self.run_once()
-            except Exception:  # noqa: BLE001 - a store hiccup must not kill the loop
-                log.exception("webhook dispatch pass failed")
-                n = 0
-            if n >= self.options.batch_size and not self._stop.is_set():
-                continue  # more may be due right now
-            self._wake.wait(self.options.poll_seconds)
-            self._wake.clear()
+    def _step(self) -> bool:
+        return self.run_once() >= self.options.batch_size

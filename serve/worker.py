@@ -26,6 +26,7 @@ from avatar_engine.protocol import TASK_FIELDS, request_from_wire
 from avatar_engine.requests import GenerationRequest
 
 from .assets import AssetStore
+from .loops import BackgroundLoop
 from .policy import PolicyChecker
 from .settings import ServiceSettings
 from .store import Avatar, Store
@@ -68,17 +69,15 @@ class _Heartbeat:
         self.store, self.worker_id, self.leases = store, worker_id, dict(leases)
         self.interval, self.lease_seconds = interval, lease_seconds
         self.lost: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="job-heartbeat", daemon=True)
+        self._loop = BackgroundLoop("job-heartbeat", self.beat, interval, wait_first=True)
         self._lock = threading.Lock()
 
     def __enter__(self) -> "_Heartbeat":
-        self._thread.start()
+        self._loop.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.interval + 5)
+        self._loop.stop(timeout=self.interval + 5)
 
     def beat(self) -> None:
         with self._lock:
@@ -92,10 +91,6 @@ class _Heartbeat:
             return
         with self._lock:
             self.lost |= set(live) - set(alive)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.beat()
 
     def is_lost(self, avatar_id: str) -> bool:
         with self._lock:
@@ -123,9 +118,7 @@ class JobWorker:
         self.metrics = metrics
         self.on_batch = on_batch
         self.served_models = list(models) if models else [engine.default_model]
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = BackgroundLoop("job-worker", lambda: self.run_once().claimed > 0, settings.poll_seconds)
         self.batches_run = 0
 
     # -- one step ---------------------------------------------------------------------------
@@ -300,41 +293,22 @@ class JobWorker:
     # -- loop ---------------------------------------------------------------------------------
     def wake(self) -> None:
         """New work was queued: skip the rest of the idle wait."""
-        self._wake.set()
+        self._loop.wake()
 
-    def run_forever(self) -> None:
+    def start(self) -> BackgroundLoop:
         """Loop until stop(): run batches back to back while there is work, else wait for a
         wake-up or `poll_seconds` (the poll catches jobs submitted through other replicas and
         expired leases of dead workers)."""
-        while not self._stop.is_set():
-            try:
-                report = self.run_once()
-            except Exception:  # noqa: BLE001 - keep the loop alive across DB/engine hiccups
-                log.exception("worker iteration failed")
-                report = BatchReport()
-            if report.claimed:
-                continue
-            self._wake.wait(self.settings.poll_seconds)
-            self._wake.clear()
-
-    def start(self) -> threading.Thread:
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self.run_forever, name="job-worker", daemon=True)
-            self._thread.start()
-        return self._thread
+        return self._loop.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Finish the batch in progress, then return. Unfinished jobs keep their lease and are
         picked up again once it expires."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._loop.stop(timeout)
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop.running
 
 
 def _jsonable(value: Any) -> Any:

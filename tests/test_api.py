@@ -641,7 +641,7 @@ def test_settings_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AVATAR_WEBHOOK_ALLOW_PRIVATE", "true")
     monkeypatch.setenv("AVATAR_TIERS", '{"free": [5, 1], "pro": {"requests_per_minute": 50, "concurrent_jobs": 4}}')
     s = ServiceSettings.from_env(lease_seconds=5)
-    assert s.port == 9001 and s.policy_words == ("foo", "bar") and s.webhook_allow_private
+    assert s.port == 9001 and s.policy_words == ("foo", "bar") and s.webhooks.allow_private
     assert s.tiers["pro"] == TierLimits(50, 4) and s.tiers["free"] == TierLimits(5, 1)
     assert s.resolved_db_url == f"sqlite:///{tmp_path}/avatar.db" and s.lease_seconds == 5
     assert ServiceSettings.from_dict(s.to_dict(), env=False) == s
@@ -652,8 +652,8 @@ def test_settings_from_env(monkeypatch, tmp_path):
         ServiceSettings.from_env()
 
 
-def test_cost_and_webhook_delivery_settings_reach_the_dispatcher(monkeypatch):
-    from serve.webhooks import WebhookOptions
+def test_cost_and_webhook_delivery_settings_reach_the_dispatcher(monkeypatch, tmp_path):
+    from serve.webhooks import WebhookDispatcher
 
     monkeypatch.setenv("AVATAR_MODEL_COSTS", '{"tiny-sd15": 3, "sdxl": 8}')
     monkeypatch.setenv("AVATAR_WEBHOOK_RETRY_SCHEDULE", "1, 5,30")
@@ -663,14 +663,19 @@ def test_cost_and_webhook_delivery_settings_reach_the_dispatcher(monkeypatch):
     assert s.model_costs == {"tiny-sd15": 3, "sdxl": 8}
     assert s.per_image_cost("sdxl", 2) == 8 and s.per_image_cost("other", 4) == 4 and s.per_image_cost("x", None) == 2
     assert ServiceSettings.from_dict(s.to_dict(), env=False) == s
-    opts = WebhookOptions.from_settings(s)
+    opts = WebhookDispatcher(open_store(f"sqlite:///{tmp_path}/d.db"), s.webhooks).options
     assert (opts.retry_schedule, opts.lease_seconds, opts.base_backoff_s, opts.max_backoff_s) == ((1.0, 5.0, 30.0), 4.5, 0.5, 2)
     assert opts.allowlist == ("127.0.0.1", "hooks.internal") and opts.allow_private is False
-    assert WebhookOptions.from_settings(ServiceSettings()).max_attempts == 8
+    assert ServiceSettings().webhooks.max_attempts == 8
+    monkeypatch.setenv("AVATAR_WEBHOOK_ALLOWLIST", '["10.0.0.0/8"]')  # JSON lists work too
+    assert ServiceSettings.from_env().webhooks.allowlist == ("10.0.0.0/8",)
     with pytest.raises(ValueError, match=r"model_costs\['sdxl'\]"):
         ServiceSettings(model_costs={"sdxl": -1})
-    with pytest.raises(ValueError, match="webhook_lease_seconds"):
+    with pytest.raises(ValueError, match=r"webhooks\.lease_seconds"):
         ServiceSettings(webhook_lease_seconds=0)
+    monkeypatch.setenv("AVATAR_WEBHOOK_MAX_ATTEMPTS", "0")
+    with pytest.raises(ValueError, match="AVATAR_WEBHOOK_MAX_ATTEMPTS"):
+        ServiceSettings.from_env()
 
 
 def test_fsspec_asset_backend_roundtrip():
@@ -694,7 +699,7 @@ def test_completed_job_is_delivered_to_a_webhook_with_the_api_avatar(db, tmp_pat
     import threading
 
     from serve.app import event_renderer
-    from serve.webhooks import WebhookDispatcher, WebhookOptions, verify_signature
+    from serve.webhooks import WebhookDispatcher, verify_signature
 
     received = []
 
@@ -716,7 +721,7 @@ def test_completed_job_is_delivered_to_a_webhook_with_the_api_avatar(db, tmp_pat
                                                  "events": ["avatar.completed"]}, headers=auth).json()
         av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
         h.worker.run_once()
-        WebhookDispatcher(h.store, WebhookOptions.from_settings(h.settings)).drain()
+        WebhookDispatcher(h.store, h.settings.webhooks).drain()
         assert len(received) == 1
         headers, body = received[0]
         verify_signature(ep["secret"], headers, body)

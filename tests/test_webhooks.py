@@ -26,7 +26,7 @@ from serve.webhooks import (
     DestinationRefused,
     SignatureError,
     WebhookDispatcher,
-    WebhookOptions,
+    WebhookSettings,
     check_destination,
     destination_error,
     render_body,
@@ -141,11 +141,11 @@ def receiver(clock):
     r.close()
 
 
-def _options(**kw: Any) -> WebhookOptions:
+def _options(**kw: Any) -> WebhookSettings:
     base = dict(worker_id="disp-test", allowlist=("127.0.0.1",), timeout_s=5.0, base_backoff_s=60.0,
                 max_backoff_s=600.0, max_attempts=8, concurrency=4)
     base.update(kw)
-    return WebhookOptions(**base)
+    return WebhookSettings(**base)
 
 
 def _endpoint(store, receiver: Receiver, url: str | None = None, events=("*",)):
@@ -304,10 +304,11 @@ def test_destination_error_reads_service_settings():
     assert destination_error("http://127.0.0.1:8/h", ServiceSettings(webhook_allow_private=True)) is None
     assert destination_error("http://127.0.0.1:8/h", ServiceSettings(webhook_allowlist="127.0.0.0/8")) is None
     assert destination_error("http://93.184.216.34/h", ServiceSettings()) is None
-    opts = WebhookOptions.from_settings(ServiceSettings(webhook_allowlist=("10.0.0.0/8",)), max_attempts=3)
+    opts = ServiceSettings(webhook_allowlist=("10.0.0.0/8",), webhook_max_attempts=3).webhooks
     assert opts.allowlist == ("10.0.0.0/8",) and opts.allow_private is False and opts.max_attempts == 3
+    assert destination_error("http://10.1.2.3/h", opts) is None  # the nested settings themselves work too
     with pytest.raises(ValueError, match="max_attempts"):
-        WebhookOptions(max_attempts=0)
+        WebhookSettings(max_attempts=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ WebhookId = Path(alias="webhookId")
 def check_webhook_url(url: str, settings: ServiceSettings) -> None:
     """400 naming `url` for non-HTTP(S) or (unless allowed) private/loopback destinations."""
     try:
-        check_destination(url, allow_private=settings.webhook_allow_private, allowlist=settings.webhook_allowlist)
+        check_destination(url, allow_private=settings.webhooks.allow_private, allowlist=settings.webhooks.allowlist)
     except DestinationRefused as exc:
         raise invalid_request(str(exc), "url") from None
 
