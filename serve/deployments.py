@@ -15,17 +15,17 @@ same YAML on an already running Ray with public APIs only.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 from typing import Any, Mapping
 
 import yaml
 from ray import serve
 
+from .logctx import logger
 from .loops import BackgroundLoop
 from .settings import ServiceSettings
 
-log = logging.getLogger("serve.deployments")
+log = logger("serve.deployments")
 
 INGRESS_NAME = "AvatarIngress"
 MODEL_NAME = "AvatarModel"

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-log = logging.getLogger("serve.engine_client")
+from .logctx import logger
+
+log = logger("serve.engine_client")
 
 ALL_KINDS = ("generate", "percify", "cast", "remix")
 

@@ -9,7 +9,6 @@ request id; the traceback goes to the log under that id, never to the client.
 from __future__ import annotations
 
 import json
-import logging
 import secrets
 from typing import Any, Iterable
 
@@ -21,11 +20,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from avatar_engine.errors import AvatarEngineError, ProfileError
 
+from .logctx import logger, reset_request_id, set_request_id
 from .store import (
     ConcurrencyLimitExceeded, InsufficientCredits, InvalidArgument, InvalidState, NotFound, PermissionDenied, StoreError,
 )
 
-log = logging.getLogger("serve.errors")
+log = logger("serve.errors")
 
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -259,6 +259,7 @@ class RequestContextMiddleware:
                     raise BodyTooLarge()
             return message
 
+        token = set_request_id(rid)  # every log line of this request carries its id
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
         except BodyTooLarge:
@@ -272,6 +273,8 @@ class RequestContextMiddleware:
                 await _send_json(send, 500, error_body(
                     "internal_error", f"An internal error occurred; quote requestId {rid} when reporting it",
                     None, rid), rid)
+        finally:
+            reset_request_id(token)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -2,11 +2,12 @@
 dispatcher, housekeeper): run a step, then wait for `interval` seconds or a `wake()`."""
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Callable
 
-log = logging.getLogger("serve.loops")
+from .logctx import logger
+
+log = logger("serve.loops")
 
 
 class BackgroundLoop:

@@ -13,12 +13,13 @@ Series: `avatar_queue_depth` (jobs queued, sampled by the worker), `avatar_batch
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-log = logging.getLogger("serve.metrics")
+from .logctx import logger
+
+log = logger("serve.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import secrets
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -28,6 +27,7 @@ from avatar_engine import requests as ereq
 from avatar_engine.protocol import COMMON_FIELDS, TASK_FIELDS, request_from_wire, request_to_wire, wire_fields
 from avatar_engine.requests import GenerationRequest
 
+from .logctx import current_request_id, logger
 from . import schemas as S
 from .api.common import Services, call, dump, get_visible, json_response
 from .api.rendering import render_avatar
@@ -39,7 +39,7 @@ from .policy import PolicyChecker
 from .uploads import b64_to_bytes, decode_photo
 from .vocab import JobKind, JobStatus
 
-log = logging.getLogger("serve.submissions")
+log = logger("serve.submissions")
 
 METADATA_MAX_BYTES = 16 * 1024
 
@@ -156,13 +156,14 @@ async def submit(svc: Services, principal: Principal, sub: Submission) -> JSONRe
         av = await call(store.submit_job, principal.id, sub.kind, sub.params, cost=sub.cost(svc),
                         max_concurrent=principal.limits.concurrent_jobs, model=sub.resolved.model,
                         prompt=sub.resolved.prompt, remixed_from=sub.remixed_from, title=body.title,
-                        description=body.description, tags=tags, metadata=body.metadata, visibility=body.visibility)
+                        description=body.description, tags=tags, metadata=body.metadata, visibility=body.visibility,
+                        request_id=current_request_id())
     except BaseException:
         if files:
             await call(assets.backend.delete_prefix, f"uploads/{sub.upload_id}")
         raise
     svc.metrics.submitted.labels(kind=sub.kind).inc()
-    log.info("job %s queued (kind=%s, account=%s)", av.id, sub.kind, principal.id)
+    log.info("job %s accepted: %s, %d credits reserved, account %s", av.id, sub.kind, av.credit_cost, principal.id)
     await svc.engine.notify()
     return json_response(render_avatar(av, svc.base_url), 202, headers={"Location": f"/v1/avatars/{av.id}"})
 

@@ -41,12 +41,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import httpx
 
+from .logctx import logger, request_context
 from .loops import BackgroundLoop
 from .schemas import iso
 from .settings import USER_AGENT, WebhookSettings
 from .store import Delivery, Store
 
-log = logging.getLogger("serve.webhooks")
+log = logger("serve.webhooks")
 
 __all__ = [
     "USER_AGENT", "SignatureError", "DestinationRefused", "WebhookSettings", "WebhookDispatcher",
@@ -378,7 +379,16 @@ class WebhookDispatcher:
 
     def deliver(self, d: Delivery) -> AttemptResult:
         """Attempt one claimed message and record the outcome in the store (never raises for a
-        receiver's fault; a store error propagates and the lease simply expires)."""
+        receiver's fault; a store error propagates and the lease simply expires). Logged under
+        the request id of the job the event is about."""
+        with request_context(d.request_id):
+            result = self._deliver(d)
+            log.log(logging.WARNING if result.outcome in ("failed", "disabled") else logging.INFO,
+                    "webhook %s (%s) to endpoint %s, attempt %d: %s%s", d.id, d.event_type, d.endpoint_id,
+                    d.attempts + 1, result.outcome, f" ({result.error})" if result.error else "")
+        return result
+
+    def _deliver(self, d: Delivery) -> AttemptResult:
         try:
             status, error, disable = self._send(d)
         except Exception as exc:  # noqa: BLE001 - a bad message must fail, not stall the outbox
@@ -410,8 +420,6 @@ class WebhookDispatcher:
                 self.store.set_endpoint_disabled(d.account_id, d.endpoint_id, True, reason)
                 disable = True
         outcome = "lost" if not ok else "disabled" if disable else "retry" if next_at is not None else "failed"
-        if outcome != "retry":
-            log.warning("webhook %s to endpoint %s: %s (%s)", d.id, d.endpoint_id, outcome, error)
         return AttemptResult(d.id, outcome, status, error, next_at)
 
     def backoff(self, attempt: int) -> float:

@@ -12,7 +12,6 @@ The same class runs inside the Ray model deployment (`deployments.AvatarModel`) 
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
@@ -25,13 +24,14 @@ from avatar_engine.errors import AvatarEngineError
 from avatar_engine.protocol import TASK_FIELDS, request_from_wire
 from avatar_engine.requests import GenerationRequest
 
+from .logctx import logger, request_context
 from .assets import AssetStore
 from .loops import BackgroundLoop
 from .policy import PolicyChecker
 from .settings import ServiceSettings
 from .store import Avatar, Store
 
-log = logging.getLogger("serve.worker")
+log = logger("serve.worker")
 
 
 class JobBuildError(Exception):
@@ -140,6 +140,9 @@ class JobWorker:
             self.metrics.observe_batch(len(jobs))
             for j in jobs:
                 self.metrics.observe_queue_wait(max(0.0, now - j.created_at))
+        for j in jobs:
+            with request_context(j.request_id):
+                log.info("job %s claimed by %s (attempt %d, batch of %d)", j.id, self.worker_id, j.attempts, len(jobs))
         leases = {j.id: j.lease_token for j in jobs}
         with _Heartbeat(self.store, self.worker_id, leases, s.resolved_heartbeat_seconds, s.lease_seconds) as hb:
             runnable: list[tuple[Avatar, GenerationRequest]] = []
@@ -151,7 +154,8 @@ class JobWorker:
                 except AvatarEngineError as exc:
                     self._fail(job, exc.code, exc.message, report)
                 except Exception:  # noqa: BLE001
-                    log.exception("cannot build request for job %s", job.id)
+                    with request_context(job.request_id):
+                        log.exception("cannot build request for job %s", job.id)
                     self._fail(job, "invalid_job", "The stored job parameters are invalid", report)
             if runnable:
                 self._run_batch(runnable, hb, report)
@@ -203,7 +207,8 @@ class JobWorker:
             if isinstance(exc, AvatarEngineError):
                 self._fail(job, exc.code, exc.message, report)
             else:
-                log.exception("generation failed for job %s", job.id)
+                with request_context(job.request_id):
+                    log.exception("generation failed for job %s", job.id)
                 self._fail(job, "generation_failed", "Image generation failed; the credits were released", report)
             return
         elapsed = time.perf_counter() - t0
@@ -213,7 +218,8 @@ class JobWorker:
             try:
                 self._finish(job, result, elapsed, hb, report)
             except Exception:  # noqa: BLE001 - one job's storage error must not lose its batch-mates
-                log.exception("could not store the result of job %s", job.id)
+                with request_context(job.request_id):
+                    log.exception("could not store the result of job %s", job.id)
                 self._retry_or_fail(job, report)
 
     def _retry_or_fail(self, job: Avatar, report: BatchReport) -> None:
@@ -233,7 +239,8 @@ class JobWorker:
                 report.dropped.append(job.id)
                 self._outcome(job, "dropped")
         except Exception:  # noqa: BLE001
-            log.exception("could not requeue job %s; its lease will expire", job.id)
+            with request_context(job.request_id):
+                log.exception("could not requeue job %s; its lease will expire", job.id)
 
     def _finish(self, job: Avatar, result: Any, elapsed: float, hb: _Heartbeat, report: BatchReport) -> None:
         if hb.is_lost(job.id):
@@ -281,12 +288,14 @@ class JobWorker:
     def _fail(self, job: Avatar, code: str, message: str, report: BatchReport) -> None:
         if self.store.fail_job(job.id, job.lease_token, code, message):
             report.failed.append(job.id)
-            self._outcome(job, "failed")
+            self._outcome(job, "failed", f"{code}: {message}")
         else:
             report.dropped.append(job.id)
             self._outcome(job, "dropped")
 
-    def _outcome(self, job: Avatar, outcome: str) -> None:
+    def _outcome(self, job: Avatar, outcome: str, detail: str = "") -> None:
+        with request_context(job.request_id):
+            log.info("job %s %s%s", job.id, outcome, f" ({detail})" if detail else "")
         if self.metrics:
             self.metrics.job_outcome(job.kind, outcome)
 

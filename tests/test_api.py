@@ -1207,3 +1207,29 @@ def test_metrics_token_protects_the_scrape_endpoint(tmp_path):
         assert ok.status_code == 200 and "avatar_http_requests_total" in ok.text
     finally:
         harness.store.close()
+
+
+def test_every_log_line_of_a_job_names_the_request_that_started_it(tmp_path, caplog):
+    """Ingress (accepted), worker (claimed, completed) and webhook dispatcher (delivery attempt)
+    log under the submitting request's id, although they run in other threads (or processes)."""
+    from serve.webhooks import WebhookDispatcher
+
+    h = Harness(tmp_path, webhook_allow_private=True)
+    try:
+        _, auth = h.account()
+        h.client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"}, headers=auth)
+        with caplog.at_level(logging.INFO, logger="serve"):
+            r = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth)
+            rid, av = r.headers["x-request-id"], r.json()["id"]
+            other = h.client.get("/v1/account", headers=auth).headers["x-request-id"]
+            h.worker.run_once()
+            WebhookDispatcher(h.store, h.settings.webhooks, retry_schedule=(60,)).run_once()
+        about_job = [rec.getMessage() for rec in caplog.records if av in rec.getMessage()]
+        assert len(about_job) >= 3 and all(m.startswith(f"[{rid}] ") for m in about_job), about_job
+        tagged = {rec.name: rec.getMessage() for rec in caplog.records if rec.getMessage().startswith(f"[{rid}] ")}
+        assert set(tagged) >= {"serve.submissions", "serve.worker", "serve.webhooks"}, tagged
+        assert "avatar.completed" in tagged["serve.webhooks"]
+        assert any("claimed" in m for m in about_job) and any("completed" in m for m in about_job)
+        assert not any(other in rec.getMessage() for rec in caplog.records if rec.name != "serve.errors")
+    finally:
+        h.store.close()

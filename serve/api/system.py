@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import hmac
-import logging
 
 from fastapi import APIRouter, Request, Response
 
+from ..logctx import logger
 from .. import schemas as S
 from ..errors import authentication_required
 from ..metrics import CONTENT_TYPE
 from .common import Services, Svc, call, json_response
 
-log = logging.getLogger("serve.api")
+log = logger("serve.api")
 router = APIRouter()
 
 

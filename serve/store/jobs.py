@@ -28,6 +28,7 @@ def to_avatar(r: Mapping[str, Any]) -> Avatar:
         error_message=r["error_message"], created_at=r["created_at"], updated_at=r["updated_at"],
         started_at=r["started_at"], completed_at=r["completed_at"], lease_owner=r["lease_owner"],
         lease_token=r["lease_token"], lease_expires_at=r["lease_expires_at"], attempts=int(r["attempts"]),
+        request_id=r["request_id"],
     )
 
 
@@ -47,14 +48,16 @@ class JobsStore(StorePart):
     def submit_job(self, account_id: str, kind: str, params: Mapping[str, Any], *, cost: int, max_concurrent: int,
                    model: str | None = None, prompt: str | None = None, remixed_from: str | None = None,
                    title: str | None = None, description: str | None = None, tags: Sequence[str] | None = None,
-                   metadata: Mapping[str, Any] | None = None, visibility: str = "private") -> Avatar:
+                   metadata: Mapping[str, Any] | None = None, visibility: str = "private",
+                   request_id: str | None = None) -> Avatar:
         """Accept a job in ONE transaction: lock the account, refuse with
         ConcurrencyLimitExceeded when it already has >= `max_concurrent` queued+processing jobs,
         with InsufficientCredits when balance < `cost`, else insert the avatar (status queued)
         and a `reserve` ledger entry (balance -= cost). `model`/`prompt` default to
         `params["model"]`/`params["prompt"]`. With `remixed_from`, the source avatar's `remixes`
         count is incremented in the same transaction (AvatarNotFound if it does not exist;
-        visibility is the caller's check). Raises AccountNotFound, InvalidArgument."""
+        visibility is the caller's check). `request_id` is kept for log correlation.
+        Raises AccountNotFound, InvalidArgument."""
         check_choice(kind, JOB_KINDS, "kind")
         if not isinstance(cost, int) or isinstance(cost, bool) or cost < 0:
             raise InvalidArgument("cost", f"must be a non-negative integer, got {cost!r}")
@@ -67,7 +70,7 @@ class JobsStore(StorePart):
             prompt=prompt if prompt is not None else params.get("prompt"), params=dict(params),
             tags=check_tags(tags if tags is not None else []), metadata=dict(metadata or {}), title=title,
             description=description, visibility=visibility, published=False, remixed_from=remixed_from,
-            credit_cost=cost, attempts=0)
+            credit_cost=cost, attempts=0, request_id=request_id)
 
         def work(conn: Connection) -> Avatar:
             acct = conn.execute(select(accounts.c.id, accounts.c.credits).where(accounts.c.id == account_id)

@@ -30,14 +30,14 @@ def to_delivery(r: Mapping[str, Any]) -> Delivery:
         event_type=r["event_type"], payload=r["payload"], status=r["status"], attempts=int(r["attempts"]),
         next_attempt_at=r["next_attempt_at"], created_at=r["created_at"], last_error=r["last_error"],
         lease_token=r["lease_token"], url=r["url"], secret=r["secret"],
-        endpoint_consecutive_failures=int(r["consecutive_failures"]),
+        endpoint_consecutive_failures=int(r["consecutive_failures"]), request_id=r["request_id"],
     )
 
 
 def default_payload(event_type: str, avatar: Avatar, extra: dict) -> dict:
     """`{"type", "avatar": <record as a dict, worker internals removed>, **extra}`."""
     data = avatar.to_dict()
-    for private in ("lease_owner", "lease_token", "lease_expires_at"):
+    for private in ("lease_owner", "lease_token", "lease_expires_at", "request_id"):
         data.pop(private, None)
     return {"type": event_type, "avatar": data, **extra}
 
@@ -62,7 +62,7 @@ class WebhooksStore(StorePart):
         conn.execute(insert(O), [
             {"id": new_id("msg"), "event_id": event_id, "endpoint_id": endpoint_id, "account_id": avatar.account_id,
              "event_type": str(event_type), "payload": payload, "status": OutboxStatus.PENDING, "attempts": 0,
-             "next_attempt_at": now, "created_at": now, "updated_at": now}
+             "next_attempt_at": now, "created_at": now, "updated_at": now, "request_id": avatar.request_id}
             for endpoint_id in targets])
         return len(targets)
 

@@ -193,6 +193,7 @@ class Avatar:
     lease_token: str | None
     lease_expires_at: float | None
     attempts: int  # how many times it was claimed
+    request_id: str | None = None  # the HTTP request that submitted it (log correlation)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (snake_case, Python values) e.g. for default webhook payloads."""
@@ -266,6 +267,7 @@ class Delivery:
     url: str
     secret: str
     endpoint_consecutive_failures: int
+    request_id: str | None = None  # the request that started the job this event is about
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,7 @@ avatars = Table(
     Column("lease_token", Text),
     Column("lease_expires_at", Timestamp),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("request_id", Text),  # the submitting request (log correlation)
     Index("ix_avatars_account_status", "account_id", "status"),
     Index("ix_avatars_account_created", "account_id", "created_at", "id"),
     Index("ix_avatars_queue", "status", "created_at", "id"),
@@ -202,6 +203,7 @@ webhook_outbox = Table(
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
     Column("delivered_at", Timestamp),
+    Column("request_id", Text),  # the request that started the job whose event this is
     Index("ix_outbox_due", "status", "next_attempt_at"),
     Index("ix_outbox_account", "account_id", "created_at"),
     Index("ix_outbox_endpoint", "endpoint_id"),
