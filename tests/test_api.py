@@ -16,7 +16,6 @@ import time
 from types import SimpleNamespace
 
 import pg_support
-from fakes import FakeClock
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -30,6 +29,8 @@ from serve.policy import PolicyChecker, normalise
 from serve.settings import ServiceSettings, TierLimits
 from serve.store import open_store
 from serve.worker import JobWorker
+
+from helpers import BACKENDS, FakeClock, assert_error, make_account, png_bytes
 
 
 class FakeEngine:
@@ -78,12 +79,7 @@ class Harness:
         self.client = TestClient(self.app, raise_server_exceptions=False)
 
     def account(self, tier="pro", credits=100):
-        acct = self.store.create_account(tier, credits)
-        _, key = self.store.create_api_key(acct.id)
-        return acct, {"Authorization": f"Bearer {key}"}
-
-
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+        return make_account(self.store, tier, credits)
 
 
 class Databases:
@@ -133,27 +129,6 @@ def hs(tmp_path):
     harness = Harness(tmp_path)
     yield harness
     harness.store.close()
-
-
-def png_bytes(size=(96, 96), color=(200, 120, 90)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def assert_error(resp, status, code, param=None):
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert set(body) == {"error"}
-    err = body["error"]
-    assert set(err) == {"code", "message", "param", "requestId"}
-    assert err["code"] == code, err
-    assert err["requestId"].startswith("req_")
-    assert err["message"]
-    if param is not None:
-        assert err["param"] == param, err
-    assert "Traceback" not in resp.text
-    return err
 
 
 # ------------------------------------------------------------------------------------------
@@ -214,14 +189,16 @@ def test_failing_request_fails_alone_and_is_refunded(db, tmp_path):
 
 
 def test_expired_lease_is_reclaimed_and_completed_once(db, tmp_path):
-    h = db.harness(tmp_path)
+    clock = FakeClock()
+    h = db.harness(tmp_path, store_kwargs={"clock": clock})
     acct, auth = h.account(credits=10)
     av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
     # A worker claims the job and dies without heartbeating.
-    dead = h.store.claim_jobs("dead-worker", limit=1, lease_seconds=0.2, models=["fake"])
+    dead = h.store.claim_jobs("dead-worker", limit=1, lease_seconds=20, models=["fake"])
     assert [j.id for j in dead] == [av["id"]]
+    clock.advance(19.9)
     assert h.worker.run_once().claimed == 0  # lease still live: not stolen
-    time.sleep(0.3)
+    clock.advance(0.2)
     assert h.worker.run_once().completed == [av["id"]]
     # The dead worker's late completion is refused; charge happened exactly once.
     assert h.store.complete_job(av["id"], dead[0].lease_token, {"images": []}) is False
@@ -353,7 +330,8 @@ def test_credits_and_concurrency_limits(db, tmp_path):
 
 
 def test_rate_limit_headers_and_429(db, tmp_path):
-    h = db.harness(tmp_path, tiers={"free": {"requests_per_minute": 3, "concurrent_jobs": 1}})
+    h = db.harness(tmp_path, store_kwargs={"clock": FakeClock(1_800_000_000.0)},  # a window's start
+                   tiers={"free": {"requests_per_minute": 3, "concurrent_jobs": 1}})
     _, auth = h.account(tier="free")
     for i in range(3):
         r = h.client.get("/v1/account", headers=auth)
@@ -699,7 +677,9 @@ def test_completed_job_is_delivered_to_a_webhook_with_the_api_avatar(db, tmp_pat
     import threading
 
     from serve.app import event_renderer
-    from serve.webhooks import WebhookDispatcher, verify_signature
+    from standardwebhooks.webhooks import Webhook
+
+    from serve.webhooks import WebhookDispatcher
 
     received = []
 
@@ -724,7 +704,7 @@ def test_completed_job_is_delivered_to_a_webhook_with_the_api_avatar(db, tmp_pat
         WebhookDispatcher(h.store, h.settings.webhooks).drain()
         assert len(received) == 1
         headers, body = received[0]
-        verify_signature(ep["secret"], headers, body)
+        assert Webhook(ep["secret"]).verify(body, headers) == json.loads(body)  # the reference verifier
         payload = json.loads(body)
         assert payload["type"] == "avatar.completed"
         assert payload["data"]["object"]["id"] == av["id"] and payload["data"]["object"]["status"] == "completed"
@@ -816,18 +796,45 @@ def test_output_safety_checker_fails_the_job_and_refunds(db, tmp_path):
 
 
 def test_heartbeat_keeps_a_long_job_from_being_stolen(db, tmp_path):
-    h = db.harness(tmp_path, lease_seconds=0.4, heartbeat_seconds=0.1)
+    """The generation outlasts three lease lengths (on the store's fake clock); the worker's
+    heartbeat thread keeps extending the lease, so a second worker cannot take the job."""
+    clock = FakeClock()
+    h = db.harness(tmp_path, store_kwargs={"clock": clock}, lease_seconds=10, heartbeat_seconds=0.02)
+    _, auth = h.account()
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
+    stolen, beats = [], []
+
+    def slow():
+        for _ in range(3):  # 24 s of generation with a 10 s lease
+            clock.advance(8)
+            deadline = time.monotonic() + 30  # bound for a starved thread, never asserted
+            while h.store.get_avatar(av["id"]).lease_expires_at < clock() + 9 and time.monotonic() < deadline:
+                time.sleep(0.01)  # until the heartbeat has extended the lease from the new "now"
+            beats.append(h.store.get_avatar(av["id"]).lease_expires_at - clock())
+            stolen.extend(h.store.claim_jobs("thief", limit=1, lease_seconds=5, models=["fake"]))
+
+    h.engine.before_return = slow
+    assert h.worker.run_once().completed == [av["id"]]
+    assert beats == [10, 10, 10]  # each extension reaches a full lease from the current time
+    assert stolen == [] and h.store.get_avatar(av["id"]).attempts == 1
+
+
+def test_without_heartbeats_an_overrunning_job_is_reclaimed(db, tmp_path):
+    """The counter-check of the test above: the same overrun with a heartbeat too slow to fire
+    loses the lease, the thief takes the job and the first worker's result is dropped."""
+    clock = FakeClock()
+    h = db.harness(tmp_path, store_kwargs={"clock": clock}, lease_seconds=10, heartbeat_seconds=3600)
     _, auth = h.account()
     av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
     stolen = []
 
     def slow():
-        time.sleep(1.2)  # three lease lengths
+        clock.advance(11)
         stolen.extend(h.store.claim_jobs("thief", limit=1, lease_seconds=5, models=["fake"]))
 
     h.engine.before_return = slow
-    assert h.worker.run_once().completed == [av["id"]]
-    assert stolen == [] and h.store.get_avatar(av["id"]).attempts == 1
+    report = h.worker.run_once()
+    assert [j.id for j in stolen] == [av["id"]] and report.dropped == [av["id"]] and report.completed == []
 
 
 def test_cli_create_key_and_grant_credits(db, tmp_path, capsys):
@@ -867,7 +874,8 @@ def _assert_rate_headers(resp, quota):
 
 
 def test_every_refusal_has_the_error_shape_and_rate_limit_headers(db, tmp_path):
-    h = db.harness(tmp_path, tiers={"free": {"requests_per_minute": 4, "concurrent_jobs": 1}})
+    h = db.harness(tmp_path, store_kwargs={"clock": FakeClock(1_800_000_000.0)},
+                   tiers={"free": {"requests_per_minute": 4, "concurrent_jobs": 1}})
     _, auth = h.account(tier="free", credits=2)
     r = h.client.post("/v1/avatars/generate", json={"prompt": "x", "batchSize": 2}, headers=auth)
     err = assert_error(r, 402, "insufficient_credits")

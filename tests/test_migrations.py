@@ -17,7 +17,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 import pg_support
-from fakes import FakeClock
+from helpers import FakeClock
 from fixtures import legacy_schema_v1
 from serve.store import IdempotencyState, open_store
 from serve.store.db import Database

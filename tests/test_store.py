@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
+from sqlalchemy import text as sa_text
 
+from helpers import BACKENDS, FakeClock, run_parallel, store_url
 from serve.store import (
     IDEMPOTENCY_TTL_S,
     WORKER_LOST_CODE,
@@ -27,30 +28,9 @@ from serve.store import (
     PermissionDenied,
     open_store,
 )
-from sqlalchemy import text
-
 from serve.store.db import Database
 
-from pg_support import PG_DSN, SESSION, require_postgres, unreachable
-from fakes import FakeClock
-
 REPO = Path(__file__).resolve().parents[1]
-_schema_counter = iter(range(1_000_000))
-
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _drop_leftover_schemas():
-    """Belt and braces: drop this session's schemas even if a test teardown was interrupted."""
-    yield
-    if unreachable() is None:
-        import psycopg
-
-        with psycopg.connect(PG_DSN, autocommit=True) as conn:
-            rows = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE %s",
-                                (f"store_test_{SESSION}_%",)).fetchall()
-            for (name,) in rows:
-                conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 @pytest.fixture
@@ -58,18 +38,15 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def backend(request, tmp_path) -> dict[str, Any]:
-    """Where a fresh, empty database lives: {"url": ..., "schema": ...}."""
-    if request.param == "sqlite":
-        return {"url": f"sqlite:///{tmp_path / 'store.db'}", "schema": None}
-    require_postgres()
-    return {"url": PG_DSN, "schema": f"store_test_{SESSION}_{next(_schema_counter)}"}
+@pytest.fixture(params=BACKENDS)
+def backend(request, tmp_path) -> str:
+    """The URL of a fresh, empty database (PostgreSQL: its own schema)."""
+    return store_url(request.param, tmp_path, "store")
 
 
 @pytest.fixture
 def store(backend, clock):
-    s = open_store(backend["url"], schema=backend["schema"], clock=clock)
+    s = open_store(backend, clock=clock)
     yield s
     try:
         mismatched = sql(s, (  # the ledger invariant, checked after every test
@@ -83,27 +60,7 @@ def store(backend, clock):
 
 def sql(store, query: str) -> list[dict[str, Any]]:
     """Rows of a raw read-only query, as dicts."""
-    return [dict(r) for r in store.db.read(lambda c: c.execute(text(query)).mappings().all())]
-
-
-def run_parallel(fns: list[Callable[[], Any]]) -> list[Any]:
-    """Run the callables in threads released together; returns results or raised exceptions."""
-    barrier = threading.Barrier(len(fns))
-    out: list[Any] = [None] * len(fns)
-
-    def worker(i: int) -> None:
-        barrier.wait()
-        try:
-            out[i] = fns[i]()
-        except Exception as exc:  # noqa: BLE001 - collected for assertions
-            out[i] = exc
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return out
+    return [dict(r) for r in store.db.read(lambda c: c.execute(sa_text(query)).mappings().all())]
 
 
 def submit(store, account_id: str, cost: int = 2, max_concurrent: int = 100, **kw):
@@ -127,7 +84,7 @@ def test_migrations_are_versioned_and_idempotent(store, backend, clock):
     assert head == "0003" and store.schema_revision() == head
     acct = store.create_account("pro", 5)
     assert store.migrate() == head
-    again = open_store(backend["url"], schema=backend["schema"], clock=clock)
+    again = open_store(backend, clock=clock)
     try:
         assert again.schema_revision() == head
         assert again.get_account(acct.id) == acct
@@ -198,17 +155,17 @@ def test_submits_from_several_processes(store, backend):
     script = (
         "import sys\n"
         "from serve.store import open_store, InsufficientCredits\n"
-        "s = open_store(sys.argv[1], schema=sys.argv[2] or None)\n"
+        "s = open_store(sys.argv[1])\n"
         "ok = 0\n"
         "for _ in range(8):\n"
         "    try:\n"
-        "        s.submit_job(sys.argv[3], 'generate', {'prompt': 'p'}, cost=1, max_concurrent=1000)\n"
+        "        s.submit_job(sys.argv[2], 'generate', {'prompt': 'p'}, cost=1, max_concurrent=1000)\n"
         "        ok += 1\n"
         "    except InsufficientCredits:\n"
         "        pass\n"
         "print(ok)\n"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", script, backend["url"], backend["schema"] or "", acct.id],
+    procs = [subprocess.Popen([sys.executable, "-c", script, backend, acct.id],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(4)]
     outs = [p.communicate(timeout=60) for p in procs]
@@ -662,7 +619,7 @@ def test_event_renderer_and_queue_stats(backend, clock):
         seen.append(event_type)
         return {"type": event_type, "data": {"id": avatar.id, "status": avatar.status}, **extra}
 
-    s = open_store(backend["url"], schema=backend["schema"], clock=clock, event_renderer=render)
+    s = open_store(backend, clock=clock, event_renderer=render)
     try:
         acct = s.create_account("pro", 10)
         s.create_endpoint(acct.id, "https://hooks.example/r")
