@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .logctx import logger
+from .vocab import JOB_KINDS
 
 log = logger("serve.engine_client")
 
-ALL_KINDS = ("generate", "percify", "cast", "remix")
+ALL_KINDS = JOB_KINDS
 
 
 @dataclass(frozen=True)

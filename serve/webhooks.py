@@ -1,18 +1,12 @@
-"""Durable webhook delivery: Standard Webhooks signing, an SSRF guard and the outbox dispatcher.
+"""Durable webhook delivery: the outbox dispatcher (signing: `serve.signing`; the SSRF guard:
+`serve.destinations`; both re-exported here).
 
 The store writes one outbox message per subscribed endpoint in the same transaction as the
 state change; this module only *drains* that outbox, so an event is never lost: a dispatcher
 that dies mid-delivery leaves a lease that expires, and another dispatcher sends the message
 again under the same `webhook-id` (receivers de-duplicate on it — delivery is at-least-once).
 
-Signing follows https://www.standardwebhooks.com: the secret is `whsec_<base64 key>`, the key
-is the base64-decoded part, and `webhook-signature` is `v1,<base64 HMAC-SHA256 of
-"{webhook-id}.{webhook-timestamp}.{body}">` (several space-separated signatures are accepted on
-verification, for key rotation).
-
-SSRF: `check_destination` resolves the URL's host and refuses it when ANY address is private,
-loopback, link-local, CGNAT, multicast, reserved or unspecified (IPv4 embedded in IPv6 —
-mapped, 6to4, NAT64 — is unwrapped first) unless the operator allows it. The dispatcher then
+SSRF: every attempt re-vets the destination (`check_destination`) and the dispatcher then
 connects to exactly the vetted address (DNS pinning, so a rebinding DNS answer between check and
 connect cannot redirect it): the request URL's host is replaced by the IP, the `Host` header
 carries the original host, and for https the TLS SNI and certificate check use the original host
@@ -22,11 +16,6 @@ environment proxies are ignored (`trust_env=False`) so nothing bypasses the pinn
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
-import ipaddress
 import json
 import logging
 import math
@@ -37,14 +26,16 @@ import ssl
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable
 
 import httpx
 
+from .destinations import DestinationRefused, Resolver, check_destination, destination_error
 from .logctx import logger, request_context
 from .loops import BackgroundLoop
 from .schemas import iso
 from .settings import USER_AGENT, WebhookSettings
+from .signing import SignatureError, secret_key, sign, signature_headers, verify, verify_signature
 from .store import Delivery, Store
 
 log = logger("serve.webhooks")
@@ -55,222 +46,10 @@ __all__ = [
     "check_destination", "destination_error", "render_body", "verify",
 ]
 
-SECRET_PREFIX = "whsec_"
 #: Most bytes of a receiver's response body read (for the error message); the rest is dropped.
 MAX_RESPONSE_BYTES = 4096
 #: Most vetted addresses of one host tried when connecting fails.
 MAX_ADDRESSES_TRIED = 3
-
-Resolver = Callable[[str, int], Sequence[str]]
-
-
-# --------------------------------------------------------------------------------------------
-# Signing (Standard Webhooks)
-# --------------------------------------------------------------------------------------------
-class SignatureError(ValueError):
-    """A webhook failed verification; the message says why (missing header, stale, mismatch)."""
-
-
-def secret_key(secret: str) -> bytes:
-    """The HMAC key of a `whsec_<base64>` secret (the prefix is optional, as in the reference
-    libraries). Raises ValueError naming the secret when the base64 part is malformed."""
-    raw = secret[len(SECRET_PREFIX):] if secret.startswith(SECRET_PREFIX) else secret
-    try:
-        key = base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("secret: not a Standard Webhooks secret (whsec_ + base64)") from None
-    if not key:
-        raise ValueError("secret: empty key")
-    return key
-
-
-def _body_bytes(body: bytes | str) -> bytes:
-    return body.encode("utf-8") if isinstance(body, str) else bytes(body)
-
-
-def sign(secret: str, msg_id: str, timestamp: int, body: bytes | str) -> str:
-    """`v1,<base64 HMAC-SHA256("{msg_id}.{timestamp}.{body}")>`."""
-    to_sign = f"{msg_id}.{int(timestamp)}.".encode() + _body_bytes(body)
-    digest = hmac.new(secret_key(secret), to_sign, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode("ascii")
-
-
-def signature_headers(secret: str, msg_id: str, timestamp: int, body: bytes | str) -> dict[str, str]:
-    """The three Standard Webhooks headers for one attempt."""
-    return {
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(int(timestamp)),
-        "webhook-signature": sign(secret, msg_id, timestamp, body),
-    }
-
-
-def verify_signature(secret: str, headers: Mapping[str, str], body: bytes | str, *,
-                     tolerance_s: float = 300.0, now: float | None = None) -> str:
-    """Verify a received webhook (receivers and tests); returns its `webhook-id`.
-
-    Header names are case-insensitive; the timestamp must lie within `tolerance_s` of `now`
-    (default: the wall clock) in either direction, which bounds replays; any one of the
-    space-separated `v1,` signatures may match (compared in constant time). Raises
-    SignatureError."""
-    lower = {str(k).lower(): str(v) for k, v in headers.items()}
-    missing = [h for h in ("webhook-id", "webhook-timestamp", "webhook-signature") if not lower.get(h)]
-    if missing:
-        raise SignatureError(f"missing header(s): {', '.join(missing)}")
-    msg_id, ts_raw = lower["webhook-id"], lower["webhook-timestamp"]
-    try:
-        ts = int(ts_raw)
-    except ValueError:
-        raise SignatureError(f"webhook-timestamp: not an integer ({ts_raw[:32]!r})") from None
-    current = time.time() if now is None else now
-    if abs(current - ts) > tolerance_s:
-        raise SignatureError(f"webhook-timestamp: {ts} is outside the {tolerance_s:g} s tolerance")
-    expected = sign(secret, msg_id, ts, body).split(",", 1)[1].encode("ascii")
-    for candidate in lower["webhook-signature"].split():
-        version, _, sig = candidate.partition(",")
-        if version == "v1" and hmac.compare_digest(sig.encode("ascii", "replace"), expected):
-            return msg_id
-    raise SignatureError("webhook-signature: no matching v1 signature")
-
-
-def verify(secret: str, headers: Mapping[str, str], body: bytes | str, *, tolerance_s: float = 300.0,
-           now: float | None = None) -> bool:
-    """`verify_signature` as a boolean, for receivers that only need yes/no."""
-    try:
-        verify_signature(secret, headers, body, tolerance_s=tolerance_s, now=now)
-        return True
-    except (SignatureError, ValueError):
-        return False
-
-
-# --------------------------------------------------------------------------------------------
-# SSRF guard
-# --------------------------------------------------------------------------------------------
-class DestinationRefused(ValueError):
-    """A webhook URL is not allowed; `param` is always "url" (maps to HTTP 400)."""
-
-    param = "url"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"url: {message}")
-        self.message = message
-
-
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_HINT = "set webhook_allow_private or add the host or its network to webhook_allowlist"
-
-
-def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """IPv4 address carried inside an IPv6 one (mapped, 6to4, NAT64), which routes there."""
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip in _NAT64:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return None
-
-
-def _blocked_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """Why an address is not a public unicast destination, or None when it is."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        inner = _embedded_v4(ip)
-        if inner is not None:
-            kind = _blocked_kind(inner)
-            return f"{kind} (embeds IPv4 {inner})" if kind else None
-    if ip.is_unspecified:
-        return "unspecified"
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_link_local:
-        return "link-local"
-    if ip.is_multicast:
-        return "multicast"
-    if isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT:
-        return "carrier-grade NAT (100.64.0.0/10)"
-    if ip.is_private:
-        return "private"
-    if ip.is_reserved:
-        return "reserved"
-    if not ip.is_global:
-        return "non-global"
-    return None
-
-
-def _parse_allowlist(allowlist: Iterable[str]) -> tuple[set[str], list[Any]]:
-    hosts: set[str] = set()
-    nets: list[Any] = []
-    for entry in allowlist or ():
-        entry = str(entry).strip()
-        if not entry:
-            continue
-        try:
-            nets.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
-        except ValueError:
-            hosts.add(entry.lower().rstrip("."))
-    return hosts, nets
-
-
-def _default_resolver(host: str, port: int) -> list[str]:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    return [info[4][0] for info in infos]
-
-
-def check_destination(url: str | httpx.URL, *, allow_private: bool = False,
-                      allowlist: Iterable[str] = (), resolver: Resolver | None = None) -> list[str]:
-    """Vet a webhook URL; returns the resolved addresses (strings, resolver order, no duplicates)
-    that the caller must connect to — and only to — to defeat DNS rebinding.
-
-    Refused (DestinationRefused naming why): a scheme other than http/https, a missing host,
-    credentials in the URL, a host that does not resolve, and — unless `allow_private` — a host
-    with ANY address that is private, loopback, link-local, CGNAT, multicast, reserved or
-    unspecified. `allowlist` entries are host names (exact, case-insensitive: all of that
-    host's addresses are allowed) or IPs/CIDRs (addresses inside are allowed).
-    `resolver(host, port) -> [ip, ...]` defaults to getaddrinfo (tests inject one)."""
-    try:
-        u = url if isinstance(url, httpx.URL) else httpx.URL(str(url))
-    except (httpx.InvalidURL, TypeError, ValueError) as exc:
-        raise DestinationRefused(f"malformed URL ({exc})") from None
-    if u.scheme not in ("http", "https"):
-        raise DestinationRefused(f"scheme {u.scheme or '(none)'!r} is not allowed; use http or https")
-    if not u.raw_host:
-        raise DestinationRefused("has no host")
-    if u.userinfo:
-        raise DestinationRefused("must not contain credentials (user:password@)")
-    host = u.raw_host.decode("ascii")  # IDNA-encoded; IPv6 literals without brackets
-    port = u.port or (443 if u.scheme == "https" else 80)
-    try:
-        addrs = list(dict.fromkeys(a.split("%", 1)[0] for a in (resolver or _default_resolver)(host, port)))
-    except (OSError, UnicodeError) as exc:
-        raise DestinationRefused(f"host {host!r} does not resolve ({exc})") from None
-    if not addrs:
-        raise DestinationRefused(f"host {host!r} does not resolve")
-    if allow_private:
-        return addrs
-    allowed_hosts, allowed_nets = _parse_allowlist(allowlist)
-    host_allowed = host.lower().rstrip(".") in allowed_hosts
-    for a in addrs:
-        try:
-            ip = ipaddress.ip_address(a)
-        except ValueError:
-            raise DestinationRefused(f"host {host!r} resolved to an invalid address {a!r}") from None
-        kind = _blocked_kind(ip)
-        if kind is None or host_allowed or any(ip.version == n.version and ip in n for n in allowed_nets):
-            continue
-        where = f"address {ip}" if host == str(ip) else f"host {host!r} resolves to {ip}, which"
-        raise DestinationRefused(f"{where} is {kind}; refused ({_HINT})")
-    return addrs
-
-
-def destination_error(url: str, settings: Any, *, resolver: Resolver | None = None) -> str | None:
-    """Why `url` is refused under the webhook settings' `allow_private` / `allowlist` (a
-    WebhookSettings, or a ServiceSettings' `webhooks`), or None when allowed."""
-    hooks: WebhookSettings = getattr(settings, "webhooks", settings)
-    try:
-        check_destination(url, allow_private=hooks.allow_private, allowlist=hooks.allowlist, resolver=resolver)
-    except DestinationRefused as exc:
-        return str(exc)
-    return None
 
 
 # --------------------------------------------------------------------------------------------

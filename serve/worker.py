@@ -30,6 +30,7 @@ from .loops import BackgroundLoop
 from .policy import PolicyChecker
 from .settings import ServiceSettings
 from .store import Avatar, Store
+from .vocab import JobStatus
 
 log = logger("serve.worker")
 
@@ -192,7 +193,7 @@ class JobWorker:
             report.dropped.extend(ids)
             for job, _ in runnable:
                 self._outcome(job, "dropped")
-                if self.store.job_statuses([job.id]).get(job.id) in (None, "cancelled"):
+                if self.store.job_statuses([job.id]).get(job.id) in (None, JobStatus.CANCELLED):
                     self.assets.delete_avatar(job.id)
             return
         except Exception as exc:  # noqa: BLE001
@@ -234,7 +235,7 @@ class JobWorker:
                 report.retried.append(job.id)
                 self._outcome(job, "retried")
             else:
-                if self.store.job_statuses([job.id]).get(job.id) in (None, "cancelled"):
+                if self.store.job_statuses([job.id]).get(job.id) in (None, JobStatus.CANCELLED):
                     self.assets.delete_avatar(job.id)  # deleted meanwhile: drop any partial files
                 report.dropped.append(job.id)
                 self._outcome(job, "dropped")
@@ -280,7 +281,7 @@ class JobWorker:
         # Not ours any more: cancelled/deleted while running (drop the files) or reclaimed by
         # another worker after our lease expired (it writes the same keys; leave them).
         status = self.store.job_statuses([job.id]).get(job.id)
-        if status in (None, "cancelled"):
+        if status in (None, JobStatus.CANCELLED):
             self.assets.delete_avatar(job.id)
         report.dropped.append(job.id)
         self._outcome(job, "dropped")
