@@ -6,7 +6,7 @@ import hmac
 import re
 from typing import Any, Mapping
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from ..vocab import TIERS, LedgerKind
 from .base import StorePart, check_choice, new_id, random_string
@@ -17,6 +17,14 @@ _KEY_ENV_RE = re.compile(r"^[a-z]{2,10}$")
 _PREFIX_RANDOM_LEN = 8
 _SECRET_LEN = 32
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
+
+
+_ADD_LEDGER = insert(credit_ledger)
+_MOVE_CREDITS = update(accounts).where(accounts.c.id == bindparam("acct")).values(
+    credits=accounts.c.credits + bindparam("delta"))
+_GET_ACCOUNT = select(accounts).where(accounts.c.id == bindparam("acct"))
+_KEY_LOOKUP = (select(api_keys.c.secret_hash, api_keys.c.revoked, *accounts.c)
+               .join(accounts, accounts.c.id == api_keys.c.account_id).where(api_keys.c.prefix == bindparam("prefix")))
 
 
 def _hash_key(plaintext: str) -> str:
@@ -51,13 +59,12 @@ class AccountsStore(StorePart):
     def add_ledger(self, conn: Connection, account_id: str, kind: LedgerKind, amount: int, delta: int,
                    avatar_id: str | None, note: str | None = None) -> None:
         """Append one ledger entry (inside the caller's transaction)."""
-        conn.execute(insert(credit_ledger).values(account_id=account_id, kind=kind, amount=amount, delta=delta,
-                                                  avatar_id=avatar_id, note=note, created_at=self._now()))
+        conn.execute(_ADD_LEDGER, {"account_id": account_id, "kind": kind, "amount": amount, "delta": delta,
+                                   "avatar_id": avatar_id, "note": note, "created_at": self._now()})
 
     def move_credits(self, conn: Connection, account_id: str, delta: int) -> None:
         if delta:
-            conn.execute(update(accounts).where(accounts.c.id == account_id)
-                         .values(credits=accounts.c.credits + delta))
+            conn.execute(_MOVE_CREDITS, {"acct": account_id, "delta": delta})
 
     def create_account(self, tier: str = "free", credits: int = 0) -> Account:
         """New account; initial credits are recorded as a `grant` ledger entry."""
@@ -76,7 +83,7 @@ class AccountsStore(StorePart):
         return self.db.run(work)
 
     def get_account(self, account_id: str) -> Account | None:
-        row = self.db.read(lambda c: c.execute(select(accounts).where(accounts.c.id == account_id)).mappings().first())
+        row = self.db.read(lambda c: c.execute(_GET_ACCOUNT, {"acct": account_id}).mappings().first())
         return to_account(row) if row else None
 
     def _update_account(self, account_id: str, **values: Any) -> Any:
@@ -145,9 +152,7 @@ class AccountsStore(StorePart):
         prefix = _key_prefix(plaintext_key)
         row = None
         if prefix is not None:
-            stmt = (select(api_keys.c.secret_hash, api_keys.c.revoked, *accounts.c)
-                    .join(accounts, accounts.c.id == api_keys.c.account_id).where(api_keys.c.prefix == prefix))
-            row = self.db.read(lambda c: c.execute(stmt).mappings().first())
+            row = self.db.read(lambda c: c.execute(_KEY_LOOKUP, {"prefix": prefix}).mappings().first())
         expected = row["secret_hash"] if row else _DUMMY_HASH
         # Compare even when the prefix is unknown so timing does not reveal valid prefixes.
         ok = hmac.compare_digest(expected.encode(), _hash_key(plaintext_key).encode())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from sqlalchemy import Connection, ColumnElement, Select, delete, func, select, true, update
+from sqlalchemy import Connection, ColumnElement, Select, bindparam, delete, func, select, true, update
 
 from ..vocab import ACTIVE_STATUSES, JOB_KINDS, JOB_STATUSES, SORT_FIELDS, SORT_ORDERS, VISIBILITIES
 from ..vocab import EventType, FeedSort, JobStatus, Visibility, values
@@ -13,6 +13,7 @@ from .jobs import check_tags, to_avatar
 from .records import UNSET, Avatar, InvalidArgument, InvalidState, Page
 from .schema import avatars as A, comments, likes
 
+_GET = select(A).where(A.c.id == bindparam("aid"))
 _SORT_COLUMNS = {"createdAt": A.c.created_at, "likes": A.c.likes, "comments": A.c.comments, "remixes": A.c.remixes}
 
 
@@ -40,7 +41,7 @@ def page(conn: Connection, stmt: Select, column: Any, id_column: Any, order: str
 class AvatarsStore(StorePart):
     def get_avatar(self, avatar_id: str) -> Avatar | None:
         """The avatar (any owner) or None; the caller checks visibility against `account_id`."""
-        row = self.db.read(lambda c: c.execute(select(A).where(A.c.id == avatar_id)).mappings().first())
+        row = self.db.read(lambda c: c.execute(_GET, {"aid": avatar_id}).mappings().first())
         return to_avatar(row) if row else None
 
     def list_avatars(self, account_id: str, *, limit: int = 20, cursor: str | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from sqlalchemy import Connection, false, func, insert, or_, select, update
+from sqlalchemy import Connection, bindparam, false, func, insert, or_, select, update
 
 from ..vocab import ACTIVE_STATUSES, JOB_KINDS, VISIBILITIES, EventType, JobStatus, LedgerKind
 from .base import StorePart, check_choice, check_limit, new_id, new_token
@@ -15,6 +15,24 @@ from .records import (
 from .schema import accounts, avatars as A
 
 _ACTIVE = A.c.status.in_(ACTIVE_STATUSES)
+_EXPIRED = (A.c.status == JobStatus.PROCESSING) & (A.c.lease_expires_at < bindparam("now"))
+
+# The hot paths' statements, built once (SQLAlchemy then only binds parameters).
+_ACTIVE_COUNT = select(func.count()).select_from(A).where(A.c.account_id == bindparam("acct"), _ACTIVE)
+_LOCK_ACCOUNT = select(accounts.c.id, accounts.c.credits).where(accounts.c.id == bindparam("acct")).with_for_update()
+_COUNT_REMIX = update(A).where(A.c.id == bindparam("src")).values(remixes=A.c.remixes + 1)
+_INSERT_JOB = insert(A).returning(*A.c)
+_FINISH_ANY = update(A).where(A.c.id == bindparam("aid"), _ACTIVE).returning(*A.c)
+_FINISH_HELD = update(A).where(A.c.id == bindparam("aid"), A.c.status == JobStatus.PROCESSING,
+                               A.c.lease_token == bindparam("token")).returning(*A.c)
+_LOCK_AVATAR = select(A).where(A.c.id == bindparam("aid")).with_for_update()
+_CLAIM = (update(A).where(A.c.id == bindparam("aid"), (A.c.status == JobStatus.QUEUED) | _EXPIRED)
+          .values(status=JobStatus.PROCESSING, attempts=A.c.attempts + 1).returning(*A.c))
+_HEARTBEAT = update(A).where(A.c.id == bindparam("aid"), A.c.lease_token == bindparam("token"),
+                             A.c.lease_owner == bindparam("owner"), A.c.status == JobStatus.PROCESSING)
+_REQUEUE = update(A).where(A.c.id == bindparam("aid"), A.c.status == JobStatus.PROCESSING,
+                           A.c.lease_token == bindparam("token"))
+_QUEUE_STATS = select(A.c.status, func.count()).where(_ACTIVE).group_by(A.c.status)
 
 
 def to_avatar(r: Mapping[str, Any]) -> Avatar:
@@ -39,8 +57,7 @@ def check_tags(tags: Any) -> list[str]:
 
 
 def _active_count(conn: Connection, account_id: str) -> int:
-    return int(conn.execute(select(func.count()).select_from(A).where(A.c.account_id == account_id, _ACTIVE))
-               .scalar_one())
+    return int(conn.execute(_ACTIVE_COUNT, {"acct": account_id}).scalar_one())
 
 
 class JobsStore(StorePart):
@@ -73,8 +90,7 @@ class JobsStore(StorePart):
             credit_cost=cost, attempts=0, request_id=request_id)
 
         def work(conn: Connection) -> Avatar:
-            acct = conn.execute(select(accounts.c.id, accounts.c.credits).where(accounts.c.id == account_id)
-                                .with_for_update()).first()
+            acct = conn.execute(_LOCK_ACCOUNT, {"acct": account_id}).first()
             if acct is None:
                 raise AccountNotFound(account_id)
             active = _active_count(conn, account_id)
@@ -83,10 +99,10 @@ class JobsStore(StorePart):
             if int(acct.credits) < cost:
                 raise InsufficientCredits(int(acct.credits), cost)
             if remixed_from is not None:
-                if conn.execute(update(A).where(A.c.id == remixed_from).values(remixes=A.c.remixes + 1)).rowcount == 0:
+                if conn.execute(_COUNT_REMIX, {"src": remixed_from}).rowcount == 0:
                     raise AvatarNotFound(remixed_from)
             now = self._now()
-            row = conn.execute(insert(A).values(**values, created_at=now, updated_at=now).returning(*A.c)).mappings().one()
+            row = conn.execute(_INSERT_JOB, {**values, "created_at": now, "updated_at": now}).mappings().one()
             self.move_credits(conn, account_id, -cost)
             self.add_ledger(conn, account_id, LedgerKind.RESERVE, cost, -cost, values["id"])
             return to_avatar(row)
@@ -100,13 +116,14 @@ class JobsStore(StorePart):
 
         `token` None = any active job (cancel/reap); else only processing with that token."""
         now = self._now()
-        guard = [_ACTIVE] if token is None else [A.c.status == JobStatus.PROCESSING, A.c.lease_token == token]
         values: dict[str, Any] = dict(status=status, error_code=code, error_message=message, completed_at=now,
                                       updated_at=now, lease_owner=None, lease_token=None, lease_expires_at=None)
         if result is not None:
             values["result"] = dict(result)
-        row = conn.execute(update(A).where(A.c.id == avatar_id, *guard).values(**values).returning(*A.c)
-                           ).mappings().first()
+        if token is None:
+            row = conn.execute(_FINISH_ANY, {"aid": avatar_id, **values}).mappings().first()
+        else:
+            row = conn.execute(_FINISH_HELD, {"aid": avatar_id, "token": token, **values}).mappings().first()
         if row is None:
             return None
         avatar = to_avatar(row)
@@ -123,7 +140,7 @@ class JobsStore(StorePart):
 
     def owned_row(self, conn: Connection, avatar_id: str, account_id: str, action: str = "modify") -> Mapping[str, Any]:
         """The avatar's row, locked (PostgreSQL); AvatarNotFound / PermissionDenied(action) otherwise."""
-        row = conn.execute(select(A).where(A.c.id == avatar_id).with_for_update()).mappings().first()
+        row = conn.execute(_LOCK_AVATAR, {"aid": avatar_id}).mappings().first()
         if row is None:
             raise AvatarNotFound(avatar_id)
         if row["account_id"] != account_id:
@@ -183,8 +200,7 @@ class JobsStore(StorePart):
             self._reap(conn, now, max_attempts)
             if (kinds is not None and not kinds) or (models is not None and not models):
                 return []
-            expired = (A.c.status == JobStatus.PROCESSING) & (A.c.lease_expires_at < now)
-            where = [(A.c.status == JobStatus.QUEUED) | (expired & (A.c.attempts < max_attempts))]
+            where = [(A.c.status == JobStatus.QUEUED) | (_EXPIRED & (A.c.attempts < max_attempts))]
             if kinds is not None:
                 where.append(A.c.kind.in_(list(kinds)))
             if models is not None:
@@ -192,15 +208,13 @@ class JobsStore(StorePart):
                 where.append(or_(A.c.model.in_(named) if named else false(),
                                  A.c.model.is_(None) if len(named) < len(models) else false()))
             ids = conn.execute(select(A.c.id).where(*where).order_by(A.c.created_at, A.c.id).limit(limit)
-                               .with_for_update(skip_locked=True)).scalars().all()
+                               .with_for_update(skip_locked=True), {"now": now}).scalars().all()
             claimed = []
             for avatar_id in ids:
-                row = conn.execute(
-                    update(A).where(A.c.id == avatar_id, (A.c.status == JobStatus.QUEUED) | expired)
-                    .values(status=JobStatus.PROCESSING, lease_owner=worker_id, lease_token=new_token(),
-                            lease_expires_at=now + lease_seconds, attempts=A.c.attempts + 1, started_at=now,
-                            updated_at=now)
-                    .returning(*A.c)).mappings().first()
+                row = conn.execute(_CLAIM, {
+                    "aid": avatar_id, "now": now, "lease_owner": worker_id, "lease_token": new_token(),
+                    "lease_expires_at": now + lease_seconds, "started_at": now, "updated_at": now,
+                }).mappings().first()
                 if row is not None:
                     claimed.append(to_avatar(row))
             return claimed
@@ -216,9 +230,8 @@ class JobsStore(StorePart):
 
         def work(conn: Connection) -> set[str]:
             expires = self._now() + lease_seconds
-            return {avatar_id for avatar_id, token in leases.items() if conn.execute(
-                update(A).where(A.c.id == avatar_id, A.c.lease_token == token, A.c.lease_owner == worker_id,
-                                A.c.status == JobStatus.PROCESSING).values(lease_expires_at=expires)).rowcount}
+            return {avatar_id for avatar_id, token in leases.items() if conn.execute(_HEARTBEAT, {
+                "aid": avatar_id, "token": token, "owner": worker_id, "lease_expires_at": expires}).rowcount}
 
         return self.db.run(work)
 
@@ -236,8 +249,7 @@ class JobsStore(StorePart):
 
     def queue_stats(self) -> dict[str, int]:
         """{"queued": n, "processing": m} over all accounts (metrics, autoscaling)."""
-        rows = self.db.read(lambda c: c.execute(select(A.c.status, func.count()).where(_ACTIVE)
-                                                .group_by(A.c.status)).all())
+        rows = self.db.read(lambda c: c.execute(_QUEUE_STATS).all())
         return {"queued": 0, "processing": 0, **{status: int(n) for status, n in rows}}
 
     def complete_job(self, avatar_id: str, lease_token: str, result: Mapping[str, Any]) -> bool:
@@ -259,7 +271,6 @@ class JobsStore(StorePart):
     def requeue_job(self, avatar_id: str, lease_token: str) -> bool:
         """Give a held job back to the queue (graceful worker shutdown, storage error):
         processing -> queued, lease cleared; its attempts count stays. False when not held any more."""
-        return self.db.run(lambda c: c.execute(
-            update(A).where(A.c.id == avatar_id, A.c.status == JobStatus.PROCESSING, A.c.lease_token == lease_token)
-            .values(status=JobStatus.QUEUED, lease_owner=None, lease_token=None, lease_expires_at=None,
-                    updated_at=self._now())).rowcount > 0)
+        return self.db.run(lambda c: c.execute(_REQUEUE, {
+            "aid": avatar_id, "token": lease_token, "status": JobStatus.QUEUED, "lease_owner": None,
+            "lease_token": None, "lease_expires_at": None, "updated_at": self._now()}).rowcount > 0)

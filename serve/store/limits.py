@@ -6,7 +6,10 @@ import hmac
 import math
 from typing import Mapping
 
-from sqlalchemy import Connection, delete, select, update
+import functools
+
+from sqlalchemy import Connection, bindparam, delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from ..vocab import IdempotencyStatus
 from .base import StorePart, dialect_insert
@@ -15,6 +18,18 @@ from .records import (
     StoredResponse,
 )
 from .schema import idempotency_keys as K, rate_limits as R
+
+
+_WINDOW_COUNT = select(R.c.count).where(R.c.bucket == bindparam("bucket"), R.c.window_id == bindparam("wid"))
+_DROP_OLD_WINDOWS = delete(R).where(R.c.bucket == bindparam("bucket"), R.c.window_id < bindparam("wid"))
+
+
+@functools.cache
+def _count_hit(dialect: str):
+    """INSERT the window's first hit, or add one while the count is below `cap` (RETURNING it)."""
+    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(R)
+    return stmt.on_conflict_do_update(index_elements=["bucket", "window_id"], set_={"count": R.c.count + 1},
+                                      where=R.c.count < bindparam("cap")).returning(R.c.count)
 
 
 def retry_after(limit: int, prev: int, cur: int, elapsed: float, window: float) -> float:
@@ -108,8 +123,7 @@ class LimitsStore(StorePart):
         bucket = f"{account_id}:{window_seconds:g}"
 
         def count(conn: Connection, window_id: int) -> int:
-            return int(conn.execute(select(R.c.count).where(R.c.bucket == bucket, R.c.window_id == window_id))
-                       .scalar() or 0)
+            return int(conn.execute(_WINDOW_COUNT, {"bucket": bucket, "wid": window_id}).scalar() or 0)
 
         def work(conn: Connection) -> RateLimitDecision:
             now = self._now()
@@ -123,15 +137,14 @@ class LimitsStore(StorePart):
             cap = int(math.floor(limit - carried + 1e-9))  # most requests the current window may hold now
             hits = None
             if cap >= 1:
-                stmt = dialect_insert(conn, R).values(bucket=bucket, window_id=window_id, count=1, window_end=window_end)
-                hits = conn.execute(stmt.on_conflict_do_update(
-                    index_elements=["bucket", "window_id"], set_={"count": R.c.count + 1}, where=R.c.count < cap)
-                    .returning(R.c.count)).scalar()
+                hits = conn.execute(_count_hit(conn.dialect.name), {
+                    "bucket": bucket, "window_id": window_id, "count": 1, "window_end": window_end, "cap": cap,
+                }).scalar()
             if hits is None:
                 return RateLimitDecision(False, 0, retry_after(limit, prev, count(conn, window_id), elapsed,
                                                                window_seconds))
             if hits == 1:  # first hit of a new window: windows before the previous one are dead
-                conn.execute(delete(R).where(R.c.bucket == bucket, R.c.window_id < window_id - 1))
+                conn.execute(_DROP_OLD_WINDOWS, {"bucket": bucket, "wid": window_id - 1})
             return RateLimitDecision(True, max(0, cap - int(hits)), window_end - now)
 
         return self.db.run(work)

@@ -6,7 +6,7 @@ import base64
 import secrets
 from typing import Any, Mapping, Sequence
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 
 from ..vocab import ALL_EVENTS, EVENT_TYPES, EventType, OutboxStatus
 from .base import StorePart, check_limit, new_id, new_token
@@ -14,6 +14,11 @@ from .records import AccountNotFound, Avatar, Delivery, EndpointNotFound, Invali
 from .schema import accounts, webhook_endpoints as E, webhook_outbox as O
 
 _DELIVERY_COLUMNS = (*O.c, E.c.url, E.c.secret, E.c.consecutive_failures)
+
+
+_SUBSCRIBERS = (select(E.c.id, E.c.events).where(E.c.account_id == bindparam("acct"), E.c.disabled.is_(False))
+                .order_by(E.c.created_at, E.c.id))
+_ADD_MESSAGES = insert(O)
 
 
 def to_endpoint(r: Mapping[str, Any]) -> WebhookEndpoint:
@@ -50,16 +55,14 @@ class WebhooksStore(StorePart):
     def emit(self, conn: Connection, event_type: EventType, avatar: Avatar, extra: dict | None = None) -> int:
         """Write one outbox message per enabled endpoint of the owner subscribed to the event
         (inside the caller's transaction); returns how many."""
-        endpoints = conn.execute(select(E.c.id, E.c.events)
-                                 .where(E.c.account_id == avatar.account_id, E.c.disabled.is_(False))
-                                 .order_by(E.c.created_at, E.c.id)).all()
+        endpoints = conn.execute(_SUBSCRIBERS, {"acct": avatar.account_id}).all()
         targets = [e.id for e in endpoints if ALL_EVENTS in (e.events or []) or event_type in (e.events or [])]
         if not targets:
             return 0
         now = self._now()
         payload = self._render(str(event_type), avatar, dict(extra or {}))
         event_id = new_id("evt")
-        conn.execute(insert(O), [
+        conn.execute(_ADD_MESSAGES, [
             {"id": new_id("msg"), "event_id": event_id, "endpoint_id": endpoint_id, "account_id": avatar.account_id,
              "event_type": str(event_type), "payload": payload, "status": OutboxStatus.PENDING, "attempts": 0,
              "next_attempt_at": now, "created_at": now, "updated_at": now, "request_id": avatar.request_id}
