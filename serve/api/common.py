@@ -55,9 +55,9 @@ def services(request: Request) -> Services:
     return request.app.state.services
 
 
+#: Handler parameter defaults: `svc: Services = Svc`, `principal: Principal = Auth`.
 Svc = Depends(services)
 Auth = Depends(authenticate)
-__all__ = ["Auth", "Principal", "Services", "Svc", "call", "dump", "get_visible", "json_response"]
 
 
 async def call(fn: Callable, *args: Any, **kwargs: Any) -> Any:
