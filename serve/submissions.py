@@ -66,10 +66,12 @@ def check_meta(title: Any, description: Any, tags: Any, metadata: Any, policy: P
     return clean_tags
 
 
-def check_policy(policy: PolicyChecker, fields: list[tuple[str, Any]], what: str = "text") -> None:
+def check_policy(policy: PolicyChecker, fields: list[tuple[str, Any]],
+                 message: str = "{param} contains text that violates the content policy") -> None:
+    """content_policy_violation naming the first field whose text the policy refuses."""
     v = policy.check_fields(fields)
     if v:
-        raise content_policy_violation(v.param, f"{v.param} contains {what} that violates the content policy")
+        raise content_policy_violation(v.param, message.format(param=v.param))
 
 
 # ---------------------------------------------------------------------------------------------

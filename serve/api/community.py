@@ -49,7 +49,7 @@ async def comment(body: S.CommentRequest, avatar_id: str = AvatarId, principal: 
                   idem: Idempotency = Idem):
     async def produce():
         await get_visible(svc, avatar_id, principal)
-        check_policy(svc.policy, [("text", body.text)], what="words")
+        check_policy(svc.policy, [("text", body.text)], "text contains words that violate the content policy")
         c = await call(svc.store.add_comment, avatar_id, principal.id, body.text)
         return json_response(render_comment(c), 201)
 
