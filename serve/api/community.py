@@ -9,9 +9,8 @@ from .. import schemas as S
 from ..submissions import check_policy
 from ..vocab import FeedSort
 from .common import ERROR_RESPONSES, Auth, Principal, Services, Svc, call, dump, get_visible, json_response
-from .idempotency import Idempotency
+from .idempotency import Idem, Idempotency
 from .rendering import render_avatar, render_avatars, render_comment
-from .submissions import Idem
 
 router = APIRouter(prefix="/v1", tags=["social"], responses=ERROR_RESPONSES)
 AvatarId = Path(alias="avatarId")

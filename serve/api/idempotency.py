@@ -102,3 +102,7 @@ def idempotency(request: Request, principal: Principal = Depends(authenticate),
                 svc: Services = Depends(services)) -> Idempotency:
     """Dependency: the request's Idempotency-Key handling (authenticates the caller too)."""
     return Idempotency(request, principal, svc)
+
+
+#: Handler parameter default: `idem: Idempotency = Idem`.
+Idem = Depends(idempotency)

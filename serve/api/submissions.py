@@ -2,16 +2,15 @@
 each returns 202 with the queued avatar (the work is `serve.submissions`)."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Path, Request
 
 from .. import schemas as S
 from .. import submissions as service
 from .common import SUBMIT_RESPONSES, Auth, Principal, Services, Svc, dump
-from .idempotency import Idempotency, idempotency
+from .idempotency import Idem, Idempotency
 from .openapi import CAST_BODY, PERCIFY_BODY
 
 router = APIRouter(prefix="/v1", responses=SUBMIT_RESPONSES)
-Idem = Depends(idempotency)
 
 
 @router.post("/avatars/generate", status_code=202, response_model=S.Avatar, tags=["avatars"],

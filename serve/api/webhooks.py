@@ -8,9 +8,8 @@ from ..errors import ApiError, invalid_request
 from ..settings import ServiceSettings
 from ..webhooks import DestinationRefused, check_destination
 from .common import ERROR_RESPONSES, Auth, Principal, Services, Svc, call, dump, json_response
-from .idempotency import Idempotency
+from .idempotency import Idem, Idempotency
 from .rendering import render_endpoint
-from .submissions import Idem
 
 router = APIRouter(prefix="/v1", tags=["webhooks"], responses=ERROR_RESPONSES)
 WebhookId = Path(alias="webhookId")
