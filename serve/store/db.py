@@ -78,10 +78,10 @@ class Database:
             event.listen(self.engine, "connect", self._sqlite_connect)
             event.listen(self.engine, "begin", self._sqlite_begin)
         else:
-            connect_args = {"options": f"-csearch_path={self.schema}"} if self.schema else {}
             self.engine = create_engine(sa_url, pool_size=max(1, pool_size), max_overflow=0, pool_timeout=60,
-                                        pool_pre_ping=True, connect_args=connect_args)
+                                        pool_pre_ping=True)
             if self.schema:
+                event.listen(self.engine, "connect", self._pg_connect, insert=True)
                 self._create_schema()
         if migrate:
             self.migrate()
@@ -95,6 +95,12 @@ class Database:
         cur.execute("PRAGMA synchronous = NORMAL")
         cur.execute("PRAGMA foreign_keys = ON")
         cur.close()
+
+    def _pg_connect(self, dbapi_conn: Any, _record: Any) -> None:
+        autocommit = dbapi_conn.autocommit
+        dbapi_conn.autocommit = True  # outside any transaction, so a rollback cannot undo it
+        dbapi_conn.execute(f'SET search_path TO "{self.schema}"')
+        dbapi_conn.autocommit = autocommit
 
     @staticmethod
     def _sqlite_begin(conn: Connection) -> None:
