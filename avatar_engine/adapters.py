@@ -1,22 +1,26 @@
-"""IP-Adapter FaceID on a loaded pipeline: load once per model, switch on per call.
+"""IP-Adapter FaceID on a loaded pipeline: loaded once at model load, into the lifetime
+attention processors (attention.py), and switched per call by data, not by swapping modules.
 
-Why a switch and not load/unload per request: loading a real FaceID checkpoint installs new
-attention processors, an image projection and a LoRA (through peft), which takes seconds. We
-load it once, keep both sets of attention processors, and swap them inside `active()`; outside
-it the UNet runs with its original processors, no image projection and the FaceID LoRA
-disabled, so plain generate requests on the same model produce exactly the plain pipeline's
-pixels.
+What a FaceID checkpoint holds (h94/IP-Adapter-FaceID, `{"image_proj": ..., "ip_adapter": ...}`):
+an image projection (512-d ArcFace identity → 4 tokens), per cross-attention layer the identity
+key/value projections `{i}.to_k_ip` / `{i}.to_v_ip`, and per attention layer a LoRA
+`{i}.to_{q,k,v,out}_lora.{down,up}` (rank 128 in the released files), where i enumerates
+`unet.attn_processors`. We read the file ourselves and hand each layer its weights
+(`IdentityWeights`); the projection runs once per call (diffusers runs it at every step), and
+the LoRA is applied by the processor with a weight tensor. No peft, no processor swaps, so a
+compiled UNet keeps its graphs (see attention.py for why that matters).
 
-Embedding layout diffusers 0.42 expects for FaceID (read from
-`StableDiffusionPipeline.prepare_ip_adapter_image_embeds` and `MultiIPAdapterImageProjection`):
-one tensor per loaded adapter, shape `[2*B, n_faces, 512]` under classifier-free guidance with
-the negative (zero) half first, `[B, n_faces, 512]` without CFG. Percify uses n_faces = 1.
+Identity tokens layout for one call: `[B, F, T, D]`, F faces per image (percify: 1; cast:
+MAX_CHARACTERS), with the unconditional half first under classifier-free guidance (the
+projection of a zero identity, as diffusers does).
 
 Sources (models.yaml `ip_adapter`):
 - `tiny: true`: seeded random weights of the real key layout, built in-process for the UNet at
-  hand (tiny-sd15 and tiny-sdxl), including a small FaceID LoRA so the peft path is exercised.
+  hand (tiny profiles; `lora_rank: 128` gives the released files' layout for the full-size
+  random-weight profiles). `write_faceid_checkpoint` writes them to disk in the h94 format, so
+  tests also run the file-loading route.
 - `faceid`: `h94/IP-Adapter-FaceID` `ip-adapter-faceid_sd15.bin` / `ip-adapter-faceid_sdxl.bin`
-  (hub id or a local directory). Needs peft: the checkpoints carry LoRA keys.
+  (hub id or a local directory; `.bin` or `.safetensors`).
 - `faceid-plusv2`: `ip-adapter-faceid-plusv2_sd15.bin` / `_sdxl.bin` plus a CLIP image encoder
   (`image_encoder`, e.g. `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`); each call also needs CLIP
   hidden states of the aligned face crops (`clip_embeds`), set on the projection layer as the
@@ -25,7 +29,6 @@ Sources (models.yaml `ip_adapter`):
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 from typing import Any, Sequence
@@ -102,12 +105,9 @@ def tiny_faceid_state_dict(unet, *, seed: int = TINY_ADAPTER_SEED, lora_rank: in
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
 
-# ---------------------------------------------------------------------------------------
-# loading real checkpoints
-
 @contextlib.contextmanager
 def _quiet_diffusers():
-    """load_ip_adapter logs expected noise (no image encoder, no text-encoder LoRA keys)."""
+    """The projection converter logs expected noise (low_cpu_mem_usage without accelerate hooks)."""
     from diffusers.utils import logging as dlog
 
     level = dlog.get_verbosity()
@@ -118,61 +118,115 @@ def _quiet_diffusers():
         dlog.set_verbosity(level)
 
 
-def _peft_available() -> bool:
-    return importlib.util.find_spec("peft") is not None
+def write_faceid_checkpoint(unet, path: str | os.PathLike, **kwargs) -> str:
+    """Write `tiny_faceid_state_dict(unet, **kwargs)` as an h94-format `.bin` file."""
+    torch.save(tiny_faceid_state_dict(unet, **kwargs), path)
+    return str(path)
 
 
-def _load_args(src: IPAdapterSource, profile_name: str) -> tuple[Any, dict]:
-    """(pretrained_model_name_or_path, kwargs) for `pipe.load_ip_adapter`."""
+# ---------------------------------------------------------------------------------------
+# loading checkpoints
+
+def _checkpoint_path(src: IPAdapterSource, profile_name: str) -> str:
+    """The weight file on local disk (downloading from the hub when `repo_id` is used)."""
     if not src.weight_name:
         raise ProfileError(f"profile {profile_name!r}: ip_adapter.weight_name is required (e.g. "
                            f"ip-adapter-faceid_sd15.bin)", param="model")
-    kwargs = {"subfolder": src.subfolder, "weight_name": src.weight_name, "image_encoder_folder": None}
+    hint = (f"Download it with `huggingface-cli download {src.repo_id or 'h94/IP-Adapter-FaceID'} "
+            f"{src.weight_name}{' --local-dir ' + src.local_path if src.local_path else ''}`")
     if src.local_path:
-        path = src.local_path
-        if os.path.isfile(path):  # a path straight to the weight file
-            path = os.path.dirname(path)
-        if not os.path.isfile(os.path.join(path, src.subfolder or "", src.weight_name)):
-            raise ProfileError(
-                f"profile {profile_name!r}: IP-Adapter weights {src.weight_name!r} not found under "
-                f"{src.local_path!r}. Download them with `huggingface-cli download {src.repo_id or 'h94/IP-Adapter-FaceID'} "
-                f"{src.weight_name} --local-dir {src.local_path}`", param="model")
-        return path, kwargs
+        folder = os.path.dirname(src.local_path) if os.path.isfile(src.local_path) else src.local_path
+        path = os.path.join(folder, src.subfolder or "", src.weight_name)
+        if not os.path.isfile(path):
+            raise ProfileError(f"profile {profile_name!r}: IP-Adapter weights {src.weight_name!r} not found under "
+                               f"{src.local_path!r}. {hint}", param="model")
+        return path
     if not src.repo_id:
         raise ProfileError(f"profile {profile_name!r}: ip_adapter needs repo_id or local_path (or tiny: true)",
                            param="model")
-    return src.repo_id, kwargs
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(src.repo_id, src.weight_name, subfolder=src.subfolder)
+    except Exception as exc:  # noqa: BLE001 - offline, missing file, auth: all mean "get the file first"
+        raise ProfileError(f"profile {profile_name!r}: could not fetch IP-Adapter {src.weight_name!r} from "
+                           f"{src.repo_id!r}: {hint}, or set ip_adapter.local_path. ({type(exc).__name__}: {exc})",
+                           param="model") from exc
 
 
-def _accept_per_image_embeds(pipe) -> None:
-    """Let `ip_adapter_image_embeds` carry one row per image of the batch.
+def read_checkpoint(path: str) -> dict[str, dict[str, torch.Tensor]]:
+    """`{"image_proj": ..., "ip_adapter": ...}` from an h94 `.bin` or a `.safetensors` file
+    (flat keys prefixed `image_proj.` / `ip_adapter.`)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
 
-    diffusers 0.42's pipelines treat the embeds as one set shared by the whole batch and repeat
-    them `batch_size` times (`prepare_ip_adapter_image_embeds(..., batch_size *
-    num_images_per_prompt, ...)`). Per-image rows would be repeated too, and the attention
-    processor would then fold the extra rows into the token axis, so every image would attend
-    to every identity of the batch. When the leading dimension already equals the batch (×2
-    under CFG) we pass the rows through unchanged; otherwise diffusers' own method runs. The
-    override is an instance attribute, removed when the adapter is switched off."""
-    original = type(pipe).prepare_ip_adapter_image_embeds.__get__(pipe)
+        flat = load_file(path)
+        out: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+        for key, value in flat.items():
+            group, _, rest = key.partition(".")
+            if group in out:
+                out[group][rest] = value
+        return out
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not {"image_proj", "ip_adapter"} <= set(state):
+        raise ValueError("not an IP-Adapter checkpoint (expected 'image_proj' and 'ip_adapter')")
+    return state
 
-    def prepare(ip_adapter_image, ip_adapter_image_embeds, device, num_images_per_prompt, do_classifier_free_guidance):
-        if ip_adapter_image_embeds is not None:
-            rows = num_images_per_prompt * (2 if do_classifier_free_guidance else 1)
-            if all(e.shape[0] == rows for e in ip_adapter_image_embeds):
-                return [e.to(device=device) for e in ip_adapter_image_embeds]
-        return original(ip_adapter_image, ip_adapter_image_embeds, device, num_images_per_prompt,
-                        do_classifier_free_guidance)
 
-    pipe.__dict__["prepare_ip_adapter_image_embeds"] = prepare
+def _linear(weight: torch.Tensor) -> torch.nn.Linear:
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
+    return layer
+
+
+def attach_identity_weights(unet, ip_state: dict[str, torch.Tensor], profile_name: str = "?") -> int:
+    """Give each AvatarAttnProcessor its layer's FaceID weights; returns the LoRA rank (0: none).
+    Fails, naming the first missing key, when the checkpoint does not match the UNet."""
+    from .attention import IdentityWeights, LoRAProjection, processors
+
+    procs = processors(unet)
+    if len(procs) != len(unet.attn_processors):
+        raise RuntimeError("install_processors must run before an identity adapter is attached")
+    rank = 0
+    built = {}
+    for i, (name, proc) in enumerate(procs.items()):
+        lora = None
+        if f"{i}.to_q_lora.down.weight" in ip_state:
+            lora = {}
+            for proj in ("q", "k", "v", "out"):
+                down, up = ip_state[f"{i}.to_{proj}_lora.down.weight"], ip_state[f"{i}.to_{proj}_lora.up.weight"]
+                layer = LoRAProjection(down.shape[1], up.shape[0], down.shape[0])
+                layer.down.weight = torch.nn.Parameter(down.detach().clone(), requires_grad=False)
+                layer.up.weight = torch.nn.Parameter(up.detach().clone(), requires_grad=False)
+                lora[proj] = layer
+            rank = down.shape[0]
+        k_ip = v_ip = None
+        if proc.cross:
+            key = f"{i}.to_k_ip.weight"
+            if key not in ip_state:
+                raise ProfileError(f"profile {profile_name!r}: the IP-Adapter checkpoint does not fit this UNet "
+                                   f"(no {key!r} for {name})", param="model")
+            k_ip, v_ip = _linear(ip_state[key]), _linear(ip_state[f"{i}.to_v_ip.weight"])
+        built[name] = IdentityWeights(lora, k_ip, v_ip)
+    param = next(unet.parameters())
+    for name, proc in procs.items():
+        proc.identity = built[name].to(device=param.device, dtype=param.dtype)
+    return rank
+
+
+def detach_identity_weights(unet) -> None:
+    from .attention import processors
+
+    for proc in processors(unet).values():
+        proc.identity = None
 
 
 class IdentityAdapter:
-    """A FaceID adapter loaded into one pipeline; inactive unless inside `active()`.
+    """A FaceID adapter attached to one pipeline's UNet processors.
 
-    Shared by percify (one face per image) and cast (several faces per image with
-    `ip_adapter_masks`): both build their embeds with `embeds()` and run the pipeline inside
-    `with adapter.active(strength):`."""
+    Shared by percify (one face per image) and cast (several faces per image, each under its
+    region mask): both turn identities into tokens with `tokens()` and pass them, with the
+    per-image strengths from `weights()`, in the call's conditioning."""
 
     def __init__(self, pipe, src: IPAdapterSource, profile_name: str = "?"):
         # Check the configuration before touching the pipeline.
@@ -182,51 +236,37 @@ class IdentityAdapter:
         if src.tiny and src.variant != "faceid":
             raise ProfileError(f"profile {profile_name!r}: tiny IP-Adapter weights exist only for variant faceid",
                                param="model")
-        if not src.tiny:
-            if not _peft_available():
-                raise ProfileError(f"profile {profile_name!r}: IP-Adapter FaceID checkpoints carry LoRA weights; "
-                                   f"install peft (`pip install peft`)", param="model")
-            source, kwargs = _load_args(src, profile_name)
-            if src.variant == "faceid-plusv2" and not src.image_encoder:
-                raise ProfileError(f"profile {profile_name!r}: faceid-plusv2 needs ip_adapter.image_encoder "
-                                   f"(e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K)", param="model")
+        if src.variant == "faceid-plusv2" and not src.image_encoder:
+            raise ProfileError(f"profile {profile_name!r}: faceid-plusv2 needs ip_adapter.image_encoder "
+                               f"(e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K)", param="model")
+        if src.tiny:
+            state = tiny_faceid_state_dict(pipe.unet, lora_rank=src.lora_rank or TINY_LORA_RANK)
+        else:
+            path = _checkpoint_path(src, profile_name)
+            try:
+                state = read_checkpoint(path)
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise ProfileError(f"profile {profile_name!r}: could not read IP-Adapter weights {path!r} "
+                                   f"({type(exc).__name__}: {exc})", param="model") from exc
         self.pipe = pipe
         self.source = src
         self.variant = src.variant
         self.lora_scale = float(src.lora_scale)
-        self.loaded = False
         unet = pipe.unet
-        from .speed import unfuse_for_adapters
-
-        unfuse_for_adapters(pipe)  # IP processors need separate q/k/v projections
-        self._plain_procs = dict(unet.attn_processors)
-        self._plain_hid_proj = unet.encoder_hid_proj
-        self._plain_hid_type = unet.config.encoder_hid_dim_type
-        before = set(getattr(unet, "peft_config", {}) or {})
-        if src.tiny:
-            with _quiet_diffusers():
-                pipe.load_ip_adapter(tiny_faceid_state_dict(unet), subfolder=None, weight_name=None,
-                                     image_encoder_folder=None)
-        else:
-            try:
-                with _quiet_diffusers():
-                    pipe.load_ip_adapter(source, **kwargs)
-            except (OSError, ValueError) as exc:
-                raise ProfileError(
-                    f"profile {profile_name!r}: could not load IP-Adapter {src.weight_name!r} from {source!r}: "
-                    f"download it with `huggingface-cli download {src.repo_id or 'h94/IP-Adapter-FaceID'} "
-                    f"{src.weight_name}` or set ip_adapter.local_path. ({type(exc).__name__}: {exc})",
-                    param="model") from exc
-        self.lora_names = sorted(set(getattr(unet, "peft_config", {}) or {}) - before)
-        self._ip_procs = dict(unet.attn_processors)
-        self._ip_hid_proj = unet.encoder_hid_proj
-        self.projection = unet.encoder_hid_proj.image_projection_layers[0]
+        param = next(unet.parameters())
+        with _quiet_diffusers():
+            projection = unet._convert_ip_adapter_image_proj_to_diffusers(state["image_proj"], low_cpu_mem_usage=False)
+        self.projection = projection.to(device=param.device, dtype=param.dtype).eval().requires_grad_(False)
+        self.lora_rank = attach_identity_weights(unet, state["ip_adapter"], profile_name)
         if src.variant == "faceid-plusv2":
             self._load_image_encoder(src, profile_name)
-        self._deactivate()
         self.loaded = True
-        log.info("IP-Adapter %s loaded (%s), LoRA adapters %s", self.variant,
-                 "tiny" if src.tiny else (src.local_path or src.repo_id), self.lora_names)
+        log.info("IP-Adapter %s loaded (%s), LoRA rank %s", self.variant,
+                 "random weights" if src.tiny else (src.local_path or src.repo_id), self.lora_rank)
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant}{' (random weights)' if self.source.tiny else ''}"
 
     def _load_image_encoder(self, src: IPAdapterSource, profile_name: str) -> None:
         """Plus v2: CLIP ViT-H image encoder for the face crop (diffusers docs, IP-Adapter FaceID Plus)."""
@@ -238,75 +278,44 @@ class IdentityAdapter:
             raise ProfileError(f"profile {profile_name!r}: could not load image encoder {src.image_encoder!r}: "
                                f"download it with `huggingface-cli download {src.image_encoder}`. ({exc})",
                                param="model") from exc
-        self.pipe.register_modules(image_encoder=enc.to(self.pipe.device))
+        self.pipe.register_modules(image_encoder=enc.to(self.pipe.device).requires_grad_(False))
         self.projection.shortcut = True  # the "v2" in Plus v2
         self.projection.shortcut_scale = 1.0
 
-    # ---- switching ----------------------------------------------------------------------
-    def _set_procs(self, procs: dict) -> None:
-        self.pipe.unet.set_attn_processor(dict(procs))  # set_attn_processor pops from the dict it gets
-
-    def _deactivate(self) -> None:
-        unet = self.pipe.unet
-        self._set_procs(self._plain_procs)
-        unet.encoder_hid_proj = self._plain_hid_proj
-        unet.config.encoder_hid_dim_type = self._plain_hid_type
-        if self.lora_names:
-            others = [n for n in unet.peft_config if n not in self.lora_names]
-            if others:
-                unet.set_adapters(others)
-            else:
-                unet.disable_adapters()
-
-    def _activate(self, strength: float) -> None:
-        unet = self.pipe.unet
-        self._set_procs(self._ip_procs)
-        unet.encoder_hid_proj = self._ip_hid_proj
-        unet.config.encoder_hid_dim_type = "ip_image_proj"
-        self.pipe.set_ip_adapter_scale(float(strength))
-        if self.lora_names:
-            unet.enable_adapters()
-            # The FaceID LoRA was trained with the adapter; it follows the identity strength
-            # (capped at 1) so that strength → 0 fades both out together.
-            w = self.lora_scale * min(1.0, float(strength))
-            unet.set_adapters(self.lora_names, [w] * len(self.lora_names))
-
-    @contextlib.contextmanager
-    def active(self, strength: float, clip_embeds: torch.Tensor | None = None, pipe=None):
-        """Run pipeline calls with identity conditioning at `strength` (IP-Adapter scale).
-
-        `pipe`: the pipeline that will be called, when it is not the one the adapter was loaded
-        into (e.g. an img2img pipeline sharing the UNet)."""
+    # ---- inputs -------------------------------------------------------------------------
+    def tokens(self, per_image: Sequence[np.ndarray], do_cfg: bool,
+               clip_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Identity tokens `[B (x2 under CFG), F, T, D]` for one call: per_image[i] is (512,) or
+        (F, 512) for image i; the unconditional half is the projection of zero identities."""
         if self.variant == "faceid-plusv2" and clip_embeds is None:
             raise RequestValidationError("faceid-plusv2 needs CLIP embeddings of the face crops", param="photos")
-        if not self.loaded:
-            raise RuntimeError("this IP-Adapter was unloaded; get a fresh one with identity_adapter(model)")
-        pipes = [self.pipe] + ([pipe] if pipe is not None and pipe is not self.pipe else [])
-        try:
-            self._activate(strength)
-            for p in pipes:
-                _accept_per_image_embeds(p)
-            if clip_embeds is not None:
-                self.projection.clip_embeds = clip_embeds.to(device=self.pipe.device, dtype=self.pipe.unet.dtype)
-            yield self
-        finally:
-            if clip_embeds is not None:
-                self.projection.clip_embeds = None
-            for p in pipes:
-                p.__dict__.pop("prepare_ip_adapter_image_embeds", None)
-            self._deactivate()
-
-    # ---- inputs -------------------------------------------------------------------------
-    def embeds(self, per_image: Sequence[np.ndarray], do_cfg: bool) -> list[torch.Tensor]:
-        """`ip_adapter_image_embeds` for one call: per_image[i] is (512,) or (n_faces, 512) for
-        image i of the batch; zeros are the unconditional half under CFG."""
         rows = [np.asarray(e, dtype=np.float32).reshape(-1, FACEID_EMBED_DIM) for e in per_image]
         if len({r.shape[0] for r in rows}) != 1:
             raise ValueError("every image in one call needs the same number of faces")
-        faces = torch.from_numpy(np.stack(rows))  # [B, n_faces, 512]
+        param = next(self.projection.parameters())
+        faces = torch.from_numpy(np.stack(rows)).to(device=param.device, dtype=param.dtype)  # [B, F, 512]
         if do_cfg:
             faces = torch.cat([torch.zeros_like(faces), faces])
-        return [faces.to(device=self.pipe.device, dtype=self.pipe.unet.dtype)]
+        if clip_embeds is not None:
+            self.projection.clip_embeds = clip_embeds.to(device=param.device, dtype=param.dtype)
+        try:
+            tokens = self.projection(faces.reshape(-1, FACEID_EMBED_DIM))  # [B·F, T, D]
+        finally:
+            if clip_embeds is not None:
+                self.projection.clip_embeds = None
+        return tokens.reshape(faces.shape[0], faces.shape[1], *tokens.shape[1:])
+
+    def weights(self, strengths: Sequence[float], do_cfg: bool) -> dict[str, torch.Tensor]:
+        """Per-image identity scale and FaceID LoRA weight, `[B (x2 under CFG), 1, 1]` tensors.
+        The LoRA was trained with the adapter, so it follows the strength (capped at 1): at
+        strength 0 both add exactly nothing and the image is the plain pipeline's."""
+        param = next(self.projection.parameters())
+        scale = torch.tensor([float(s) for s in strengths], device=param.device, dtype=param.dtype)
+        lora = torch.tensor([self.lora_scale * min(1.0, float(s)) for s in strengths], device=param.device,
+                            dtype=param.dtype)
+        if do_cfg:
+            scale, lora = torch.cat([scale, scale]), torch.cat([lora, lora])
+        return {"face_scale": scale[:, None, None], "lora_weight": lora[:, None, None]}
 
     def clip_embeds(self, per_image_crops: Sequence[Sequence[Any]], do_cfg: bool) -> torch.Tensor:
         """Plus v2: CLIP hidden states of each image's face crops (224 px, aligned), averaged over
@@ -320,24 +329,18 @@ class IdentityAdapter:
         return out[:, None]
 
     def unload(self) -> None:
-        """Remove the adapter for good: diffusers 0.42's `unload_ip_adapter()` leaves the FaceID
-        LoRA in the UNet, so delete it too."""
+        """Remove the adapter's weights from the processors (and the image encoder)."""
         if not self.loaded:
             return
-        self._activate(0.0)  # unload_ip_adapter expects the IP processors in place
-        self.pipe.unload_ip_adapter()
-        self._set_procs(self._plain_procs)
-        if self.lora_names:
-            self.pipe.unet.delete_adapters(self.lora_names)
-        from .regional import forget_processors
-
-        forget_processors(self.pipe.unet)  # cast's cached processors reference the IP processors
-        self.lora_names = []
+        detach_identity_weights(self.pipe.unet)
+        if getattr(self.pipe, "image_encoder", None) is not None:
+            self.pipe.register_modules(image_encoder=None)
+        self.projection = None
         self.loaded = False
 
 
 def identity_adapter(model) -> IdentityAdapter:
-    """The model's FaceID adapter, loaded on first use and kept in `model.state`."""
+    """The model's FaceID adapter (loaded with the model; loaded again here after a release)."""
     adapter = model.state.get("ip_adapter")
     if adapter is None or not adapter.loaded:
         src = model.profile.ip_adapter
@@ -347,17 +350,14 @@ def identity_adapter(model) -> IdentityAdapter:
                 f"cannot do identity-preserving generation", param="model")
         adapter = IdentityAdapter(model.pipe, src, model.profile.name)
         model.state["ip_adapter"] = adapter
-        model.applied["ip_adapter"] = f"{src.variant}{' (tiny)' if src.tiny else ''}"
-        if model.applied.get("fuse_qkv"):
-            model.applied["fuse_qkv"] = "off (unfused for the IP-Adapter)"
     return adapter
 
 
 def release_identity_adapter(model) -> bool:
-    """Unload the model's FaceID adapter (and its LoRA) to free memory; the next identity
-    request loads it again. Returns whether one was loaded."""
+    """Unload the model's FaceID adapter to free its memory; the next identity request loads it
+    again (and, on a compiled model, compiles the identity graphs again). Returns whether one
+    was loaded."""
     adapter = model.state.pop("ip_adapter", None)
-    model.applied.pop("ip_adapter", None)
     if adapter is None or not adapter.loaded:
         return False
     adapter.unload()

@@ -39,8 +39,8 @@ from .engine import LoadedModel, Task, WorkItem
 from .errors import RequestValidationError
 from .identity import analyze_references, check_photo_types, load_photo, normed_embedding
 from .prompts import BuiltPrompt
-from .regional import (LAYOUTS, Box, RegionalState, auto_layout, box_overlap, pixel_box, region_masks,
-                       regional_attention)
+from .attention import MAX_CHARACTERS, conditioned
+from .regional import LAYOUTS, Box, auto_layout, box_overlap, pixel_box, region_masks, regional_conditioning
 from .requests import (CAST_CHARACTERS_RANGE, IDENTITY_STRENGTH_RANGE, MAX_REFERENCE_PHOTOS, PROMPT_MAX_CHARS,
                        GenerationRequest, GenerationResult)
 from .speed import set_vae_slicing
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 MIN_BOX_SIDE = 0.1  # a region narrower or lower than 10 % of the frame cannot hold a person
 MAX_BOX_OVERLAP = 0.25  # intersection / smaller box; more and two people share one region
 DEFAULT_IDENTITY_STRENGTH = 0.8  # as percify-yourself
+assert CAST_CHARACTERS_RANGE[1] == MAX_CHARACTERS, "the attention layout pads casts to MAX_CHARACTERS"
 
 
 def _fail(param: str, message: str) -> RequestValidationError:
@@ -253,21 +254,14 @@ class CastPlan:
     scene: BuiltPrompt
     region_prompts: list[BuiltPrompt]
 
-
-def encode_texts(pipe, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(token embeddings [N, 77, D], pooled [N, P] for SDXL else None), as the pipeline itself
-    encodes a prompt (including SDXL's two encoders)."""
-    device = pipe._execution_device
-    if hasattr(pipe, "text_encoder_2"):
-        embeds, _, pooled, _ = pipe.encode_prompt(list(texts), device=device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
-        return embeds, pooled
-    embeds, _ = pipe.encode_prompt(list(texts), device, 1, False)
-    return embeds, None
+    @property
+    def has_identity(self) -> bool:
+        return any(e is not None for e in self.embeddings)
 
 
 class CastTask(Task):
     name = "cast"
+    regional = True
 
     def prepare(self, model: LoadedModel, request: CastRequest) -> CastPlan:
         width, height = request.width, request.height
@@ -313,53 +307,55 @@ class CastTask(Task):
         # The scene prompt was built in prepare(); do not tokenize it again.
         return [WorkItem(index, i, seed, plan.scene, plan) for i, seed in enumerate(request.image_seeds())]
 
-    def group_key(self, request: CastRequest) -> tuple:
-        # Same number of prompts per image (the text sequence length) and the same adapter state
-        # (identity on/off and its strength are per call); boxes and faces may differ per image.
-        identity = request.uses_identity
-        return super().group_key(request) + (len(request.characters), identity,
-                                             float(request.identity_strength) if identity else None)
+    # group_key: the base key. Every cast runs the same padded layout (MAX_CHARACTERS slots,
+    # identity strength per image), so casts of 2-4 characters, with or without faces, share calls.
 
     def run(self, model: LoadedModel, requests: Sequence[GenerationRequest], items: Sequence[WorkItem],
             callback: Callable | None) -> list:
         first: CastRequest = requests[items[0].request_index]  # type: ignore[assignment]
         pipe = model.pipe
         plans: list[CastPlan] = [it.conditioning for it in items]
-        b, k = len(items), len(plans[0].boxes)
+        b, slots = len(items), MAX_CHARACTERS + 1
         cfg = first.guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
-        texts = [t for plan in plans for t in [plan.scene.prompt] + [p.prompt for p in plan.region_prompts]]
-        pos, pos_pooled = encode_texts(pipe, texts)
-        neg, neg_pooled = encode_texts(pipe, [plan.scene.negative_prompt for plan in plans])
+        # Unused character slots repeat the scene prompt (cached) under a zero weight.
+        texts = [t for plan in plans for t in [plan.scene.prompt] + [p.prompt for p in plan.region_prompts]
+                 + [plan.scene.prompt] * (MAX_CHARACTERS - len(plan.region_prompts))]
+        pos, pos_pooled = model.prompts.encode(texts)
+        neg, neg_pooled = model.prompts.encode([plan.scene.negative_prompt for plan in plans])
         tokens, dim = pos.shape[1], pos.shape[2]
         kwargs: dict[str, Any] = dict(
-            prompt_embeds=pos.reshape(b, (k + 1) * tokens, dim),
-            negative_prompt_embeds=neg.repeat(1, k + 1, 1),
+            prompt_embeds=pos.reshape(b, slots * tokens, dim),
+            negative_prompt_embeds=neg.repeat(1, slots, 1),
             num_inference_steps=first.steps, guidance_scale=first.guidance_scale,
             generator=[torch.Generator(device="cpu").manual_seed(it.seed) for it in items],
             callback_on_step_end=callback, height=first.height, width=first.width,
         )
         if pos_pooled is not None:  # SDXL: the scene prompt's pooled embedding drives the global conditioning
-            kwargs["pooled_prompt_embeds"] = pos_pooled.reshape(b, k + 1, -1)[:, 0]
+            kwargs["pooled_prompt_embeds"] = pos_pooled.reshape(b, slots, -1)[:, 0]
             kwargs["negative_pooled_prompt_embeds"] = neg_pooled
-        masks = torch.stack([plan.masks for plan in plans])  # [B, K, H, W]
-        has_id = torch.tensor([[e is not None for e in plan.embeddings] for plan in plans])  # [B, K]
+
+        def padded(plan: CastPlan) -> tuple[torch.Tensor, list]:
+            k = plan.masks.shape[0]
+            masks = torch.cat([plan.masks, plan.masks.new_zeros(MAX_CHARACTERS - k, *plan.masks.shape[1:])])
+            return masks, plan.embeddings + [None] * (MAX_CHARACTERS - k)
+
+        masks, embeddings = zip(*(padded(plan) for plan in plans))
+        masks = torch.stack(masks)  # [B, MAX_CHARACTERS, H, W]
+        has_face = torch.tensor([[e is not None for e in embs] for embs in embeddings])
         both = (lambda t: torch.cat([t, t])) if cfg else (lambda t: t)
         scale = getattr(pipe, "vae_scale_factor", 8)
-        state = RegionalState(masks=both(masks).to(model.device),
-                              latent_hw=(first.height // scale, first.width // scale))
+        values = regional_conditioning(both(masks), both(has_face), (first.height // scale, first.width // scale),
+                                       len(pipe.unet.down_blocks), model.device, model.dtype)
+        adapter = model.state.get("ip_adapter")
+        if adapter is not None and adapter.loaded:  # faces always present in the layout; zero where absent
+            zeros = np.zeros(EMBEDDING_DIM, np.float32)
+            values["faces"] = adapter.tokens([np.stack([e if e is not None else zeros for e in embs])
+                                              for embs in embeddings], cfg)
+            strengths = [requests[it.request_index].identity_strength if plan.has_identity else 0.0
+                         for it, plan in zip(items, plans)]
+            values.update(adapter.weights(strengths, cfg))
         set_vae_slicing(pipe, len(items), model.profile.speed)
-        if not bool(has_id.any()):
-            with regional_attention(pipe.unet, state):
-                return pipe(**kwargs).images
-        from .adapters import identity_adapter
-
-        adapter = identity_adapter(model)
-        zeros = np.zeros(EMBEDDING_DIM, np.float32)
-        kwargs["ip_adapter_image_embeds"] = adapter.embeds(
-            [np.stack([e if e is not None else zeros for e in plan.embeddings]) for plan in plans], cfg)
-        ip_masks = both(masks * has_id[:, :, None, None].float())
-        kwargs["cross_attention_kwargs"] = {"ip_adapter_masks": [ip_masks.to(device=model.device, dtype=model.dtype)]}
-        with adapter.active(first.identity_strength), regional_attention(pipe.unet, state):
+        with conditioned(pipe.unet, mode="regional", **values):
             return pipe(**kwargs).images
 
     def finalize(self, model: LoadedModel, result: GenerationResult, plan: CastPlan) -> None:

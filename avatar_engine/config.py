@@ -20,24 +20,61 @@ SCHEDULERS = ("euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "lcm", 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+ATTENTION_KERNELS = ("sdpa", "xformers")
+COMPILE_SCOPES = ("regional", "full")
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+PREVIEW_DECODERS = ("none", "taesd")
+
+
 @dataclass
 class SpeedOptions:
-    """Inference speed settings. `None` means "on where it helps" (decided per device)."""
+    """Inference speed settings, each measurable on/off (benchmarks/gpu_suite.py --ablate).
+    `None` means "on where it helps", decided per device in speed.py."""
 
-    attention: str = "auto"  # auto | sdpa | xformers | default. auto: xformers on CUDA when installed, else SDPA
-    channels_last: bool | None = None  # None: on for CUDA only
-    compile: bool | None = None  # torch.compile; None: on for CUDA only (recompiles per batch shape)
-    compile_mode: str = "regional"  # regional (repeated transformer blocks) | full (whole UNet)
-    fuse_qkv: bool | None = None  # fused attention projections; None: on for CUDA; skipped when IP-Adapter is loaded
+    attention: str = "sdpa"  # sdpa (PyTorch fused attention; wins on Ampere/Hopper/Ada) | xformers (only when asked)
+    channels_last: bool | None = None  # None: on for CUDA
+    fuse_qkv: bool | None = None  # fused q/k/v (self) and k/v (cross) projections, UNet and VAE; None: on for CUDA
+    compile: bool | None = None  # torch.compile; None: on for CUDA
+    compile_scope: str = "regional"  # regional: each transformer block (compiles 8-10x faster) | full: whole UNet
+    compile_mode: str = "default"  # inductor mode: default | max-autotune | max-autotune-no-cudagraphs | reduce-overhead
+    compile_backend: str = "inductor"  # eager / aot_eager trace without code generation (CPU tests of guards)
+    compile_dynamic: bool = True  # symbolic batch and spatial sizes: one graph per attention mode, not per shape
+    compile_vae: bool | None = None  # compile the VAE decoder too; None: with `compile`
+    inductor_flags: bool | None = None  # diffusion-fast's inductor flags; None: on with max-autotune modes
+    cuda_graphs: bool = False  # CUDA graphs (per bucketed shape) under max-autotune / reduce-overhead
+    batch_buckets: bool | None = None  # pad calls to 1, 2, 4, 8, ... images; None: on with `compile`
+    cudnn_benchmark: bool | None = None  # cuDNN autotuning of the convolutions; None: on for CUDA
+    prompt_cache: int = 512  # text-encoder outputs kept per model (style templates, negative prompts); 0: off
+    step_cache_interval: int = 1  # DeepCache-style: run the full UNet every N steps, only its outer blocks between; 1: off
+    step_cache_depth: int = 1  # outer down/up block pairs recomputed on cached steps
+    preview: str = "none"  # taesd: tiny-autoencoder preview image in progress callbacks
+    preview_every: int = 5  # steps between previews
+    fp8: bool = False  # float8 dynamic quantization of UNet linear layers (torchao; Hopper/Ada GPUs)
     vae_slicing_threshold: int = 8  # decode the VAE one image at a time above this many images per call
-    warmup: bool = True  # one short generation at load so the first request doesn't pay kernel selection
+    warmup: bool = True  # run every attention mode and batch bucket at load, so no request compiles
+
+    def __post_init__(self) -> None:
+        if self.attention == "auto":  # earlier configs: auto meant "sdpa unless xformers is installed"
+            self.attention = "sdpa"
+        for name, allowed in (("attention", ATTENTION_KERNELS), ("compile_scope", COMPILE_SCOPES),
+                              ("compile_mode", COMPILE_MODES), ("preview", PREVIEW_DECODERS)):
+            if getattr(self, name) not in allowed:
+                raise ProfileError(f"speed.{name} must be one of {allowed}, got {getattr(self, name)!r}",
+                                   param=f"speed.{name}")
+        for name in ("prompt_cache", "step_cache_interval", "step_cache_depth", "preview_every",
+                     "vae_slicing_threshold"):
+            value = getattr(self, name)
+            low = 0 if name == "prompt_cache" else 1
+            if not isinstance(value, int) or value < low:
+                raise ProfileError(f"speed.{name} must be an integer >= {low}", param=f"speed.{name}")
 
 
 @dataclass
 class IPAdapterSource:
     """Where a profile's IP-Adapter FaceID weights come from.
 
-    `tiny: true` builds random weights of matching shapes in-process (tests, embedded default).
+    `tiny: true` builds seeded random weights of the real key layout in-process (tests, the
+    embedded default, full-size random-weight benchmark profiles).
     Otherwise `repo_id` (hub) or `local_path` (a directory) + `weight_name` are passed to
     diffusers' `load_ip_adapter`. `variant` is `faceid` or `faceid-plusv2` (Plus v2 also needs a
     CLIP image encoder, `image_encoder`)."""
@@ -49,7 +86,8 @@ class IPAdapterSource:
     subfolder: str | None = None
     weight_name: str | None = None
     image_encoder: str | None = None
-    lora_scale: float = 0.6  # FaceID checkpoints carry a LoRA; its weight when fused into the UNet
+    lora_scale: float = 0.6  # FaceID checkpoints carry a LoRA; its weight at identity strength >= 1
+    lora_rank: int | None = None  # tiny/random weights only: LoRA rank (None: 4; 128 = the released files)
 
 
 @dataclass

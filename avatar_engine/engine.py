@@ -25,11 +25,13 @@ import torch
 from .config import EngineConfig, ModelProfile, default_profile_name, load_profiles
 from .errors import ProfileError, RequestValidationError
 from .prompts import BuiltPrompt, PromptBuilder
-from .requests import GenerationRequest, GenerationResult
-from .speed import apply_speed_options, resolve_dtype, set_vae_slicing
+from .requests import ASPECT_RATIOS, MAX_BATCH_SIZE, GenerationRequest, GenerationResult
+from .speed import (batch_buckets, bucket_for, compile_pipeline, describe_pipeline, on, prepare_pipeline,
+                    resolve_dtype, serving_stance, set_vae_slicing)
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
+PreviewFn = Callable[[int, int, int, Any], None]  # (request index, image index, step, PIL image)
 TASK_MODULES = ("avatar_engine.identity", "avatar_engine.cast")  # each defines TASKS = [Task subclasses]
 
 
@@ -53,6 +55,12 @@ class LoadedModel:
     prompt_builder: PromptBuilder
     applied: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)  # tasks keep per-model state here (adapters, img2img pipe)
+    prompts: Any = None  # text.PromptEncoder (cached text-encoder outputs)
+    compiled: bool = False
+    warm: bool = False  # warm-up done: later calls never compile (speed.serving_stance)
+    buckets: list = field(default_factory=list)  # padded call sizes when batch buckets are on
+    memory: Any = None  # memory.MemoryProfile measured at load (CUDA)
+    warmup: dict = field(default_factory=dict)  # seconds, calls and compiled graphs of the warm-up
 
     def img2img(self):
         if "img2img" not in self.state:
@@ -134,6 +142,7 @@ class Task:
     """How one request kind becomes pipeline calls. Subclasses override the hooks."""
 
     name = "generate"
+    regional = False  # cast's calls carry several prompts per image (memory per image is higher)
 
     def __init__(self, engine: "AvatarEngine"):
         self.engine = engine
@@ -164,12 +173,12 @@ class Task:
         first = requests[items[0].request_index]
         pipe = self.pipeline(model, first)
         kwargs = dict(
-            prompt=[it.prompt.prompt for it in items],
-            negative_prompt=[it.prompt.negative_prompt for it in items],
             num_inference_steps=first.steps,
             guidance_scale=first.guidance_scale,
             generator=[torch.Generator(device="cpu").manual_seed(it.seed) for it in items],
             callback_on_step_end=callback,
+            **model.prompts.pipeline_kwargs([it.prompt.prompt for it in items],
+                                            [it.prompt.negative_prompt for it in items]),
         )
         if first.init_image is not None:
             kwargs["image"] = [requests[it.request_index].init_image.convert("RGB").resize((first.width, first.height))
@@ -237,7 +246,11 @@ class AvatarEngine:
         return self.profiles[name]
 
     def load(self, name: str | None = None) -> LoadedModel:
-        """Load (once) and warm up a profile's pipeline."""
+        """Load (once), prepare, compile and warm up a profile's pipeline.
+
+        Order matters: every module change (processors, fused projections, identity weights)
+        happens before compiling, and warm-up runs every attention mode and batch bucket, so
+        no request after load compiles anything."""
         profile = self.profile(name)
         with self._lock:
             if profile.name in self._models:
@@ -245,17 +258,40 @@ class AvatarEngine:
             t0 = time.perf_counter()
             dtype = resolve_dtype(profile, self.device)
             pipe = load_pipeline(profile, self.device, dtype)
-            applied = apply_speed_options(pipe, profile, self.device)
+            prepare_pipeline(pipe, profile, self.device)
+            from .text import PromptEncoder
+
             builder = PromptBuilder([getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)])
-            model = LoadedModel(profile, pipe, self.device, dtype, builder, applied)
-            if profile.speed.warmup:
-                req = GenerationRequest(prompt="warm-up", seed=0, steps=2, model=profile.name).resolve(profile)
-                task = self._tasks["generate"]
-                with torch.inference_mode():
-                    task.run(model, [req], task.items(model, req, 0, None), None)
+            model = LoadedModel(profile, pipe, self.device, dtype, builder,
+                                prompts=PromptEncoder(pipe, profile.speed.prompt_cache))
+            if profile.ip_adapter is not None:
+                from .adapters import identity_adapter
+
+                identity_adapter(model)  # attached before compiling: identity graphs exist from the start
+            if self.device.type == "cuda" and not (self.config.max_batch_size or profile.max_batch_size):
+                from .warmup import probe_memory
+
+                model.memory = probe_memory(self, model)
+            opts = profile.speed
+            if on(opts.compile, self.device):
+                compile_pipeline(pipe, opts, self.device)
+                model.compiled = True
+            if opts.batch_buckets if opts.batch_buckets is not None else model.compiled:
+                model.buckets = batch_buckets(self.max_batch(model, *self._native_size(profile)))
+            if opts.warmup:
+                from .warmup import warm_up
+
+                model.warmup = warm_up(self, model)
+            model.warm = True
+            model.applied = describe_pipeline(model)
             self._models[profile.name] = model  # only once warm: a failed warm-up is retried, not kept
-            log.info("loaded %s (%s) in %.1fs: %s", profile.name, profile.source, time.perf_counter() - t0, applied)
+            log.info("loaded %s (%s) in %.1fs: %s", profile.name, profile.source, time.perf_counter() - t0,
+                     model.applied)
             return model
+
+    @staticmethod
+    def _native_size(profile: ModelProfile) -> tuple[int, int]:
+        return profile.resolution, profile.resolution
 
     def loaded(self) -> list[str]:
         return list(self._models)
@@ -279,22 +315,25 @@ class AvatarEngine:
             raise RequestValidationError(f"unsupported request kind {request.kind!r}", param="kind")
         return request.resolve(self.profile(request.model))
 
-    def max_batch(self, profile: ModelProfile, width: int, height: int) -> int:
-        """Images per pipeline call: config/profile cap, else a memory-aware estimate."""
-        cap = self.config.max_batch_size or profile.max_batch_size
+    def max_batch(self, model: LoadedModel, width: int, height: int, regional: bool = False) -> int:
+        """Images per pipeline call: the config/profile cap, else (CUDA) what the memory probe
+        at load says fits, rounded down to a batch bucket; 16 on CPU. Stable: computed from
+        figures measured once, never from the allocator's state at call time."""
+        cap = self.config.max_batch_size or model.profile.max_batch_size
         if cap:
             return cap
-        if self.device.type != "cuda":
+        if model.memory is None:
             return 16
-        free, _ = torch.cuda.mem_get_info(self.device)
-        # ~0.6 GB of activations per 512² image under CFG in half precision (SDXL UNet ~2x SD1.5).
-        per_image = 0.6e9 * (width * height) / (512 * 512) * (2.0 if profile.architecture == "sdxl" else 1.0)
-        return int(max(1, min(32, (free * 0.7) // per_image)))
+        from .memory import images_that_fit, round_to_bucket
+
+        return round_to_bucket(images_that_fit(model.memory, width * height, regional))
 
     def generate(self, requests: Sequence[GenerationRequest] | GenerationRequest,
-                 progress: ProgressFn | None = None) -> list[GenerationResult]:
+                 progress: ProgressFn | None = None, preview: PreviewFn | None = None) -> list[GenerationResult]:
         """Run requests (any mix of kinds and models); results come back in request order.
-        `progress(done_steps, total_steps)` is called after every denoising step."""
+        `progress(done_steps, total_steps)` is called after every denoising step;
+        `preview(request_index, image_index, step, image)` every `speed.preview_every` steps on
+        profiles with `speed.preview: taesd`."""
         single = isinstance(requests, GenerationRequest)
         reqs = [requests] if single else list(requests)
         t_start = time.perf_counter()
@@ -304,30 +343,7 @@ class AvatarEngine:
             tasks = [self._tasks[r.kind] for r in resolved]
             prepared = [t.prepare(models[r.model], r) for t, r in zip(tasks, resolved)]
             items = [t.items(models[r.model], r, i, p) for i, (t, r, p) in enumerate(zip(tasks, resolved, prepared))]
-            calls = self._plan(resolved, tasks, models, items)
-            total_steps = sum(self._denoising_steps(resolved[chunk[0].request_index]) for chunk in calls)
-            done = [0]
-
-            def on_step(pipe, step, timestep, kwargs):
-                done[0] += 1
-                if progress:
-                    progress(done[0], total_steps)
-                return kwargs
-
-            images: list[list] = [[None] * r.batch_size for r in resolved]
-            call_ms = [0.0] * len(resolved)
-            call_sizes: list[list[int]] = [[] for _ in resolved]
-            for chunk in calls:
-                first = resolved[chunk[0].request_index]
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    out = tasks[chunk[0].request_index].run(models[first.model], resolved, chunk, on_step)
-                ms = (time.perf_counter() - t0) * 1000
-                for it, img in zip(chunk, out):
-                    images[it.request_index][it.image_index] = img
-                for ri in {it.request_index for it in chunk}:
-                    call_ms[ri] += ms
-                    call_sizes[ri].append(len(chunk))
+            images, call_ms, call_sizes = self._execute(models, resolved, tasks, items, progress, preview)
             results = []
             for i, r in enumerate(resolved):
                 res = GenerationResult(
@@ -340,6 +356,52 @@ class AvatarEngine:
                 results.append(res)
         return results[0] if single else results
 
+    def _execute(self, models, resolved, tasks, items, progress: ProgressFn | None = None,
+                 preview: PreviewFn | None = None):
+        """Plan the calls, pad each to its batch bucket, run them; images per request."""
+        from .stepcache import step_cache
+
+        calls = self._plan(resolved, tasks, models, items)
+        total_steps = sum(self._denoising_steps(resolved[chunk[0].request_index]) for chunk in calls)
+        done = [0]
+
+        def step_callback(model: LoadedModel, chunk: list[WorkItem]):
+            every = model.profile.speed.preview_every
+            decoder = self._preview_decoder(model) if preview else None
+
+            def on_step(pipe, step, timestep, kwargs):
+                done[0] += 1
+                if progress:
+                    progress(done[0], total_steps)
+                if decoder is not None and (step + 1) % every == 0 and "latents" in kwargs:
+                    from .preview import decode_previews
+
+                    for it, img in zip(chunk, decode_previews(decoder, kwargs["latents"][:len(chunk)])):
+                        preview(it.request_index, it.image_index, step + 1, img)
+                return kwargs
+
+            return on_step
+
+        images: list[list] = [[None] * r.batch_size for r in resolved]
+        call_ms = [0.0] * len(resolved)
+        call_sizes: list[list[int]] = [[] for _ in resolved]
+        for chunk in calls:
+            first = resolved[chunk[0].request_index]
+            model = models[first.model]
+            padded = list(chunk)
+            if model.buckets:  # padding rows repeat the last image; their outputs are dropped
+                padded += [chunk[-1]] * (bucket_for(len(chunk), model.buckets[-1]) - len(chunk))
+            t0 = time.perf_counter()
+            with torch.inference_mode(), serving_stance(model), step_cache(model.pipe.unet):
+                out = tasks[chunk[0].request_index].run(model, resolved, padded, step_callback(model, chunk))
+            ms = (time.perf_counter() - t0) * 1000
+            for it, img in zip(chunk, out):
+                images[it.request_index][it.image_index] = img
+            for ri in {it.request_index for it in chunk}:
+                call_ms[ri] += ms
+                call_sizes[ri].append(len(chunk))
+        return images, call_ms, call_sizes
+
     def _plan(self, resolved, tasks, models, items) -> list[list[WorkItem]]:
         """Group compatible requests and pack their images into calls of at most max_batch."""
         groups: dict[tuple, list[int]] = {}
@@ -348,10 +410,24 @@ class AvatarEngine:
         calls = []
         for indices in groups.values():
             first = resolved[indices[0]]
-            size = self.max_batch(models[first.model].profile, first.width, first.height)
+            model = models[first.model]
+            size = self.max_batch(model, first.width, first.height, regional=tasks[indices[0]].regional)
+            if model.buckets:
+                size = min(size, model.buckets[-1])
             flat = [it for i in indices for it in items[i]]
             calls += [flat[s:s + size] for s in range(0, len(flat), size)]
         return calls
+
+    @staticmethod
+    def _preview_decoder(model: LoadedModel):
+        """The profile's preview decoder (loaded on first use); None when previews are off."""
+        if model.profile.speed.preview == "none":
+            return None
+        if "preview_decoder" not in model.state:
+            from .preview import load_preview_decoder
+
+            model.state["preview_decoder"] = load_preview_decoder(model.profile, model.device, model.dtype)
+        return model.state["preview_decoder"]
 
     @staticmethod
     def _denoising_steps(r: GenerationRequest) -> int:

@@ -7,10 +7,10 @@ carries that 512-d identity as its conditioning, so percify requests batch with 
 (one row of `ip_adapter_image_embeds` per image) and a request's images are the same whether
 it ran alone or packed with others.
 
-Identity strength is the IP-Adapter scale of the call (and the FaceID LoRA's weight, capped at
-1), so it is part of the group key: diffusers applies the scale per attention processor, for
-the whole batch, and scaling the embedding instead would not work (the FaceID projection ends
-in a LayerNorm, which undoes any scaling). Strength 0 reproduces the plain pipeline exactly.
+Identity strength is the IP-Adapter scale of each image (and the FaceID LoRA's weight, capped
+at 1), passed as a per-image tensor, so requests of different strengths share a call (scaling
+the embedding instead would not work: the FaceID projection ends in a LayerNorm, which undoes
+any scaling). Strength 0 reproduces the plain pipeline exactly.
 
 Every result carries `extra["identity"]`: faces found per photo, which was used, and per output
 image the cosine similarity between the reference identity and the largest face the same
@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .adapters import FACEID_EMBED_DIM, identity_adapter
+from .attention import conditioned
 from .engine import LoadedModel, Task, WorkItem
 from .errors import RequestValidationError
 from .requests import IDENTITY_STRENGTH_RANGE, GenerationRequest, GenerationResult, check_photos
@@ -203,29 +204,26 @@ class PercifyTask(Task):
     def analyze(self, photos: Sequence, min_face_size: int, crops: bool = False) -> IdentityConditioning:
         return analyze_references(self.engine, photos, min_face_size, crops=crops)
 
-    def group_key(self, request: PercifyRequest) -> tuple:
-        return super().group_key(request) + (float(request.identity_strength),)
+    # group_key: the base key. Strength is a per-image tensor (adapter.weights), so requests
+    # of any strength share calls.
 
     # ---- per pipeline call ------------------------------------------------------------------
     @staticmethod
     def _uses_cfg(model: LoadedModel, guidance_scale: float) -> bool:
-        """The pipeline's own rule for classifier-free guidance (it decides the embeds' layout)."""
+        """The pipeline's own rule for classifier-free guidance (it decides the batch layout)."""
         return guidance_scale > 1 and getattr(model.pipe.unet.config, "time_cond_proj_dim", None) is None
-
-    def call_kwargs(self, model: LoadedModel, requests: Sequence[GenerationRequest], items: Sequence[WorkItem]) -> dict:
-        first = requests[items[0].request_index]
-        adapter = identity_adapter(model)
-        return {"ip_adapter_image_embeds": adapter.embeds([it.conditioning.embedding for it in items],
-                                                          self._uses_cfg(model, first.guidance_scale))}
 
     def run(self, model: LoadedModel, requests: Sequence[GenerationRequest], items: Sequence[WorkItem],
             callback: Callable | None) -> list:
         first = requests[items[0].request_index]
         adapter = identity_adapter(model)
+        cfg = self._uses_cfg(model, first.guidance_scale)
         clip = None
         if adapter.variant == "faceid-plusv2":
-            clip = adapter.clip_embeds([it.conditioning.crops for it in items], self._uses_cfg(model, first.guidance_scale))
-        with adapter.active(first.identity_strength, clip_embeds=clip, pipe=self.pipeline(model, first)):
+            clip = adapter.clip_embeds([it.conditioning.crops for it in items], cfg)
+        faces = adapter.tokens([it.conditioning.embedding for it in items], cfg, clip_embeds=clip)
+        weights = adapter.weights([requests[it.request_index].identity_strength for it in items], cfg)
+        with conditioned(model.pipe.unet, mode="identity", faces=faces, **weights):
             return super().run(model, requests, items, callback)
 
     # ---- per result -------------------------------------------------------------------------
@@ -248,7 +246,7 @@ class PercifyTask(Task):
             "source": prepared.source,
             "strength": result.request.identity_strength,
             "backend": self.engine.config.face_backend,
-            "adapter": model.applied.get("ip_adapter"),
+            "adapter": identity_adapter(model).label,
             "referencePhotos": len(prepared.faces),
             "faces": copy.deepcopy(prepared.faces),  # prepared may be a cached object shared by requests
             "notes": prepared.notes + self._backend_notes(model),

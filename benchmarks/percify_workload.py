@@ -54,15 +54,19 @@ def make_percify_requests(n: int, model: str | None = None, steps: int | None = 
 
 
 def naive_percify_setup(engine, naive_pipe, resolved):
-    """Load the profile's FaceID adapter into the naive pipeline (left switched on) and return
-    `call_kwargs(request) -> dict` giving that request's `ip_adapter_image_embeds` ([2, 1, 512]
-    under CFG, the shape diffusers' docs use for one image)."""
-    from avatar_engine.adapters import IdentityAdapter
+    """Load the profile's FaceID weights into the plain pipeline the way diffusers documents
+    (`load_ip_adapter`, which installs IP-Adapter processors and the LoRA through peft), left
+    switched on, and return `call_kwargs(request) -> dict` giving that request's
+    `ip_adapter_image_embeds` ([2, 1, 512] under CFG, the shape diffusers' docs use)."""
+    from avatar_engine.adapters import TINY_LORA_RANK, _checkpoint_path, read_checkpoint, tiny_faceid_state_dict
 
     first = resolved[0]
     profile = engine.profile(first.model)
-    adapter = IdentityAdapter(naive_pipe, profile.ip_adapter, profile.name)
-    adapter._activate(first.identity_strength)  # the naive service keeps its adapter on
+    src = profile.ip_adapter
+    state = (tiny_faceid_state_dict(naive_pipe.unet, lora_rank=src.lora_rank or TINY_LORA_RANK) if src.tiny
+             else read_checkpoint(_checkpoint_path(src, profile.name)))
+    naive_pipe.load_ip_adapter(state, subfolder=None, weight_name=None, image_encoder_folder=None)
+    naive_pipe.set_ip_adapter_scale(first.identity_strength)
     task = engine._tasks["percify"]
     embeddings = {}
     for r in resolved:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .logctx import logger
@@ -32,6 +32,7 @@ class ProfileInfo:
     steps: int = 25
     guidance_scale: float = 7.5
     kinds: tuple[str, ...] = ALL_KINDS
+    engine: dict | None = None  # what runs, read back from the loaded model (kernels, compile, warm-up)
 
     @classmethod
     def from_profile(cls, p: Any) -> "ProfileInfo":
@@ -69,7 +70,13 @@ class EngineDescription:
         """`models`: the profiles actually served (default: the engine's default model only,
         since models.yaml may list profiles whose weights this machine does not have)."""
         names = list(models) if models else [engine.default_model]
-        profiles = {name: ProfileInfo.from_profile(engine.profiles[name]) for name in names}
+        profiles = {}
+        for name in names:
+            info = ProfileInfo.from_profile(engine.profiles[name])
+            loaded = getattr(engine, "_models", {}).get(name)
+            if loaded is not None:
+                info = replace(info, engine={**loaded.applied, "warmup": dict(loaded.warmup)})
+            profiles[name] = info
         default = engine.default_model if engine.default_model in profiles else names[0]
         return cls(default_model=default, profiles=profiles)
 

@@ -254,6 +254,9 @@ class ModelInfo(_Out):
     credit_cost: int
     resolution: Optional[int] = None
     kinds: list[str] = Field(default_factory=list)
+    engine: Optional[dict[str, Any]] = Field(
+        None, description="What runs on the loaded model, read back from its modules: dtype, attention kernel, "
+                          "fused projections, compile scope/mode, batch buckets, identity adapter, warm-up.")
 
 
 class Health(_Out):

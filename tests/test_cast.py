@@ -20,8 +20,9 @@ from avatar_engine import GenerationRequest, GenerationResult
 from avatar_engine.cast import (MAX_BOX_OVERLAP, CastCharacter, CastRequest, cast_request_from_dict,
                                 identity_report, match_identities)
 from avatar_engine.errors import ImageError, NoFaceError, RequestValidationError
-from avatar_engine.regional import (RegionalAttnProcessor, RegionalState, auto_layout, region_masks,
-                                    regional_attention)
+from avatar_engine.attention import (MAX_CHARACTERS, REGIONAL_PROMPTS, AvatarAttnProcessor, CallConditioning,
+                                     IdentityWeights)
+from avatar_engine.regional import auto_layout, region_masks, regional_conditioning
 
 torch.set_num_threads(2)
 skimage_data = pytest.importorskip("skimage.data")
@@ -98,18 +99,27 @@ def test_request_layout_resolves_with_the_frame(tiny_engine):
     assert tiny_engine.resolve(cast(3, layout="rows")).region_boxes()[0] == "rows"
 
 
+def _padded(masks: torch.Tensor) -> torch.Tensor:
+    """[K, H, W] → [1, MAX_CHARACTERS, H, W] (unused slots all zero), as the cast task pads."""
+    extra = masks.new_zeros(MAX_CHARACTERS - masks.shape[0], *masks.shape[1:])
+    return torch.cat([masks, extra])[None]
+
+
 def test_region_weights_partition_every_pixel():
-    """Background + characters sum to 1 at every layer resolution, overlaps split evenly."""
+    """Background + characters sum to 1 at every UNet level, overlaps split evenly; identity
+    masks follow the region weights and are zero for characters without a face."""
     boxes = [(0.0, 0.0, 0.6, 1.0), (0.5, 0.0, 1.0, 1.0)]
     masks = region_masks(boxes, 64, 64)
     assert (masks[:, :, 35] == 0.5).all() and (masks[0, :, 10] == 1).all() and (masks[1, :, 10] == 0).all()
-    state = RegionalState(masks=masks[None], latent_hw=(8, 8)).precompute("cpu", torch.float32)
-    assert sorted(state.weights_by_seq) == [1, 4, 16, 64]
-    for seq in (64, 16, 4):
-        w = state.weights(seq, 2, "cpu", torch.float32)
-        assert w.shape == (2, 3, seq, 1)
-        assert torch.allclose(w.sum(1), torch.ones(2, seq, 1), atol=1e-6)
-        assert (w >= 0).all()
+    has_face = torch.tensor([[True, False, False, False]])
+    values = regional_conditioning(_padded(masks), has_face, (8, 8), 4, "cpu", torch.float32)
+    assert [w.shape for w in values["region_weights"]] == [(1, REGIONAL_PROMPTS, seq, 1) for seq in (64, 16, 4, 1)]
+    for w, f in zip(values["region_weights"], values["face_masks"]):
+        assert torch.allclose(w.sum(1), torch.ones(1, w.shape[2], 1), atol=1e-6) and (w >= 0).all()
+        assert torch.equal(f[:, 0], w[:, 1]) and (f[:, 1:] == 0).all()
+    level0 = values["region_weights"][0][0, :, :, 0].reshape(REGIONAL_PROMPTS, 8, 8)
+    assert (level0[1, :, :4] == 1).all() and (level0[1, :, 5:] == 0).all()  # character 0: the left 60 %
+    assert (level0[3:] == 0).all()  # unused slots
 
 
 # ---- validation -----------------------------------------------------------------------------
@@ -193,71 +203,76 @@ def test_wire_format_parses_and_rejects_unknown_fields():
 
 # ---- regional attention, one layer ------------------------------------------------------------
 
-def _layer():
-    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+def _layer(masks: torch.Tensor, has_face, latent_hw=(16, 16)):
+    """One cross-attention layer with its lifetime processor in regional mode at UNet level 0."""
+    from diffusers.models.attention_processor import Attention
 
     torch.manual_seed(0)
     attn = Attention(query_dim=32, cross_attention_dim=32, heads=4, dim_head=8).eval()
-    ip = IPAdapterAttnProcessor2_0(hidden_size=32, cross_attention_dim=32, num_tokens=(4,), scale=1.0).eval()
-    return attn, ip
+    cond = CallConditioning()
+    proc = AvatarAttnProcessor(cond, level=0, cross=True)
+    proc.identity = IdentityWeights(None, torch.nn.Linear(32, 32, bias=False), torch.nn.Linear(32, 32, bias=False))
+    values = regional_conditioning(_padded(masks), torch.tensor([has_face]), latent_hw, 1, "cpu", torch.float32)
+    cond.mode, cond.region_weights, cond.face_masks = "regional", values["region_weights"], values["face_masks"]
+    cond.face_scale, cond.lora_weight = torch.ones(1, 1, 1), torch.zeros(1, 1, 1)
+    return attn, proc, cond
 
 
 def test_one_character_changes_a_layer_only_inside_its_region():
-    """Text and identity of character 0 reach exactly the queries its (downsampled) mask covers."""
-    from diffusers.image_processor import IPAdapterMaskProcessor
-
-    attn, ip = _layer()
-    masks = region_masks([(0.0, 0.0, 0.45, 1.0), (0.55, 0.0, 1.0, 1.0)], 64, 64)[None]  # [1, 2, 64, 64]
-    state = RegionalState(masks=masks, latent_hw=(16, 16)).precompute("cpu", torch.float32)
-    proc = RegionalAttnProcessor(state, ip)
+    """Text and identity of character 0 reach exactly the queries its region covers, and
+    nearly all of them."""
+    masks = region_masks([(0.0, 0.0, 0.45, 1.0), (0.55, 0.0, 1.0, 1.0)], 64, 64)
+    attn, proc, cond = _layer(masks, [True, True, False, False])
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 256, 32, generator=g)
-    text = torch.randn(1, 3 * 77, 32, generator=g)
-    faces = torch.randn(1, 2, 4, 32, generator=g)
+    text = torch.randn(1, REGIONAL_PROMPTS * 77, 32, generator=g)
+    faces = torch.randn(1, MAX_CHARACTERS, 4, 32, generator=g)
 
     def run(text, faces):
+        cond.faces = faces
         with torch.no_grad():
-            return proc(attn, x, (text, [faces]), ip_adapter_masks=[masks])[0]
+            return proc(attn, x, text)[0]
 
     base = run(text, faces)
+    region = cond.region_weights[0][0, 1, :, 0] > 0
+    assert 0.3 < region.float().mean() < 0.6
     text2 = text.clone()
     text2[:, 77:154] = torch.randn(1, 77, 32, generator=g)  # character 0's prompt
     changed = (run(text2, faces) - base).abs().amax(-1) > 0
-    region = state.weights(256, 1, "cpu", torch.float32)[0, 1, :, 0] > 0
-    assert changed.any() and not (changed & ~region).any()
-    assert changed[region].float().mean() > 0.9
+    assert not (changed & ~region).any() and changed[region].float().mean() > 0.9
 
     faces2 = faces.clone()
     faces2[:, 0] = torch.randn(4, 32, generator=g)  # character 0's face
     changed = (run(text, faces2) - base).abs().amax(-1) > 0
-    ip_region = IPAdapterMaskProcessor.downsample(masks[:, 0], 1, 256, 1)[0, :, 0] != 0
-    assert changed.any() and not (changed & ~ip_region).any()
+    assert not (changed & ~region).any() and changed[region].float().mean() > 0.9
 
 
 def test_a_face_under_a_zero_mask_contributes_exactly_nothing():
-    attn, ip = _layer()
-    masks = region_masks([(0.0, 0.0, 0.45, 1.0), (0.55, 0.0, 1.0, 1.0)], 64, 64)[None]
-    masks[:, 1] = 0.0
+    masks = region_masks([(0.0, 0.0, 0.45, 1.0), (0.55, 0.0, 1.0, 1.0)], 64, 64)
+    attn, proc, cond = _layer(masks, [True, False, False, False])  # character 1 has no face
     g = torch.Generator().manual_seed(2)
-    x, text = torch.randn(1, 256, 32, generator=g), torch.randn(1, 3 * 77, 32, generator=g)
-    faces = torch.randn(1, 2, 4, 32, generator=g)
+    x, text = torch.randn(1, 256, 32, generator=g), torch.randn(1, REGIONAL_PROMPTS * 77, 32, generator=g)
+    faces = torch.randn(1, MAX_CHARACTERS, 4, 32, generator=g)
     faces2 = faces.clone()
-    faces2[:, 1] = torch.randn(4, 32, generator=g) * 100
-    proc = RegionalAttnProcessor(RegionalState(masks=masks, latent_hw=(16, 16)), ip)
+    faces2[:, 1:] = torch.randn(MAX_CHARACTERS - 1, 4, 32, generator=g) * 100
     with torch.no_grad():
-        a = proc(attn, x, (text, [faces]), ip_adapter_masks=[masks])
-        b = proc(attn, x, (text, [faces2]), ip_adapter_masks=[masks])
+        cond.faces = faces
+        a = proc(attn, x, text)
+        cond.faces = faces2
+        b = proc(attn, x, text)
     assert torch.equal(a, b)
 
 
-def test_processors_are_restored_after_the_call(tiny_engine):
+def test_processors_live_as_long_as_the_model(tiny_engine):
+    """A cast call changes data, not modules: the same processor objects before and after, and
+    the conditioning back to plain."""
     unet = tiny_engine.load().pipe.unet
-    before = {k: type(v) for k, v in unet.attn_processors.items()}
-    state = RegionalState(masks=torch.zeros(1, 2, 64, 64), latent_hw=(8, 8))
-    with regional_attention(unet, state):
-        inside = unet.attn_processors
-        assert all(isinstance(p, RegionalAttnProcessor) == k.endswith("attn2.processor") for k, p in inside.items())
-    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+    before = dict(unet.attn_processors)
+    assert all(isinstance(p, AvatarAttnProcessor) for p in before.values())
+    tiny_engine.generate(cast(2, steps=1))
+    after = unet.attn_processors
+    assert all(after[k] is before[k] for k in before)
+    assert unet.avatar_conditioning.mode == "plain" and unet.avatar_conditioning.faces is None
 
 
 # ---- whole pipeline ---------------------------------------------------------------------------
@@ -329,17 +344,19 @@ def test_deterministic_per_seed(tiny_engine):
 
 
 def test_batched_equals_unbatched(tiny_engine):
-    """Different boxes, faces and prompt-only characters share a call; pixels do not change."""
+    """Different boxes, faces, prompt-only characters and character counts share a call (every
+    cast runs the same padded layout); pixels do not change."""
     reqs = [
         cast(characters=[CastCharacter("a", identity_embedding=EMB[0]), CastCharacter("b")], seed=1, batch_size=2),
         cast(characters=[CastCharacter("c", box=[0, 0, .4, 1]), CastCharacter("d", identity_embedding=EMB[1],
                                                                                box=[.45, .2, 1, 1])], seed=2),
-        cast(characters=[CastCharacter("e"), CastCharacter("f")], seed=3),  # prompt-only: its own call
-        cast(3, seed=4),  # three characters: its own call
+        cast(characters=[CastCharacter("e"), CastCharacter("f")], seed=3),  # prompt-only
+        cast(3, seed=4),  # three characters
+        cast(characters=[CastCharacter(str(i), identity_embedding=EMB[i]) for i in range(4)], seed=5,
+             identity_strength=1.3),  # four faces, another strength
     ]
     batched = tiny_engine.generate(reqs)
-    assert batched[0].extra["batchImages"] == [3] and batched[1].extra["batchImages"] == [3]
-    assert batched[2].extra["batchImages"] == [1] and batched[3].extra["batchImages"] == [1]
+    assert all(res.extra["batchImages"] == [6] for res in batched)
     for req, res in zip(reqs, batched):
         alone = tiny_engine.generate(req)
         for x, y in zip(res.images, alone.images):

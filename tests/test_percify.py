@@ -2,6 +2,8 @@
 (scikit-image's astronaut; crops of insightface's t1.jpg group photo for other people)."""
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import json
 import os
@@ -140,12 +142,13 @@ def test_batched_equals_unbatched(engine, photos):
     reqs = [
         _percify(photos=[photos["astronaut"]], batch_size=2, seed=3),
         _percify(identity_embedding=_embedding(1), batch_size=2, seed=4, prompt="a knight"),
-        _percify(identity_embedding=_embedding(2), seed=5, identity_strength=0.5),  # other strength: own call
+        _percify(identity_embedding=_embedding(2), seed=5, identity_strength=0.5),  # strength is per image
+        _percify(identity_embedding=_embedding(2), seed=5, identity_strength=0.0),  # 0: the plain pixels
         GenerationRequest(prompt="portrait of an explorer", seed=6, steps=STEPS),  # plain, same engine call
     ]
     batched = engine.generate(reqs)
-    assert batched[0].extra["batchImages"] == [4]  # both strength-0.8 requests shared one call
-    assert batched[2].extra["batchImages"] == [1]
+    assert batched[0].extra["batchImages"] == [6]  # every percify request shared one call, whatever its strength
+    assert batched[4].extra["batchImages"] == [1]
     for req, res in zip(reqs, batched):
         alone = engine.generate(req)
         for got, want in zip(res.images, alone.images):
@@ -185,25 +188,49 @@ def test_identity_similarity_scores_the_output_face(engine, photos):
 # ---- adapter lifecycle -----------------------------------------------------------------------
 
 def test_plain_generate_unaffected_by_adapter():
-    """A fresh engine: plain output before the adapter is loaded == after percify ran == after
-    unload (which must also remove the FaceID LoRA); a reload gives the same adapter."""
+    """The adapter is attached at load, into the lifetime processors (no peft, no processor
+    swaps): plain output with it attached == after percify ran == after it is released; a
+    reload gives the same identity images."""
     from avatar_engine.adapters import release_identity_adapter
+    from avatar_engine.attention import AvatarAttnProcessor
 
     eng = AvatarEngine(EngineConfig(device="cpu", default_model="tiny-sd15"))
+    model = eng.load("tiny-sd15")
+    procs = model.pipe.unet.attn_processors
+    assert all(isinstance(p, AvatarAttnProcessor) and p.identity is not None for p in procs.values())
+    assert model.state["ip_adapter"].lora_rank == 4  # the tiny adapter carries a FaceID LoRA like real checkpoints
+    assert not getattr(model.pipe.unet, "peft_config", {}) and model.pipe.unet.encoder_hid_proj is None
     plain_req = GenerationRequest(prompt="portrait of an explorer", seed=8, steps=STEPS)
     before = _pixels(eng.generate(plain_req).images[0])
     p1 = eng.generate(_percify(identity_embedding=_embedding(1), seed=8, score_outputs=False))
     assert p1.extra["identity"]["scored"] is False and p1.extra["identity"]["similarity"] == [None]
     assert p1.extra["identity"]["source"] == "embedding" and p1.extra["identity"]["faces"] == []
-    model = eng.load("tiny-sd15")
-    assert model.state["ip_adapter"].lora_names  # the tiny adapter carries a FaceID LoRA like real checkpoints
+    assert np.abs(_pixels(p1.images[0]) - before).mean() > 1.0
     assert np.array_equal(_pixels(eng.generate(plain_req).images[0]), before)
     assert release_identity_adapter(model) and "ip_adapter" not in model.state
-    assert not getattr(model.pipe.unet, "peft_config", {})
-    assert model.pipe.unet.encoder_hid_proj is None
+    assert all(p.identity is None for p in model.pipe.unet.attn_processors.values())
     assert np.array_equal(_pixels(eng.generate(plain_req).images[0]), before)
     again = eng.generate(_percify(identity_embedding=_embedding(1), seed=8, score_outputs=False))
     assert np.array_equal(_pixels(again.images[0]), _pixels(p1.images[0]))
+
+
+def test_faceid_checkpoint_file_loads_like_the_in_memory_weights(tmp_path):
+    """The real loading route: an h94-layout `.bin` file through `local_path` gives the same
+    identity images as the same weights built in memory."""
+    from avatar_engine import IPAdapterSource, load_profiles
+    from avatar_engine.adapters import write_faceid_checkpoint
+
+    profiles = load_profiles()
+    eng = AvatarEngine(EngineConfig(device="cpu", default_model="tiny-sd15"), profiles=profiles)
+    write_faceid_checkpoint(eng.load("tiny-sd15").pipe.unet, tmp_path / "ip-adapter-faceid_tiny.bin")
+    from_file = dataclasses.replace(profiles["tiny-sd15"], name="tiny-sd15-file", ip_adapter=IPAdapterSource(
+        local_path=str(tmp_path), weight_name="ip-adapter-faceid_tiny.bin"))
+    eng.profiles[from_file.name] = from_file
+    req = dict(identity_embedding=_embedding(3), seed=2, score_outputs=False)
+    a = eng.generate(_percify(**req))
+    b = eng.generate(_percify(model="tiny-sd15-file", **req))
+    assert np.array_equal(_pixels(a.images[0]), _pixels(b.images[0]))
+    assert b.extra["identity"]["adapter"] == "faceid"
 
 
 def test_tiny_sdxl_identity(engine):
@@ -215,7 +242,7 @@ def test_tiny_sdxl_identity(engine):
                                   _percify(identity_embedding=_embedding(1), **kw),
                                   _percify(identity_embedding=_embedding(2), **kw)])
     assert np.array_equal(_pixels(zero.images[0]), _pixels(plain.images[0]))
-    assert a.extra["batchImages"] == [2]
+    assert a.extra["batchImages"] == [3]  # strength is per image: all three shared one call
     assert np.abs(_pixels(a.images[0]) - _pixels(b.images[0])).mean() > 1.0
 
 

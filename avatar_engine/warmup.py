@@ -1,0 +1,126 @@
+"""Warm-up and memory probe at load: every variant a profile serves runs once before traffic.
+
+Variants are what changes a compiled graph (speed.py): the attention mode (plain generate,
+identity for percify, regional for cast), the batch bucket, the image shape (aspect presets),
+and a batch of one without classifier-free guidance (guidance 1). With dynamic shapes one call
+per mode and bucket at the native shape, one per other aspect preset, and one without CFG
+cover every graph; with CUDA graphs, which record one graph per concrete shape, every
+bucket × aspect combination runs.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from .requests import ASPECT_RATIOS, MAX_BATCH_SIZE
+
+log = logging.getLogger(__name__)
+WARMUP_STEPS = 1  # guards do not depend on the step count
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process (each one an inductor compile on GPU)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _unit(seed: int) -> list[float]:
+    v = np.random.default_rng(seed).standard_normal(512)
+    return (v / np.linalg.norm(v)).tolist()
+
+
+def served_modes(model) -> list[str]:
+    """Request kinds a profile serves: plain generate, cast (regional), percify with an adapter."""
+    return ["generate", "percify", "cast"] if model.profile.ip_adapter is not None else ["generate", "cast"]
+
+
+def variant_requests(model, kind: str, images: int, aspect_ratio: str = "1:1", guidance: float | None = None,
+                     steps: int = WARMUP_STEPS) -> list:
+    """Requests of `kind` totalling `images` images (requests hold at most MAX_BATCH_SIZE)."""
+    from .cast import CastCharacter, CastRequest
+    from .identity import PercifyRequest
+    from .requests import GenerationRequest
+
+    out = []
+    for i in range(0, images, MAX_BATCH_SIZE):
+        common = dict(prompt="warm-up portrait", seed=i, steps=steps, batch_size=min(MAX_BATCH_SIZE, images - i),
+                      aspect_ratio=aspect_ratio, guidance_scale=guidance, model=model.profile.name)
+        if kind == "generate":
+            out.append(GenerationRequest(**common))
+        elif kind == "percify":
+            out.append(PercifyRequest(identity_embedding=_unit(1), score_outputs=False, **common))
+        else:
+            face = _unit(2) if model.profile.ip_adapter is not None else None
+            out.append(CastRequest(characters=[CastCharacter("a person", identity_embedding=face),
+                                               CastCharacter("another person")], **common))
+    return out
+
+
+def remix_request(model):
+    from PIL import Image
+
+    from .requests import GenerationRequest
+
+    res = model.profile.resolution
+    return GenerationRequest(prompt="warm-up remix", seed=0, steps=WARMUP_STEPS * 2, strength=0.5,
+                             init_image=Image.new("RGB", (res, res), (128, 96, 64)), model=model.profile.name)
+
+
+def run_variant(engine, model, requests) -> None:
+    """Run requests through the engine's planner and tasks on an already-locked model
+    (no scoring, no results)."""
+    resolved = [r.resolve(model.profile) for r in requests]
+    tasks = [engine._tasks[r.kind] for r in resolved]
+    prepared = [t.prepare(model, r) for t, r in zip(tasks, resolved)]
+    items = [t.items(model, r, i, p) for i, (t, r, p) in enumerate(zip(tasks, resolved, prepared))]
+    engine._execute({model.profile.name: model}, resolved, tasks, items)
+
+
+def warm_up(engine, model) -> dict:
+    """Run every variant once; returns seconds, calls and graphs compiled."""
+    t0, graphs0 = time.perf_counter(), compiled_graphs()
+    opts = model.profile.speed
+    buckets = model.buckets or [1]
+    aspects = list(ASPECT_RATIOS)
+    plan: list[tuple[str, int, str, float | None]] = []
+    for kind in served_modes(model):
+        if not model.compiled:  # nothing to compile: one call per kind selects kernels and fills caches
+            plan.append((kind, 1, "1:1", None))
+            continue
+        for bucket in buckets:
+            for aspect in (aspects if opts.cuda_graphs else aspects[:1]):
+                plan.append((kind, bucket, aspect, None))
+        if not opts.cuda_graphs:
+            plan += [(kind, buckets[0], aspect, None) for aspect in aspects[1:]]
+        plan.append((kind, 1, "1:1", 1.0))  # no classifier-free guidance: a UNet batch of one
+    for kind, images, aspect, guidance in plan:
+        run_variant(engine, model, variant_requests(model, kind, images, aspect, guidance))
+    run_variant(engine, model, [remix_request(model)])  # img2img pipeline, VAE encoder
+    report = {"seconds": round(time.perf_counter() - t0, 2), "calls": len(plan) + 1,
+              "graphs": compiled_graphs() - graphs0, "kinds": served_modes(model), "buckets": list(buckets)}
+    log.info("warm-up of %s: %s", model.profile.name, report)
+    return report
+
+
+def probe_memory(engine, model):
+    """Peak memory of 1-step calls at two batch sizes, plain and regional (CUDA, before
+    compiling), → memory.MemoryProfile with the budget available after load."""
+    from .memory import MemoryProfile, PROBE_BATCHES, cuda_budget, fit_line, measure_peaks
+
+    res = model.profile.resolution
+
+    def runner(kind):
+        return lambda n: run_variant(engine, model, variant_requests(model, kind, n, steps=1))
+
+    with torch.inference_mode():
+        fixed, per = fit_line(measure_peaks(runner("generate"), model.device, PROBE_BATCHES))
+        _, regional = fit_line(measure_peaks(runner("cast"), model.device, PROBE_BATCHES))
+    torch.cuda.empty_cache()
+    profile = MemoryProfile(fixed_bytes=fixed, per_image_bytes=per, probe_pixels=res * res,
+                            regional_per_image_bytes=regional, budget_bytes=cuda_budget(model.device))
+    log.info("memory probe of %s: %s", model.profile.name, profile)
+    return profile

@@ -1,0 +1,230 @@
+"""One-shot GPU suite: the engine's speed on the real architectures, as one command.
+
+On one CUDA GPU, within about 8 minutes including compiles (`--budget-s`, default 450 s; cases
+past the budget are reported as skipped, never silently dropped):
+- SD1.5 architecture (sd15-random), 512², 25 steps, CFG: batch 1 / 4 / 8 / 16 — images/s and
+  batch-1 latency;
+- percify (FaceID, rank-128 LoRA in the released layout) and cast (2 characters, identities)
+  at 512²;
+- SDXL architecture (sdxl-random), 1024², 30 steps: batch 1 / 4;
+- per case: peak memory, time of the first (compiling) call, achieved TFLOP/s and % of the
+  device's bf16 peak (FLOPs per image counted from the configs, benchmarks/flops.py);
+- the model's load + warm-up time and the speed options read back from the modules.
+Weights are random (no download); speed does not depend on weight values.
+
+    python benchmarks/gpu_suite.py                     # GPU; writes gpu_suite.json + gpu_suite.md
+    python benchmarks/gpu_suite.py --smoke             # CPU, tiny profiles, seconds (CI runs this)
+    python benchmarks/gpu_suite.py --ablate            # + each speed option off, SD1.5 batch 8
+
+Timing: after the first call of a case (which may compile), `--repeats` calls are timed with
+CUDA synchronisation around each; the median is reported. Includes text encoding, denoising, VAE
+decode and PIL conversion; excludes PNG encoding. Last line: the JSON summary.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from avatar_engine import AvatarEngine, EngineConfig, SpeedOptions, load_profiles  # noqa: E402
+from avatar_engine.warmup import variant_requests  # noqa: E402
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    profile: str
+    size: int
+    steps: int
+    kind: str  # generate | percify | cast
+    batches: tuple[int, ...]
+
+
+FULL = [
+    Case("sd15 generate", "sd15-random", 512, 25, "generate", (1, 4, 8, 16)),
+    Case("sd15 percify", "sd15-random", 512, 25, "percify", (8,)),
+    Case("sd15 cast (2 characters)", "sd15-random", 512, 25, "cast", (4,)),
+    Case("sdxl generate", "sdxl-random", 1024, 30, "generate", (1, 4)),
+]
+SMOKE = [
+    Case("tiny-sd15 generate", "tiny-sd15", 64, 2, "generate", (1, 2)),
+    Case("tiny-sd15 percify", "tiny-sd15", 64, 2, "percify", (2,)),
+    Case("tiny-sd15 cast (2 characters)", "tiny-sd15", 64, 2, "cast", (2,)),
+    Case("tiny-sdxl generate", "tiny-sdxl", 64, 2, "generate", (1, 2)),
+]
+ABLATIONS = {  # option -> value that switches it off
+    "compile": False, "fuse_qkv": False, "channels_last": False, "cudnn_benchmark": False, "prompt_cache": 0,
+}
+TARGETS = {"sd15 generate": "≥ 11 images/s at batch ≥ 8, batch-1 latency ≤ 0.15 s (H200)",
+           "sdxl generate": "≥ 1.2 images/s (H200)"}
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_engine(case: Case, device: str | None, speed_overrides: dict | None = None,
+                warmup_kinds: bool = False) -> AvatarEngine:
+    profiles = load_profiles()
+    profile = profiles[case.profile]
+    speed = dataclasses.replace(profile.speed, **(speed_overrides or {}))
+    if not warmup_kinds:
+        # The suite warms what it measures (its first call per case is reported as compile time);
+        # `--full-warmup` measures the profile's whole load-time warm-up instead.
+        speed = dataclasses.replace(speed, warmup=False)
+    profiles[case.profile] = dataclasses.replace(profile, resolution=case.size, steps=case.steps, speed=speed,
+                                                 max_batch_size=max(max(c.batches) for c in FULL + SMOKE))
+    return AvatarEngine(EngineConfig(device=device), profiles=profiles)
+
+
+def measure(engine: AvatarEngine, case: Case, batch: int, repeats: int) -> dict:
+    model = engine.load(case.profile)
+    requests = variant_requests(model, case.kind, batch, steps=case.steps)
+    for r in requests:
+        if hasattr(r, "score_outputs"):
+            r.score_outputs = False
+    device = engine.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    engine.generate(requests)  # first call: compiles whatever this shape needs
+    sync(device)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        results = engine.generate(requests)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    calls = sorted({tuple(r.extra["batchImages"]) for r in results})
+    row = {"case": case.name, "batch": batch, "images_per_s": round(batch / med, 3),
+           "seconds_per_call": round(med, 4), "first_call_s": round(first, 2), "calls": [list(c) for c in calls]}
+    if device.type == "cuda":
+        row["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    return row
+
+
+def add_flops(row: dict, engine: AvatarEngine, case: Case) -> None:
+    from flops import device_peak, image_flops
+
+    model = engine.load(case.profile)
+    flops = image_flops(model.pipe, case.size, case.size, case.steps, cfg=model.profile.guidance_scale > 1)
+    peak, _ = device_peak(engine.device)
+    row["tflop_per_image"] = round(flops / 1e12, 6)
+    row["achieved_tflops"] = round(flops * row["images_per_s"] / 1e12, 1)
+    row["pct_of_bf16_peak"] = round(100 * flops * row["images_per_s"] / peak, 1) if peak else None
+
+
+def markdown(report: dict) -> str:
+    lines = [f"GPU suite — {report['device_name']}, torch {report['torch']}, diffusers {report['diffusers']}, "
+             f"dtype {report['dtype']}; random weights; includes text encode + denoise + VAE decode + PIL.", "",
+             "| case | batch | images/s | s/call | first call (s) | peak GB | TFLOP/s | % bf16 peak |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['case']} | {r['batch']} | {r['images_per_s']} | {r['seconds_per_call']} | "
+                     f"{r['first_call_s']} | {r.get('peak_memory_gb', '-')} | {r.get('achieved_tflops', '-')} | "
+                     f"{r.get('pct_of_bf16_peak') if r.get('pct_of_bf16_peak') is not None else '-'} |")
+    for name, info in report["models"].items():
+        lines.append(f"\n{name}: load {info['load_s']} s (warm-up {info['warmup'].get('seconds', 0)} s, "
+                     f"{info['warmup'].get('graphs', 0)} graphs); options: {json.dumps(info['applied'])}")
+    if report.get("ablation"):
+        lines += ["", "| option off (sd15, batch 8) | images/s | vs all on |", "|---|---:|---:|"]
+        for r in report["ablation"]:
+            lines.append(f"| {r['option']} | {r['images_per_s']} | {r['relative']} |")
+    if report["skipped"]:
+        lines.append(f"\nskipped (over the {report['budget_s']} s budget): {', '.join(report['skipped'])}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny profiles on CPU, in seconds")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget-s", type=float, default=450.0)
+    ap.add_argument("--ablate", action="store_true", help="also SD1.5 batch 8 with each speed option off")
+    ap.add_argument("--full-warmup", action="store_true", help="run the profiles' whole load-time warm-up")
+    ap.add_argument("--out", default="gpu_suite", help="writes OUT.json and OUT.md")
+    args = ap.parse_args(argv)
+    device = args.device or ("cpu" if args.smoke else "cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_suite: no CUDA device (use --smoke for the CPU check)")
+    cases = SMOKE if args.smoke else FULL
+    t_start = time.perf_counter()
+    import diffusers
+
+    report = {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
+              or "cpu", "torch": torch.__version__, "diffusers": diffusers.__version__, "rows": [], "models": {},
+              "skipped": [], "budget_s": args.budget_s, "targets": TARGETS}
+    engines: dict[str, AvatarEngine] = {}
+    for case in cases:
+        for batch in case.batches:
+            if time.perf_counter() - t_start > args.budget_s:
+                report["skipped"].append(f"{case.name} b{batch}")
+                continue
+            if case.profile not in engines:
+                for name in list(engines):  # one full-size model in memory at a time
+                    del engines[name]
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                engine = make_engine(case, device, warmup_kinds=args.full_warmup)
+                t0 = time.perf_counter()
+                model = engine.load(case.profile)
+                report["models"][case.profile] = {"load_s": round(time.perf_counter() - t0, 1),
+                                                  "warmup": model.warmup, "applied": model.applied}
+                report["dtype"] = str(model.dtype).replace("torch.", "")
+                engines[case.profile] = engine
+            engine = engines[case.profile]
+            row = measure(engine, case, batch, args.repeats)
+            add_flops(row, engine, case)
+            report["rows"].append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    if args.ablate and not args.smoke:
+        base = next((r for r in report["rows"] if r["case"] == "sd15 generate" and r["batch"] == 8), None)
+        report["ablation"] = []
+        for option, off in ABLATIONS.items():
+            if base is None or time.perf_counter() - t_start > args.budget_s:
+                report["skipped"].append(f"ablation {option}")
+                continue
+            engines.clear()
+            gc.collect()
+            torch.cuda.empty_cache()
+            engine = make_engine(FULL[0], device, {option: off})
+            row = measure(engine, FULL[0], 8, args.repeats)
+            report["ablation"].append({"option": option, "images_per_s": row["images_per_s"],
+                                       "relative": round(row["images_per_s"] / base["images_per_s"], 3)})
+            del engine
+    report["total_s"] = round(time.perf_counter() - t_start, 1)
+    Path(f"{args.out}.json").write_text(json.dumps(report, indent=2))
+    md = markdown(report)
+    Path(f"{args.out}.md").write_text(md)
+    print(md, file=sys.stderr)
+    summary = {"device": report["device_name"], "total_s": report["total_s"], "skipped": report["skipped"],
+               "rows": [{k: r[k] for k in ("case", "batch", "images_per_s")} for r in report["rows"]]}
+    print(json.dumps(summary))
+    return report
+
+
+if __name__ == "__main__":
+    main()
