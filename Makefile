@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: install demo test bench serve
+.PHONY: install demo test test-ray bench serve
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -25,8 +25,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 demo: install
 	$(BIN)/avatar-engine generate "portrait of an astronaut, studio light" --style professional --seed 42 -o $(OUT)
 
+# The default suite (store, API, webhooks, engine; SQLite and PostgreSQL) without Ray.
 test: install
 	$(BIN)/python -m pytest -q
+
+# The end-to-end tests against a real Ray Serve app on 127.0.0.1 (marker `ray`).
+test-ray: install
+	$(BIN)/python -m pytest -q -m ray
 
 bench: install
 	$(BIN)/python benchmarks/engine_throughput.py

@@ -26,7 +26,6 @@ character's region, or the similarity is low / null.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from .prompts import BuiltPrompt
 from .attention import MAX_CHARACTERS, conditioned
 from .regional import LAYOUTS, Box, auto_layout, box_overlap, pixel_box, region_masks, regional_conditioning
 from .requests import (CAST_CHARACTERS_RANGE, IDENTITY_STRENGTH_RANGE, MAX_REFERENCE_PHOTOS, PROMPT_MAX_CHARS,
-                       GenerationRequest, GenerationResult, request_from_dict)
+                       GenerationRequest, GenerationResult)
 from .speed import set_vae_slicing
 
 log = logging.getLogger(__name__)
@@ -178,36 +177,13 @@ class CastRequest(GenerationRequest):
         return any(c.has_identity for c in self.characters)
 
 
-_CAST_WIRE = {"characters", "layout", "identityStrength"}
-_CHARACTER_WIRE = {"prompt": "prompt", "photos": "photos", "identityEmbedding": "identity_embedding", "box": "box"}
-
-
 def cast_request_from_dict(data: dict[str, Any]) -> CastRequest:
-    """A CastRequest from API-style JSON (camelCase). Photos must already be decoded to bytes or
-    PIL images (the HTTP layer decodes base64 / multipart and resolves `avatarId`)."""
-    if not isinstance(data, dict):
-        raise RequestValidationError("request must be a JSON object", param=None)
-    base = request_from_dict({k: v for k, v in data.items() if k not in _CAST_WIRE})
-    chars_in = data.get("characters")
-    if not isinstance(chars_in, list):
-        raise _fail("characters", "characters must be a list of character objects")
-    characters = []
-    for i, c in enumerate(chars_in):
-        if not isinstance(c, dict):
-            raise _fail(f"characters[{i}]", f"characters[{i}] must be an object with a prompt")
-        for key in c:
-            if key not in _CHARACTER_WIRE:
-                raise _fail(f"characters[{i}].{key}", f"unknown field {key!r} in characters[{i}]")
-        kwargs = {_CHARACTER_WIRE[k]: v for k, v in c.items() if v is not None}
-        if "prompt" not in kwargs:
-            raise _fail(f"characters[{i}].prompt", f"characters[{i}].prompt is required")
-        characters.append(CastCharacter(**kwargs))
-    extra = {"characters": characters}
-    if data.get("layout") is not None:
-        extra["layout"] = data["layout"]
-    if data.get("identityStrength") is not None:
-        extra["identity_strength"] = data["identityStrength"]
-    req = CastRequest(**{f.name: getattr(base, f.name) for f in dataclasses.fields(GenerationRequest)}, **extra)
+    """A validated CastRequest from API-style JSON (camelCase), via `protocol.request_from_wire`.
+    Photos must already be decoded to bytes or PIL images (the HTTP layer decodes base64 /
+    multipart and resolves `avatarId`)."""
+    from .protocol import request_from_wire
+
+    req = request_from_wire(data, "cast")
     req.validate()
     return req
 

@@ -10,7 +10,9 @@ from pathlib import Path
 from .requests import GenerationResult
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write `path` through `write(fh)` into a temporary file beside it, then rename: readers see
+    the old file or the whole new one, never a part."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -30,11 +32,11 @@ def save_result(result: GenerationResult, out_dir: str | os.PathLike, stem: str)
     paths = []
     for i, image in enumerate(result.images):
         p = out / f"{stem}_{i}.png"
-        _atomic_write(p, lambda fh, im=image: im.save(fh, format="PNG"))
+        atomic_write(p, lambda fh, im=image: im.save(fh, format="PNG"))
         paths.append(p)
     meta = result.to_json()
     meta["files"] = [p.name for p in paths]
-    _atomic_write(out / f"{stem}.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+    atomic_write(out / f"{stem}.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
     return paths
 
 

@@ -144,24 +144,10 @@ class GenerationResult:
         return self.request.model  # type: ignore[return-value]
 
     def to_json(self) -> dict[str, Any]:
-        r = self.request
-        out = {
-            "kind": r.kind,
-            "model": r.model,
-            "prompt": r.prompt,
-            "negativePrompt": r.negative_prompt,
-            "stylePreset": r.style_preset,
-            "aspectRatio": r.aspect_ratio,
-            "width": r.width,
-            "height": r.height,
-            "guidanceScale": r.guidance_scale,
-            "steps": r.steps,
-            "seed": r.seed,
-            "batchSize": r.batch_size,
-            "seeds": self.seeds,
-            "timings": self.timings,
-            "promptReport": self.prompt_report,
-        }
+        from .protocol import request_to_wire
+
+        out = {"kind": self.request.kind, **request_to_wire(self.request), "seeds": self.seeds,
+               "timings": self.timings, "promptReport": self.prompt_report}
         out.update(self.extra)
         return out
 
@@ -171,28 +157,12 @@ def check_photos(photos: Sequence[Any], param: str = "photos") -> None:
            f"{param} must hold 1 to {MAX_REFERENCE_PHOTOS} photos of one person")
 
 
-_WIRE_FIELDS = {
-    "prompt": "prompt", "negativePrompt": "negative_prompt", "stylePreset": "style_preset",
-    "aspectRatio": "aspect_ratio", "guidanceScale": "guidance_scale", "seed": "seed", "batchSize": "batch_size",
-    "steps": "steps", "model": "model", "strength": "strength",
-}
-
-
 def request_from_dict(data: dict[str, Any], cls: type = GenerationRequest, extra_fields: Sequence[str] = ()) -> GenerationRequest:
-    """Build a request from API-style (camelCase) JSON; unknown fields are rejected by name.
-    `extra_fields` are keys the caller handles itself (e.g. an `id` in a batch file)."""
-    if not isinstance(data, dict):
-        raise RequestValidationError("request must be a JSON object", param=None)
-    kwargs = {}
-    for key, value in data.items():
-        if key in extra_fields:
-            continue
-        if key not in _WIRE_FIELDS:
-            raise RequestValidationError(f"unknown field {key!r}", param=key)
-        if value is not None:
-            kwargs[_WIRE_FIELDS[key]] = value
-    if "prompt" not in kwargs:
-        raise RequestValidationError("prompt is required", param="prompt")
-    req = cls(**kwargs)
+    """Build and validate a request from API-style (camelCase) JSON; unknown fields are rejected
+    by name. `extra_fields` are keys the caller handles itself (e.g. an `id` in a batch file).
+    The conversion itself is `protocol.request_from_wire`."""
+    from .protocol import request_from_wire
+
+    req = request_from_wire(data, cls.kind, ignore=extra_fields)
     req.validate()
     return req

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from PIL import Image
+
+from avatar_engine.io import atomic_write
 
 THUMBNAIL_SIZE = 256
 
@@ -56,15 +58,7 @@ class LocalBackend:
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(Path(path), lambda fh: fh.write(data))
 
     def get(self, key: str) -> bytes:
         with open(self._path(key), "rb") as fh:

@@ -1,7 +1,7 @@
 """API-key authentication and per-tier request limits as FastAPI dependencies.
 
 Keys are verified by the store (hashed at rest, constant-time compare). The rate limit is a
-fixed one-minute window counted in the database, so it holds across all ingress replicas; its
+sliding one-minute window counted in the database, so it holds across all ingress replicas; its
 state is reported on every response as `RateLimit-Policy: "minute";q=60;w=60` and
 `RateLimit: "minute";r=59;t=41` (IETF httpapi-ratelimit-headers draft), and a refusal is a 429
 with `Retry-After`.

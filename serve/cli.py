@@ -20,6 +20,7 @@ import tempfile
 import threading
 
 from .settings import ServiceSettings
+from .vocab import TIERS
 
 
 def _settings(args: argparse.Namespace, **extra) -> ServiceSettings:
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("create-key", help="create an account and API key (or a key for --account)")
     common(k)
-    k.add_argument("--tier", default="free", choices=["free", "pro", "enterprise"])
+    k.add_argument("--tier", default="free", choices=TIERS)
     k.add_argument("--credits", type=int, default=0)
     k.add_argument("--account", help="existing account id: only create another key")
     k.add_argument("--quiet", "-q", action="store_true", help="print only the key")
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("set-tier", help="change an account's tier")
     common(t)
     t.add_argument("account")
-    t.add_argument("tier", choices=["free", "pro", "enterprise"])
+    t.add_argument("tier", choices=TIERS)
     t.set_defaults(fn=cmd_set_tier)
     return p
 

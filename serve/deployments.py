@@ -15,17 +15,17 @@ same YAML on an already running Ray with public APIs only.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
-import threading
 from typing import Any, Mapping
 
 import yaml
 from ray import serve
 
+from .logctx import logger
+from .loops import BackgroundLoop
 from .settings import ServiceSettings
 
-log = logging.getLogger("serve.deployments")
+log = logger("serve.deployments")
 
 INGRESS_NAME = "AvatarIngress"
 MODEL_NAME = "AvatarModel"
@@ -114,15 +114,11 @@ class Housekeeper:
 
     def __init__(self, store: Any, interval_s: float = 600.0):
         self.store, self.interval_s = store, interval_s
-        self._stop = threading.Event()
+        self._loop = BackgroundLoop("avatar-housekeeper", self._step, interval_s, wait_first=True)
 
     def start(self) -> "Housekeeper":
-        threading.Thread(target=self._run, name="avatar-housekeeper", daemon=True).start()
+        self._loop.start()
         return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.run_once()
 
     def run_once(self) -> int:
         try:
@@ -134,7 +130,11 @@ class Housekeeper:
             return 0
 
     def stop(self) -> None:
-        self._stop.set()
+        self._loop.stop(timeout=5)
+
+    def _step(self) -> bool:
+        self.run_once()
+        return False  # a chore per interval, never "more work now"
 
 
 @serve.deployment(name=INGRESS_NAME, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100)
@@ -150,9 +150,9 @@ class AvatarIngress:
         self.client = RayEngineClient(model_handle)
         # Webhook delivery is I/O only: every ingress replica runs a dispatcher; leases in the
         # outbox keep them from sending the same message concurrently.
-        from .webhooks import WebhookDispatcher, WebhookOptions
+        from .webhooks import WebhookDispatcher
 
-        self.dispatcher = WebhookDispatcher(self.store, WebhookOptions.from_settings(self.settings)).start()
+        self.dispatcher = WebhookDispatcher(self.store, self.settings.webhooks).start()
         self.housekeeper = Housekeeper(self.store).start()
 
     def __serve_build_asgi_app__(self):

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import logging
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-log = logging.getLogger("serve.engine_client")
+from .logctx import logger
+from .vocab import JOB_KINDS
 
-ALL_KINDS = ("generate", "percify", "cast", "remix")
+log = logger("serve.engine_client")
+
+ALL_KINDS = JOB_KINDS
 
 
 @dataclass(frozen=True)

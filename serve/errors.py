@@ -1,6 +1,7 @@
 """One error shape for every failure: `{"error": {"code", "message", "param", "requestId"}}`.
 
-Route code raises `ApiError` (or an engine error, which carries `.code`/`.param`); FastAPI's own
+Route code raises `ApiError`, a store error (mapped by `store_error`) or an engine error (which
+carries `.code`/`.param`); FastAPI's own
 failures (validation, unknown route, wrong method, bad JSON) are mapped by the handlers
 installed in `install_error_handlers`. Anything else becomes a 500 whose body only carries the
 request id; the traceback goes to the log under that id, never to the client.
@@ -8,7 +9,6 @@ request id; the traceback goes to the log under that id, never to the client.
 from __future__ import annotations
 
 import json
-import logging
 import secrets
 from typing import Any, Iterable
 
@@ -20,7 +20,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from avatar_engine.errors import AvatarEngineError, ProfileError
 
-log = logging.getLogger("serve.errors")
+from .logctx import logger, reset_request_id, set_request_id
+from .store import (
+    ConcurrencyLimitExceeded, InsufficientCredits, InvalidArgument, InvalidState, NotFound, PermissionDenied, StoreError,
+)
+
+log = logger("serve.errors")
 
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -58,11 +63,6 @@ def not_found(message: str = "Not found", param: str | None = None) -> ApiError:
     return ApiError(404, "not_found", message, param=param)
 
 
-def insufficient_credits(needed: int, balance: int) -> ApiError:
-    return ApiError(402, "insufficient_credits",
-                    f"This request costs {needed} credits; the account has {balance} available")
-
-
 def content_policy_violation(param: str, message: str = "The text violates the content policy") -> ApiError:
     return ApiError(400, "content_policy_violation", message, param=param)
 
@@ -71,8 +71,26 @@ def rate_limit_exceeded(message: str, retry_after: int, headers: dict[str, str] 
     return ApiError(429, "rate_limit_exceeded", message, headers={"Retry-After": str(retry_after), **(headers or {})})
 
 
-def conflict(code: str, message: str, param: str | None = None) -> ApiError:
-    return ApiError(409, code, message, param=param)
+def store_error(exc: StoreError) -> ApiError:
+    """Store exceptions → API errors."""
+    if isinstance(exc, InsufficientCredits):
+        return ApiError(402, "insufficient_credits",
+                        f"This request costs {exc.required} credits; the account has {exc.balance}")
+    if isinstance(exc, ConcurrencyLimitExceeded):
+        return ApiError(429, "rate_limit_exceeded",
+                        f"Concurrent generation limit reached: {exc.active} queued or processing, your tier "
+                        f"allows {exc.limit}; retry when one finishes", headers={"Retry-After": "5"})
+    if isinstance(exc, PermissionDenied):
+        return unauthorized_access(f"Only the owner can {exc.action} this avatar")
+    if isinstance(exc, NotFound):
+        if exc.code == "avatar_not_found":
+            return avatar_not_found(exc.object_id)
+        return not_found(str(exc))
+    if isinstance(exc, InvalidArgument):
+        return invalid_request(exc.message if exc.param in exc.message else f"{exc.param}: {exc.message}", exc.param)
+    if isinstance(exc, InvalidState):
+        return ApiError(400, "invalid_request", exc.message, param="avatarId")
+    return ApiError(500, "internal_error", "A storage error occurred")
 
 
 class BodyTooLarge(Exception):
@@ -175,6 +193,13 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {401: "authentication_required", 403: "unauthorized_access", 429: "rate_limit_exceeded"}.get(status, "error")
         return error_response(request, status, code, str(exc.detail), headers=dict(exc.headers or {}))
 
+    @app.exception_handler(StoreError)
+    async def _store_error(request: Request, exc: StoreError):
+        mapped = store_error(exc)
+        if mapped.status >= 500:
+            log.error("store error (requestId=%s): %r", request_id_of(request), exc)
+        return error_response(request, mapped.status, mapped.code, mapped.message, mapped.param, mapped.headers)
+
     @app.exception_handler(BodyTooLarge)
     async def _too_large_handler(request: Request, exc: BodyTooLarge):
         return _too_large(request)
@@ -234,6 +259,7 @@ class RequestContextMiddleware:
                     raise BodyTooLarge()
             return message
 
+        token = set_request_id(rid)  # every log line of this request carries its id
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
         except BodyTooLarge:
@@ -247,6 +273,8 @@ class RequestContextMiddleware:
                 await _send_json(send, 500, error_body(
                     "internal_error", f"An internal error occurred; quote requestId {rid} when reporting it",
                     None, rid), rid)
+        finally:
+            reset_request_id(token)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -13,12 +13,13 @@ Series: `avatar_queue_depth` (jobs queued, sampled by the worker), `avatar_batch
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-log = logging.getLogger("serve.metrics")
+from .logctx import logger
+
+log = logger("serve.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
@@ -87,3 +88,30 @@ class IngressMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts requests by route template (not raw path, to keep label cardinality bounded)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def send_wrapper(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            metrics = getattr(scope.get("app").state, "metrics", None) if scope.get("app") else None
+            if metrics is not None:
+                metrics.requests.labels(method=scope.get("method", ""), route=path, status=str(status["code"])).inc()

@@ -6,6 +6,7 @@ Timestamps are ISO 8601 UTC strings (`2026-11-29T07:24:00.123Z`).
 """
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,18 +17,28 @@ from avatar_engine.requests import (
     MAX_REFERENCE_PHOTOS, PROMPT_MAX_CHARS, SEED_MAX, STEPS_RANGE, STYLE_PRESETS,
 )
 
+from .vocab import EventName, KindName, SortFieldName, SortOrderName, StatusName, VisibilityName
+
 StylePreset = Literal[STYLE_PRESETS]  # type: ignore[valid-type]
 AspectRatio = Literal[ASPECT_RATIOS]  # type: ignore[valid-type]
-Visibility = Literal["private", "unlisted", "public"]
-Status = Literal["queued", "processing", "completed", "failed", "cancelled"]
-Kind = Literal["generate", "percify", "cast", "remix"]
-EventName = Literal["avatar.completed", "avatar.failed", "avatar.published", "avatar.liked", "avatar.commented", "*"]
+Visibility = VisibilityName
+Status = StatusName
+Kind = KindName
+SortBy = SortFieldName
+SortOrder = SortOrderName
 
 MAX_TAGS = 20
 MAX_TAG_CHARS = 50
 MAX_TITLE_CHARS = 200
 MAX_DESCRIPTION_CHARS = 2000
 COMMENT_MAX_CHARS = 2000
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds → the wire's timestamp format (`2026-11-29T07:24:00.123Z`)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class _In(BaseModel):

@@ -1,17 +1,28 @@
-"""Typed service configuration.
+"""Typed service configuration (pydantic-settings).
 
-One dataclass, every field defaulted and documented. Values come from (in increasing priority)
-the defaults below, `AVATAR_*` environment variables, and the `args:` of a Serve config YAML /
-CLI flags (`ServiceSettings.from_dict`). Settings travel to Ray replicas as a plain dict
-(`to_dict()`), so every field is JSON-serialisable.
+One settings class per concern, every field defaulted and documented: `ServiceSettings` for the
+service, with the webhook delivery settings nested as `WebhookSettings` (handed as they are to
+the dispatcher). Values come from (in increasing priority) the defaults below, `AVATAR_*`
+environment variables, and the `args:` of a Serve config YAML / CLI flags
+(`ServiceSettings.from_dict`). Lists are JSON or comma-separated (`AVATAR_POLICY_WORDS=a,b`);
+mappings are JSON (`AVATAR_TIERS='{"free": [10, 1]}'`). Webhook fields are `AVATAR_WEBHOOK_<FIELD>`
+in the environment and `webhook_<field>` (or a nested `webhooks:` mapping) in a config. Settings
+travel to Ray replicas as a plain dict (`to_dict()`), so every field is JSON-serialisable.
+A bad value is a ValueError naming the field (and the environment variable it came from).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+import ssl
+from dataclasses import dataclass
+from typing import Annotated, Any, Mapping, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "AVATAR_"
+WEBHOOK_PREFIX = "webhook_"
 
 
 @dataclass(frozen=True)
@@ -38,17 +49,104 @@ DEFAULT_POLICY_WORDS: tuple[str, ...] = (
     "gore", "beheading", "csam", "loli", "child abuse", "rape",
 )
 
+USER_AGENT = "avatar-engine-webhooks/1.0"
 
-@dataclass(frozen=True)
-class ServiceSettings:
+
+def _string_list(value: Any) -> Any:
+    """A list given as one string: JSON (`["a", "b"]`) or comma-separated (`a, b`)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [s.strip() for s in text.split(",") if s.strip()]
+    return value
+
+
+StrList = Annotated[tuple[str, ...], NoDecode]
+FloatList = Annotated[Optional[tuple[float, ...]], NoDecode]
+
+
+class WebhookSettings(BaseModel):
+    """Webhook delivery: the outbox dispatcher's settings, every field defaulted."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    allow_private: bool = False
+    """Allow destinations in private/loopback ranges (needed for local testing)."""
+    allowlist: StrList = ()
+    """Host names (exact) or IPs/CIDRs allowed even though they are private."""
+    max_attempts: int = Field(8, ge=1)
+    """A message that failed this many delivery attempts is given up (marked failed)."""
+    base_backoff_s: float = Field(5.0, ge=0.0)
+    """Retry n (1-based) waits uniform(0, min(max_backoff_s, base_backoff_s * 2**(n-1))) (full jitter)."""
+    max_backoff_s: float = Field(3600.0, ge=0.0)
+    retry_schedule: FloatList = None
+    """Explicit delays (s) before retry 1, 2, ... (the last one repeats) instead of the jittered
+    backoff, e.g. (5, 300, 1800, 7200, 18000, 36000, 36000)."""
+    lease_seconds: float = Field(120.0, ge=0.1)
+    """A message claimed by a dispatcher that died is re-offered after this long. Must exceed the
+    worst case of one request (several httpx phases × timeout_s × addresses tried) times
+    ceil(batch_size / concurrency), else a slow receiver may also get a duplicate (harmless)."""
+    timeout_s: float = Field(10.0, ge=0.01)
+    """Per-request timeout towards a receiver (connect, write, each read, and reading the answer)."""
+    poll_seconds: float = Field(1.0, ge=0.01)
+    """How often each ingress replica's dispatcher looks for due messages (`wake()` cuts it short)."""
+    disable_after_consecutive_failures: int = Field(50, ge=0)
+    """Disable an endpoint after this many failed attempts in a row (0 = never); a 410 disables at once."""
+    batch_size: int = Field(16, ge=1)
+    """Most messages claimed per pass."""
+    concurrency: int = Field(8, ge=1)
+    """Most requests in flight at once (threads)."""
+    worker_id: Optional[str] = None
+    """Lease owner name; default `webhooks-<hostname>-<pid>-<random>`."""
+    verify: Union[bool, str, ssl.SSLContext] = True
+    """TLS verification for https: True (certifi's CAs), a CA bundle file/dir or an
+    `ssl.SSLContext`; False disables verification (tests only)."""
+    user_agent: str = USER_AGENT
+
+    @field_validator("allowlist", "retry_schedule", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _string_list(value)
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _schedule(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is not None and (not value or min(value) < 0):
+            raise ValueError("retry_schedule must be a non-empty list of delays >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _backoff(self) -> "WebhookSettings":
+        if self.max_backoff_s < self.base_backoff_s:
+            raise ValueError("max_backoff_s must be >= base_backoff_s")
+        return self
+
+
+class _FlatWebhookEnv(PydanticBaseSettingsSource):
+    """`AVATAR_WEBHOOK_<FIELD>` environment variables → the nested `webhooks` settings."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found = {name: os.environ[f"{ENV_PREFIX}{WEBHOOK_PREFIX}{name}".upper()]
+                 for name in WebhookSettings.model_fields
+                 if f"{ENV_PREFIX}{WEBHOOK_PREFIX}{name}".upper() in os.environ}
+        return {"webhooks": found} if found else {}
+
+
+class ServiceSettings(BaseSettings):
     """Everything the service needs that is not a model profile (those live in models.yaml)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", validate_default=True)
 
     # --- storage -------------------------------------------------------------------------
     data_dir: str = "./.avatar-engine"
     """Root for the default SQLite database and the default local asset directory."""
-    db_url: str | None = None
+    db_url: Optional[str] = None
     """`sqlite:///path` or `postgresql://...`; default `sqlite:///<data_dir>/avatar.db`."""
-    assets_url: str | None = None
+    assets_url: Optional[str] = None
     """Local directory or any fsspec URL (`s3://bucket/prefix`, `gs://...`, `memory://x`);
     default `<data_dir>/assets`."""
     public_base_url: str = ""
@@ -56,100 +154,105 @@ class ServiceSettings:
 
     # --- network -------------------------------------------------------------------------
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=0)
 
     # --- engine --------------------------------------------------------------------------
-    models_yaml: str | None = None
+    models_yaml: Optional[str] = None
     """Path of a models.yaml; None → the engine's packaged one."""
-    models: tuple[str, ...] | None = None
+    models: Annotated[Optional[tuple[str, ...]], NoDecode] = None
     """Profile names to load; None → the engine's default selection."""
-    device: str | None = None
+    device: Optional[str] = None
     """`cpu`, `cuda`, `cuda:1`...; None → the engine picks."""
 
     # --- accounts, limits, costs ---------------------------------------------------------
-    tiers: dict[str, TierLimits] = field(default_factory=lambda: dict(DEFAULT_TIERS))
-    cost_percify: int = 10
-    cost_cast: int = 30
-    cost_per_image_default: int = 2
+    tiers: dict[str, TierLimits] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
+    """Per-tier limits: `{"free": {"requests_per_minute": 10, "concurrent_jobs": 1}, ...}` or
+    `{"free": [10, 1], ...}`; a `free` tier is required (unknown tiers fall back to it)."""
+    cost_percify: int = Field(10, ge=0)
+    cost_cast: int = Field(30, ge=0)
+    cost_per_image_default: int = Field(2, ge=0)
     """Per-image cost for a model whose profile declares none."""
-    model_costs: dict[str, int] = field(default_factory=dict)
+    model_costs: dict[str, int] = Field(default_factory=dict)
     """Per-image cost by model profile name, overriding the profile's `credit_cost` (generate and
     remix cost per-image cost × batchSize)."""
 
     # --- jobs ----------------------------------------------------------------------------
-    lease_seconds: float = 60.0
+    lease_seconds: float = Field(60.0, ge=0.1)
     """How long a claimed job stays owned without a heartbeat before another worker may take it."""
-    heartbeat_seconds: float | None = None
+    heartbeat_seconds: Optional[float] = None
     """Heartbeat interval while a batch runs; default lease_seconds / 3."""
-    poll_seconds: float = 1.0
+    poll_seconds: float = Field(1.0, ge=0.01)
     """Idle worker poll interval; an ingress nudge wakes it sooner."""
-    max_batch: int = 8
+    max_batch: int = Field(8, ge=1)
     """Most jobs one worker claims and runs through the engine at once."""
-    max_attempts: int = 3
+    max_attempts: int = Field(3, ge=1)
     """A job whose worker died this many times is failed instead of retried."""
 
     # --- content policy ------------------------------------------------------------------
-    policy_words: tuple[str, ...] = DEFAULT_POLICY_WORDS
-    policy_words_file: str | None = None
+    policy_words: StrList = DEFAULT_POLICY_WORDS
+    policy_words_file: Optional[str] = None
     """Extra words, one per line (# comments allowed)."""
 
     # --- uploads -------------------------------------------------------------------------
-    max_body_bytes: int = 40 * 1024 * 1024
-    max_photo_bytes: int = 10 * 1024 * 1024
+    max_body_bytes: int = Field(40 * 1024 * 1024, ge=1)
+    max_photo_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_photo_pixels: int = 40_000_000
 
-    # --- webhooks ------------------------------------------------------------------------
-    webhook_allow_private: bool = False
-    """Allow webhook destinations in private/loopback ranges (needed for local testing)."""
-    webhook_allowlist: tuple[str, ...] = ()
-    """CIDRs or host names allowed even though they are private."""
-    metrics_token: str | None = None
+    # --- observability -------------------------------------------------------------------
+    metrics_token: Optional[str] = None
     """When set, `GET /metrics` requires `Authorization: Bearer <metrics_token>` (Prometheus
     `authorization` config); when unset it is open, for scrapers on a private network."""
-    webhook_max_attempts: int = 8
-    """A message that failed this many delivery attempts is given up (marked failed)."""
-    webhook_base_backoff_s: float = 5.0
-    """Retry n waits uniform(0, min(max, base * 2**(n-1))) seconds (full jitter)."""
-    webhook_max_backoff_s: float = 3600.0
-    webhook_retry_schedule: tuple[float, ...] | None = None
-    """Explicit delays before retry 1, 2, ... (last repeats) instead of the jittered backoff."""
-    webhook_lease_seconds: float = 120.0
-    """A message claimed by a dispatcher that died is re-offered after this long."""
-    webhook_timeout_s: float = 10.0
-    """Per-request timeout towards a receiver."""
-    webhook_poll_seconds: float = 1.0
-    """How often each ingress replica's dispatcher looks for due messages."""
-    webhook_disable_after_consecutive_failures: int = 50
-    """Disable an endpoint after this many failed attempts in a row (0 = never); a 410 disables at once."""
+
+    # --- webhooks ------------------------------------------------------------------------
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    """Webhook delivery (`webhook_<field>` / `AVATAR_WEBHOOK_<FIELD>` set single fields)."""
 
     # ------------------------------------------------------------------------------------
-    def __post_init__(self) -> None:
-        tiers = {str(k): (v if isinstance(v, TierLimits) else _tier_from(v, k)) for k, v in dict(self.tiers).items()}
-        object.__setattr__(self, "tiers", tiers)
-        costs = {}
-        for model, cost in dict(self.model_costs or {}).items():
+    @field_validator("models", "policy_words", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _string_list(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_webhook_fields(cls, data: Any) -> Any:
+        """`webhook_<field>` keys (Serve config args, keyword arguments) → `webhooks.<field>`."""
+        if not isinstance(data, Mapping):
+            return data
+        flat = {k[len(WEBHOOK_PREFIX):]: v for k, v in data.items() if k.startswith(WEBHOOK_PREFIX)}
+        if not flat:
+            return data
+        nested = data.get("webhooks") or {}
+        nested = nested.model_dump() if isinstance(nested, WebhookSettings) else dict(nested)
+        rest = {k: v for k, v in data.items() if not k.startswith(WEBHOOK_PREFIX)}
+        return {**rest, "webhooks": {**nested, **flat}}
+
+    @field_validator("tiers", mode="before")
+    @classmethod
+    def _tiers(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value
+        return {str(k): v if isinstance(v, TierLimits) else _tier_from(v, k) for k, v in value.items()}
+
+    @field_validator("tiers")
+    @classmethod
+    def _free_tier(cls, value: dict[str, TierLimits]) -> dict[str, TierLimits]:
+        if "free" not in value:
+            raise ValueError("tiers must define a 'free' tier")
+        return value
+
+    @field_validator("model_costs", mode="before")
+    @classmethod
+    def _costs(cls, value: Any) -> Any:
+        for model, cost in dict(value or {}).items():
             if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
                 raise ValueError(f"model_costs[{model!r}] must be a non-negative integer, got {cost!r}")
-            costs[str(model)] = cost
-        object.__setattr__(self, "model_costs", costs)
-        if self.webhook_retry_schedule is not None:
-            object.__setattr__(self, "webhook_retry_schedule", tuple(float(x) for x in self.webhook_retry_schedule))
-        for name in ("models", "policy_words", "webhook_allowlist"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = tuple(s.strip() for s in value.split(",") if s.strip())
-            if value is not None:
-                object.__setattr__(self, name, tuple(value))
-        for name, lo in (("lease_seconds", 0.1), ("poll_seconds", 0.01), ("max_batch", 1), ("max_attempts", 1),
-                         ("max_body_bytes", 1), ("max_photo_bytes", 1), ("port", 0), ("cost_percify", 0),
-                         ("cost_cast", 0), ("cost_per_image_default", 0), ("webhook_max_attempts", 1),
-                         ("webhook_lease_seconds", 0.1), ("webhook_timeout_s", 0.01), ("webhook_poll_seconds", 0.01),
-                         ("webhook_base_backoff_s", 0.0), ("webhook_max_backoff_s", 0.0),
-                         ("webhook_disable_after_consecutive_failures", 0)):
-            if getattr(self, name) < lo:
-                raise ValueError(f"{name} must be >= {lo}")
-        if "free" not in tiers:
-            raise ValueError("tiers must define a 'free' tier")
+        return value
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return init_settings, env_settings, _FlatWebhookEnv(settings_cls), dotenv_settings, file_secret_settings
 
     # Derived values ------------------------------------------------------------------------
     def per_image_cost(self, model: str, profile_cost: int | None) -> int:
@@ -179,40 +282,45 @@ class ServiceSettings:
 
     # Conversions ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["tiers"] = {k: dataclasses.asdict(v) for k, v in self.tiers.items()}
-        for k, v in out.items():
-            if isinstance(v, tuple):
-                out[k] = list(v)
-        return out
+        """JSON-ready (how settings travel to Ray replicas); `from_dict(to_dict(), env=False)` round-trips."""
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None = None, *, env: bool = True) -> "ServiceSettings":
         """Environment (if `env`) overlaid with `data`; unknown keys are an error naming the key."""
-        values: dict[str, Any] = dict(cls._env_values()) if env else {}
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key, value in (data or {}).items():
-            if key not in names:
-                raise ValueError(f"unknown setting {key!r}")
-            values[key] = value
-        return cls(**values)
+        try:
+            return cls(**dict(data or {})) if env else cls.model_validate(dict(data or {}))
+        except ValidationError as exc:
+            raise ValueError(_explain(exc)) from None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "ServiceSettings":
         return cls.from_dict(overrides, env=True)
 
-    @classmethod
-    def _env_values(cls) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = os.environ.get("AVATAR_" + f.name.upper())
-            if raw is None:
-                continue
-            out[f.name] = _parse_env(f.name, f.type, raw)
-        return out
-
     def replace(self, **changes: Any) -> "ServiceSettings":
-        return dataclasses.replace(self, **changes)
+        return self.from_dict({**self.model_dump(), **changes}, env=False)
+
+
+def _env_name(loc: tuple) -> str | None:
+    """The environment variable a validation error's location can come from, if it is set."""
+    names = [f"{ENV_PREFIX}{loc[0]}".upper()] if loc else []
+    if len(loc) >= 2 and loc[0] == "webhooks":
+        names.insert(0, f"{ENV_PREFIX}{WEBHOOK_PREFIX}{loc[1]}".upper())
+    return next((n for n in names if n in os.environ), None)
+
+
+def _explain(exc: ValidationError) -> str:
+    """One line per error: the setting (dotted), its environment variable when set, the problem."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err.get("loc", ()))
+        name = ".".join(loc) or "settings"
+        if err.get("type") == "extra_forbidden":
+            lines.append(f"unknown setting {name!r}")
+            continue
+        env = _env_name(loc)
+        lines.append(f"{name}{f' (environment variable {env})' if env else ''}: {err.get('msg')}")
+    return "; ".join(lines)
 
 
 def _tier_from(value: Any, name: Any) -> TierLimits:
@@ -225,21 +333,3 @@ def _tier_from(value: Any, name: Any) -> TierLimits:
     if isinstance(value, (list, tuple)) and len(value) == 2:
         return TierLimits(int(value[0]), int(value[1]))
     raise ValueError(f"tier {name!r} must be a mapping or a [rpm, concurrent] pair")
-
-
-def _parse_env(name: str, type_name: Any, raw: str) -> Any:
-    t = str(type_name)
-    try:
-        if name in ("tiers", "model_costs"):
-            return json.loads(raw)
-        if t.startswith("bool"):
-            return raw.strip().lower() in ("1", "true", "yes", "on")
-        if t.startswith("int"):
-            return int(raw)
-        if t.startswith("float"):
-            return float(raw)
-        if t.startswith("tuple"):
-            return tuple(s.strip() for s in raw.split(",") if s.strip())
-        return raw
-    except ValueError as exc:
-        raise ValueError(f"environment variable AVATAR_{name.upper()}: {exc}") from None

@@ -1,18 +1,12 @@
-"""Durable webhook delivery: Standard Webhooks signing, an SSRF guard and the outbox dispatcher.
+"""Durable webhook delivery: the outbox dispatcher (signing: `serve.signing`; the SSRF guard:
+`serve.destinations`; both re-exported here).
 
 The store writes one outbox message per subscribed endpoint in the same transaction as the
 state change; this module only *drains* that outbox, so an event is never lost: a dispatcher
 that dies mid-delivery leaves a lease that expires, and another dispatcher sends the message
 again under the same `webhook-id` (receivers de-duplicate on it — delivery is at-least-once).
 
-Signing follows https://www.standardwebhooks.com: the secret is `whsec_<base64 key>`, the key
-is the base64-decoded part, and `webhook-signature` is `v1,<base64 HMAC-SHA256 of
-"{webhook-id}.{webhook-timestamp}.{body}">` (several space-separated signatures are accepted on
-verification, for key rotation).
-
-SSRF: `check_destination` resolves the URL's host and refuses it when ANY address is private,
-loopback, link-local, CGNAT, multicast, reserved or unspecified (IPv4 embedded in IPv6 —
-mapped, 6to4, NAT64 — is unwrapped first) unless the operator allows it. The dispatcher then
+SSRF: every attempt re-vets the destination (`check_destination`) and the dispatcher then
 connects to exactly the vetted address (DNS pinning, so a rebinding DNS answer between check and
 connect cannot redirect it): the request URL's host is replaced by the IP, the `Host` header
 carries the original host, and for https the TLS SNI and certificate check use the original host
@@ -22,12 +16,6 @@ environment proxies are ignored (`trust_env=False`) so nothing bypasses the pinn
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import dataclasses
-import hashlib
-import hmac
-import ipaddress
 import json
 import logging
 import math
@@ -35,251 +23,38 @@ import os
 import random
 import socket
 import ssl
-import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable
 
 import httpx
 
+from .destinations import DestinationRefused, Resolver, check_destination, destination_error
+from .logctx import logger, request_context
+from .loops import BackgroundLoop
+from .schemas import iso
+from .settings import USER_AGENT, WebhookSettings
+from .signing import SignatureError, secret_key, sign, signature_headers, verify, verify_signature
 from .store import Delivery, Store
 
-log = logging.getLogger("serve.webhooks")
+log = logger("serve.webhooks")
 
 __all__ = [
-    "USER_AGENT", "SignatureError", "DestinationRefused", "WebhookOptions", "WebhookDispatcher",
+    "USER_AGENT", "SignatureError", "DestinationRefused", "WebhookSettings", "WebhookDispatcher",
     "AttemptResult", "secret_key", "sign", "signature_headers", "verify_signature",
     "check_destination", "destination_error", "render_body", "verify",
 ]
 
-USER_AGENT = "avatar-engine-webhooks/1.0"
-SECRET_PREFIX = "whsec_"
 #: Most bytes of a receiver's response body read (for the error message); the rest is dropped.
 MAX_RESPONSE_BYTES = 4096
 #: Most vetted addresses of one host tried when connecting fails.
 MAX_ADDRESSES_TRIED = 3
 
-Resolver = Callable[[str, int], Sequence[str]]
-
-
-# --------------------------------------------------------------------------------------------
-# Signing (Standard Webhooks)
-# --------------------------------------------------------------------------------------------
-class SignatureError(ValueError):
-    """A webhook failed verification; the message says why (missing header, stale, mismatch)."""
-
-
-def secret_key(secret: str) -> bytes:
-    """The HMAC key of a `whsec_<base64>` secret (the prefix is optional, as in the reference
-    libraries). Raises ValueError naming the secret when the base64 part is malformed."""
-    raw = secret[len(SECRET_PREFIX):] if secret.startswith(SECRET_PREFIX) else secret
-    try:
-        key = base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("secret: not a Standard Webhooks secret (whsec_ + base64)") from None
-    if not key:
-        raise ValueError("secret: empty key")
-    return key
-
-
-def _body_bytes(body: bytes | str) -> bytes:
-    return body.encode("utf-8") if isinstance(body, str) else bytes(body)
-
-
-def sign(secret: str, msg_id: str, timestamp: int, body: bytes | str) -> str:
-    """`v1,<base64 HMAC-SHA256("{msg_id}.{timestamp}.{body}")>`."""
-    to_sign = f"{msg_id}.{int(timestamp)}.".encode() + _body_bytes(body)
-    digest = hmac.new(secret_key(secret), to_sign, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode("ascii")
-
-
-def signature_headers(secret: str, msg_id: str, timestamp: int, body: bytes | str) -> dict[str, str]:
-    """The three Standard Webhooks headers for one attempt."""
-    return {
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(int(timestamp)),
-        "webhook-signature": sign(secret, msg_id, timestamp, body),
-    }
-
-
-def verify_signature(secret: str, headers: Mapping[str, str], body: bytes | str, *,
-                     tolerance_s: float = 300.0, now: float | None = None) -> str:
-    """Verify a received webhook (receivers and tests); returns its `webhook-id`.
-
-    Header names are case-insensitive; the timestamp must lie within `tolerance_s` of `now`
-    (default: the wall clock) in either direction, which bounds replays; any one of the
-    space-separated `v1,` signatures may match (compared in constant time). Raises
-    SignatureError."""
-    lower = {str(k).lower(): str(v) for k, v in headers.items()}
-    missing = [h for h in ("webhook-id", "webhook-timestamp", "webhook-signature") if not lower.get(h)]
-    if missing:
-        raise SignatureError(f"missing header(s): {', '.join(missing)}")
-    msg_id, ts_raw = lower["webhook-id"], lower["webhook-timestamp"]
-    try:
-        ts = int(ts_raw)
-    except ValueError:
-        raise SignatureError(f"webhook-timestamp: not an integer ({ts_raw[:32]!r})") from None
-    current = time.time() if now is None else now
-    if abs(current - ts) > tolerance_s:
-        raise SignatureError(f"webhook-timestamp: {ts} is outside the {tolerance_s:g} s tolerance")
-    expected = sign(secret, msg_id, ts, body).split(",", 1)[1].encode("ascii")
-    for candidate in lower["webhook-signature"].split():
-        version, _, sig = candidate.partition(",")
-        if version == "v1" and hmac.compare_digest(sig.encode("ascii", "replace"), expected):
-            return msg_id
-    raise SignatureError("webhook-signature: no matching v1 signature")
-
-
-def verify(secret: str, headers: Mapping[str, str], body: bytes | str, *, tolerance_s: float = 300.0,
-           now: float | None = None) -> bool:
-    """`verify_signature` as a boolean, for receivers that only need yes/no."""
-    try:
-        verify_signature(secret, headers, body, tolerance_s=tolerance_s, now=now)
-        return True
-    except (SignatureError, ValueError):
-        return False
-
-
-# --------------------------------------------------------------------------------------------
-# SSRF guard
-# --------------------------------------------------------------------------------------------
-class DestinationRefused(ValueError):
-    """A webhook URL is not allowed; `param` is always "url" (maps to HTTP 400)."""
-
-    param = "url"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"url: {message}")
-        self.message = message
-
-
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_HINT = "set webhook_allow_private or add the host or its network to webhook_allowlist"
-
-
-def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """IPv4 address carried inside an IPv6 one (mapped, 6to4, NAT64), which routes there."""
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip in _NAT64:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return None
-
-
-def _blocked_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """Why an address is not a public unicast destination, or None when it is."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        inner = _embedded_v4(ip)
-        if inner is not None:
-            kind = _blocked_kind(inner)
-            return f"{kind} (embeds IPv4 {inner})" if kind else None
-    if ip.is_unspecified:
-        return "unspecified"
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_link_local:
-        return "link-local"
-    if ip.is_multicast:
-        return "multicast"
-    if isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT:
-        return "carrier-grade NAT (100.64.0.0/10)"
-    if ip.is_private:
-        return "private"
-    if ip.is_reserved:
-        return "reserved"
-    if not ip.is_global:
-        return "non-global"
-    return None
-
-
-def _parse_allowlist(allowlist: Iterable[str]) -> tuple[set[str], list[Any]]:
-    hosts: set[str] = set()
-    nets: list[Any] = []
-    for entry in allowlist or ():
-        entry = str(entry).strip()
-        if not entry:
-            continue
-        try:
-            nets.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
-        except ValueError:
-            hosts.add(entry.lower().rstrip("."))
-    return hosts, nets
-
-
-def _default_resolver(host: str, port: int) -> list[str]:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    return [info[4][0] for info in infos]
-
-
-def check_destination(url: str | httpx.URL, *, allow_private: bool = False,
-                      allowlist: Iterable[str] = (), resolver: Resolver | None = None) -> list[str]:
-    """Vet a webhook URL; returns the resolved addresses (strings, resolver order, no duplicates)
-    that the caller must connect to — and only to — to defeat DNS rebinding.
-
-    Refused (DestinationRefused naming why): a scheme other than http/https, a missing host,
-    credentials in the URL, a host that does not resolve, and — unless `allow_private` — a host
-    with ANY address that is private, loopback, link-local, CGNAT, multicast, reserved or
-    unspecified. `allowlist` entries are host names (exact, case-insensitive: all of that
-    host's addresses are allowed) or IPs/CIDRs (addresses inside are allowed).
-    `resolver(host, port) -> [ip, ...]` defaults to getaddrinfo (tests inject one)."""
-    try:
-        u = url if isinstance(url, httpx.URL) else httpx.URL(str(url))
-    except (httpx.InvalidURL, TypeError, ValueError) as exc:
-        raise DestinationRefused(f"malformed URL ({exc})") from None
-    if u.scheme not in ("http", "https"):
-        raise DestinationRefused(f"scheme {u.scheme or '(none)'!r} is not allowed; use http or https")
-    if not u.raw_host:
-        raise DestinationRefused("has no host")
-    if u.userinfo:
-        raise DestinationRefused("must not contain credentials (user:password@)")
-    host = u.raw_host.decode("ascii")  # IDNA-encoded; IPv6 literals without brackets
-    port = u.port or (443 if u.scheme == "https" else 80)
-    try:
-        addrs = list(dict.fromkeys(a.split("%", 1)[0] for a in (resolver or _default_resolver)(host, port)))
-    except (OSError, UnicodeError) as exc:
-        raise DestinationRefused(f"host {host!r} does not resolve ({exc})") from None
-    if not addrs:
-        raise DestinationRefused(f"host {host!r} does not resolve")
-    if allow_private:
-        return addrs
-    allowed_hosts, allowed_nets = _parse_allowlist(allowlist)
-    host_allowed = host.lower().rstrip(".") in allowed_hosts
-    for a in addrs:
-        try:
-            ip = ipaddress.ip_address(a)
-        except ValueError:
-            raise DestinationRefused(f"host {host!r} resolved to an invalid address {a!r}") from None
-        kind = _blocked_kind(ip)
-        if kind is None or host_allowed or any(ip.version == n.version and ip in n for n in allowed_nets):
-            continue
-        where = f"address {ip}" if host == str(ip) else f"host {host!r} resolves to {ip}, which"
-        raise DestinationRefused(f"{where} is {kind}; refused ({_HINT})")
-    return addrs
-
-
-def destination_error(url: str, settings: Any, *, resolver: Resolver | None = None) -> str | None:
-    """Why `url` is refused under a ServiceSettings-like object's `webhook_allow_private` /
-    `webhook_allowlist`, or None when allowed (the API's check at endpoint creation)."""
-    try:
-        check_destination(url, allow_private=bool(getattr(settings, "webhook_allow_private", False)),
-                          allowlist=getattr(settings, "webhook_allowlist", ()) or (), resolver=resolver)
-    except DestinationRefused as exc:
-        return str(exc)
-    return None
-
 
 # --------------------------------------------------------------------------------------------
 # Payload
 # --------------------------------------------------------------------------------------------
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def render_body(delivery: Delivery) -> bytes:
     """The JSON body `{"id", "type", "createdAt", "data"}` of a message; identical on every
     retry. `id` is the event id (shared by the copies sent to several endpoints of one account);
@@ -291,80 +66,13 @@ def render_body(delivery: Delivery) -> bytes:
     else:
         data = {k: v for k, v in payload.items() if k != "type"}
     envelope = {"id": delivery.event_id, "type": payload.get("type") or delivery.event_type,
-                "createdAt": _iso(delivery.created_at), "data": data}
+                "createdAt": iso(delivery.created_at), "data": data}
     return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
 
 
 # --------------------------------------------------------------------------------------------
 # Dispatcher
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class WebhookOptions:
-    """Delivery tuning; every field defaulted. `from_settings` reads a ServiceSettings."""
-
-    worker_id: str | None = None
-    """Lease owner name; default `webhooks-<hostname>-<pid>-<random>`."""
-    batch_size: int = 16
-    """Most messages claimed per `run_once`."""
-    concurrency: int = 8
-    """Most requests in flight at once (threads)."""
-    lease_seconds: float = 120.0
-    """A claimed message is re-offered after this long if its dispatcher died. Must exceed the
-    worst case of one request (several httpx phases × timeout_s × addresses tried) times
-    ceil(batch_size / concurrency), else a slow receiver may also get a duplicate (harmless)."""
-    timeout_s: float = 10.0
-    """httpx timeout (connect, write, each read) and the cap on reading the response."""
-    max_attempts: int = 8
-    """A message that failed this many attempts is marked failed for good."""
-    base_backoff_s: float = 5.0
-    """Retry n (1-based) waits uniform(0, min(max_backoff_s, base_backoff_s * 2**(n-1)))."""
-    max_backoff_s: float = 3600.0
-    retry_schedule: tuple[float, ...] | None = None
-    """Explicit delays (s) before retry 1, 2, ... (the last one repeats), used instead of the
-    jittered exponential backoff when set, e.g. (5, 300, 1800, 7200, 18000, 36000, 36000)."""
-    disable_after_consecutive_failures: int = 50
-    """An endpoint whose last N attempts (over all its messages) failed is disabled; 0 = never."""
-    poll_seconds: float = 1.0
-    """Idle poll interval of the background loop; `wake()` cuts it short."""
-    allow_private: bool = False
-    """Allow destinations in private/loopback ranges (ServiceSettings.webhook_allow_private)."""
-    allowlist: tuple[str, ...] = ()
-    """Host names or CIDRs allowed although private (ServiceSettings.webhook_allowlist)."""
-    verify: Any = True
-    """TLS verification for https: True (certifi's CAs), a CA bundle file/dir or an
-    `ssl.SSLContext`; False disables verification (tests only)."""
-    user_agent: str = USER_AGENT
-
-    def __post_init__(self) -> None:
-        if isinstance(self.allowlist, str):
-            object.__setattr__(self, "allowlist", tuple(s.strip() for s in self.allowlist.split(",") if s.strip()))
-        else:
-            object.__setattr__(self, "allowlist", tuple(self.allowlist or ()))
-        if self.retry_schedule is not None:
-            schedule = tuple(float(x) for x in self.retry_schedule)
-            if not schedule or min(schedule) < 0:
-                raise ValueError("retry_schedule must be a non-empty list of delays >= 0")
-            object.__setattr__(self, "retry_schedule", schedule)
-        for name, lo in (("batch_size", 1), ("concurrency", 1), ("lease_seconds", 0.1), ("timeout_s", 0.01),
-                         ("max_attempts", 1), ("base_backoff_s", 0.0), ("max_backoff_s", 0.0),
-                         ("disable_after_consecutive_failures", 0), ("poll_seconds", 0.01)):
-            if getattr(self, name) < lo:
-                raise ValueError(f"{name} must be >= {lo}")
-        if self.max_backoff_s < self.base_backoff_s:
-            raise ValueError("max_backoff_s must be >= base_backoff_s")
-
-    @classmethod
-    def from_settings(cls, settings: Any, **overrides: Any) -> "WebhookOptions":
-        """Options from a ServiceSettings-like object: `webhook_allow_private`,
-        `webhook_allowlist`, and any `webhook_<field>` it defines (e.g. webhook_timeout_s)."""
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if hasattr(settings, "webhook_" + f.name):
-                values[f.name] = getattr(settings, "webhook_" + f.name)
-        values.update(overrides)
-        return cls(**values)
-
-
 @dataclass(frozen=True)
 class AttemptResult:
     """What one delivery attempt did (`deliver()`'s result; `run_once` keeps them in `last_results`)."""
@@ -398,22 +106,17 @@ class WebhookDispatcher:
     times are compared with it) and also stamps `webhook-timestamp`; `rng` drives the jitter.
     """
 
-    def __init__(self, store: Store, options: Any = None, *,
+    def __init__(self, store: Store, settings: WebhookSettings | None = None, *,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None,
-                 resolver: Resolver | None = None, **option_overrides: Any) -> None:
-        """`options`: WebhookOptions, or a ServiceSettings-like object (`from_settings`), or
-        None; keyword `option_overrides` replace single fields (e.g. `retry_schedule=(0,)`)."""
-        if options is None:
-            opts = WebhookOptions()
-        elif isinstance(options, WebhookOptions):
-            opts = options
-        else:
-            opts = WebhookOptions.from_settings(options)
-        if option_overrides:
-            opts = dataclasses.replace(opts, **option_overrides)
+                 resolver: Resolver | None = None, **overrides: Any) -> None:
+        """`settings`: the service's `ServiceSettings.webhooks` (default: all defaults); keyword
+        `overrides` replace single fields (e.g. `retry_schedule=(0,)`)."""
+        opts = settings or WebhookSettings()
+        if overrides:
+            opts = WebhookSettings.model_validate({**opts.model_dump(), **overrides})
         if not opts.worker_id:
-            opts = dataclasses.replace(
-                opts, worker_id=f"webhooks-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            opts = opts.model_copy(update={
+                "worker_id": f"webhooks-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"})
         self.store = store
         self.options = opts
         self.clock = clock
@@ -421,9 +124,7 @@ class WebhookDispatcher:
         self.resolver = resolver
         self._ssl = _ssl_context(opts.verify)  # built once: loading CA bundles is not free
         self.last_results: list[AttemptResult] = []
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = BackgroundLoop(f"webhooks-{opts.worker_id}", self._step, opts.poll_seconds)
 
     # ---- one pass ----------------------------------------------------------------------
     def run_once(self) -> int:
@@ -457,7 +158,16 @@ class WebhookDispatcher:
 
     def deliver(self, d: Delivery) -> AttemptResult:
         """Attempt one claimed message and record the outcome in the store (never raises for a
-        receiver's fault; a store error propagates and the lease simply expires)."""
+        receiver's fault; a store error propagates and the lease simply expires). Logged under
+        the request id of the job the event is about."""
+        with request_context(d.request_id):
+            result = self._deliver(d)
+            log.log(logging.WARNING if result.outcome in ("failed", "disabled") else logging.INFO,
+                    "webhook %s (%s) to endpoint %s, attempt %d: %s%s", d.id, d.event_type, d.endpoint_id,
+                    d.attempts + 1, result.outcome, f" ({result.error})" if result.error else "")
+        return result
+
+    def _deliver(self, d: Delivery) -> AttemptResult:
         try:
             status, error, disable = self._send(d)
         except Exception as exc:  # noqa: BLE001 - a bad message must fail, not stall the outbox
@@ -489,8 +199,6 @@ class WebhookDispatcher:
                 self.store.set_endpoint_disabled(d.account_id, d.endpoint_id, True, reason)
                 disable = True
         outcome = "lost" if not ok else "disabled" if disable else "retry" if next_at is not None else "failed"
-        if outcome != "retry":
-            log.warning("webhook %s to endpoint %s: %s (%s)", d.id, d.endpoint_id, outcome, error)
         return AttemptResult(d.id, outcome, status, error, next_at)
 
     def backoff(self, attempt: int) -> float:
@@ -557,38 +265,22 @@ class WebhookDispatcher:
 
     # ---- background loop ----------------------------------------------------------------
     def start(self) -> "WebhookDispatcher":
-        """Run the dispatch loop in a daemon thread (idempotent)."""
-        if self._thread is not None and self._thread.is_alive():
-            return self
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name=f"webhooks-{self.options.worker_id}", daemon=True)
-        self._thread.start()
+        """Run the dispatch loop in a daemon thread (idempotent): a pass every `poll_seconds`,
+        sooner after `wake()`, at once again while a pass claimed a full batch."""
+        self._loop.start()
         return self
 
     def wake(self) -> None:
         """Poll now (e.g. right after a state change wrote outbox messages)."""
-        self._wake.set()
+        self._loop.wake()
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the loop after the current pass; messages in flight finish or their leases expire."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout if timeout is not None else self.options.timeout_s * 3 + 5)
-            self._thread = None
+        self._loop.stop(timeout if timeout is not None else self.options.timeout_s * 3 + 5)
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop.running
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                n = self.run_once()
-            except Exception:  # noqa: BLE001 - a store hiccup must not kill the loop
-                log.exception("webhook dispatch pass failed")
-                n = 0
-            if n >= self.options.batch_size and not self._stop.is_set():
-                continue  # more may be due right now
-            self._wake.wait(self.options.poll_seconds)
-            self._wake.clear()
+    def _step(self) -> bool:
+        return self.run_once() >= self.options.batch_size

@@ -12,7 +12,6 @@ The same class runs inside the Ray model deployment (`deployments.AvatarModel`) 
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
@@ -22,14 +21,18 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from avatar_engine.errors import AvatarEngineError
+from avatar_engine.protocol import TASK_FIELDS, request_from_wire
 from avatar_engine.requests import GenerationRequest
 
+from .logctx import logger, request_context
 from .assets import AssetStore
+from .loops import BackgroundLoop
 from .policy import PolicyChecker
 from .settings import ServiceSettings
 from .store import Avatar, Store
+from .vocab import JobStatus
 
-log = logging.getLogger("serve.worker")
+log = logger("serve.worker")
 
 
 class JobBuildError(Exception):
@@ -41,52 +44,18 @@ class JobBuildError(Exception):
         self.message = message
 
 
-def _common_kwargs(p: dict[str, Any]) -> dict[str, Any]:
-    return dict(
-        prompt=p["prompt"],
-        negative_prompt=p.get("negativePrompt"),
-        style_preset=p.get("stylePreset"),
-        aspect_ratio=p.get("aspectRatio", "1:1"),
-        guidance_scale=p.get("guidanceScale"),
-        seed=p.get("seed"),
-        batch_size=int(p.get("batchSize", 1)),
-        steps=p.get("steps"),
-        model=p.get("model"),
-    )
-
-
 def build_engine_request(job: Avatar, assets: AssetStore) -> GenerationRequest:
-    """Stored params (camelCase, resolved at submit) → the engine's request dataclass."""
-    p = dict(job.params)
-
+    """Stored params (the wire format, resolved at submit; photos and the init image as asset
+    keys) → the engine's request, through the one wire ↔ engine conversion (`avatar_engine.protocol`)."""
     def load(key: str):
         try:
             return assets.load_image(key).convert("RGB")
         except FileNotFoundError:
             raise JobBuildError("asset_missing", f"Reference image {key!r} of this job no longer exists") from None
 
-    kw = _common_kwargs(p)
-    if job.kind == "generate":
-        return GenerationRequest(**kw)
-    if job.kind == "remix":
-        return GenerationRequest(**kw, init_image=load(p["initImage"]), strength=float(p.get("strength", 0.6)))
-    if job.kind == "percify":
-        from avatar_engine.identity import PercifyRequest
-
-        extra = {"identity_strength": p["identityStrength"]} if p.get("identityStrength") is not None else {}
-        return PercifyRequest(**kw, photos=[load(k) for k in p["photos"]], **extra)
-    if job.kind == "cast":
-        from avatar_engine.cast import CastCharacter, CastRequest
-
-        characters = [CastCharacter(prompt=c["prompt"], photos=[load(k) for k in c.get("photos", [])],
-                                    box=c.get("box")) for c in p["characters"]]
-        extra: dict[str, Any] = {}
-        if p.get("identityStrength") is not None:
-            extra["identity_strength"] = p["identityStrength"]
-        if p.get("layout") is not None:
-            extra["layout"] = p["layout"]
-        return CastRequest(**kw, characters=characters, **extra)
-    raise JobBuildError("unsupported_kind", f"Unknown job kind {job.kind!r}")
+    if job.kind not in TASK_FIELDS:
+        raise JobBuildError("unsupported_kind", f"Unknown job kind {job.kind!r}")
+    return request_from_wire(job.params, job.kind, load=load, strict=False)
 
 
 class _BatchAbandoned(Exception):
@@ -101,17 +70,15 @@ class _Heartbeat:
         self.store, self.worker_id, self.leases = store, worker_id, dict(leases)
         self.interval, self.lease_seconds = interval, lease_seconds
         self.lost: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="job-heartbeat", daemon=True)
+        self._loop = BackgroundLoop("job-heartbeat", self.beat, interval, wait_first=True)
         self._lock = threading.Lock()
 
     def __enter__(self) -> "_Heartbeat":
-        self._thread.start()
+        self._loop.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.interval + 5)
+        self._loop.stop(timeout=self.interval + 5)
 
     def beat(self) -> None:
         with self._lock:
@@ -125,10 +92,6 @@ class _Heartbeat:
             return
         with self._lock:
             self.lost |= set(live) - set(alive)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.beat()
 
     def is_lost(self, avatar_id: str) -> bool:
         with self._lock:
@@ -156,9 +119,7 @@ class JobWorker:
         self.metrics = metrics
         self.on_batch = on_batch
         self.served_models = list(models) if models else [engine.default_model]
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = BackgroundLoop("job-worker", lambda: self.run_once().claimed > 0, settings.poll_seconds)
         self.batches_run = 0
 
     # -- one step ---------------------------------------------------------------------------
@@ -180,6 +141,9 @@ class JobWorker:
             self.metrics.observe_batch(len(jobs))
             for j in jobs:
                 self.metrics.observe_queue_wait(max(0.0, now - j.created_at))
+        for j in jobs:
+            with request_context(j.request_id):
+                log.info("job %s claimed by %s (attempt %d, batch of %d)", j.id, self.worker_id, j.attempts, len(jobs))
         leases = {j.id: j.lease_token for j in jobs}
         with _Heartbeat(self.store, self.worker_id, leases, s.resolved_heartbeat_seconds, s.lease_seconds) as hb:
             runnable: list[tuple[Avatar, GenerationRequest]] = []
@@ -191,7 +155,8 @@ class JobWorker:
                 except AvatarEngineError as exc:
                     self._fail(job, exc.code, exc.message, report)
                 except Exception:  # noqa: BLE001
-                    log.exception("cannot build request for job %s", job.id)
+                    with request_context(job.request_id):
+                        log.exception("cannot build request for job %s", job.id)
                     self._fail(job, "invalid_job", "The stored job parameters are invalid", report)
             if runnable:
                 self._run_batch(runnable, hb, report)
@@ -228,7 +193,7 @@ class JobWorker:
             report.dropped.extend(ids)
             for job, _ in runnable:
                 self._outcome(job, "dropped")
-                if self.store.job_statuses([job.id]).get(job.id) in (None, "cancelled"):
+                if self.store.job_statuses([job.id]).get(job.id) in (None, JobStatus.CANCELLED):
                     self.assets.delete_avatar(job.id)
             return
         except Exception as exc:  # noqa: BLE001
@@ -243,7 +208,8 @@ class JobWorker:
             if isinstance(exc, AvatarEngineError):
                 self._fail(job, exc.code, exc.message, report)
             else:
-                log.exception("generation failed for job %s", job.id)
+                with request_context(job.request_id):
+                    log.exception("generation failed for job %s", job.id)
                 self._fail(job, "generation_failed", "Image generation failed; the credits were released", report)
             return
         elapsed = time.perf_counter() - t0
@@ -253,7 +219,8 @@ class JobWorker:
             try:
                 self._finish(job, result, elapsed, hb, report)
             except Exception:  # noqa: BLE001 - one job's storage error must not lose its batch-mates
-                log.exception("could not store the result of job %s", job.id)
+                with request_context(job.request_id):
+                    log.exception("could not store the result of job %s", job.id)
                 self._retry_or_fail(job, report)
 
     def _retry_or_fail(self, job: Avatar, report: BatchReport) -> None:
@@ -268,12 +235,13 @@ class JobWorker:
                 report.retried.append(job.id)
                 self._outcome(job, "retried")
             else:
-                if self.store.job_statuses([job.id]).get(job.id) in (None, "cancelled"):
+                if self.store.job_statuses([job.id]).get(job.id) in (None, JobStatus.CANCELLED):
                     self.assets.delete_avatar(job.id)  # deleted meanwhile: drop any partial files
                 report.dropped.append(job.id)
                 self._outcome(job, "dropped")
         except Exception:  # noqa: BLE001
-            log.exception("could not requeue job %s; its lease will expire", job.id)
+            with request_context(job.request_id):
+                log.exception("could not requeue job %s; its lease will expire", job.id)
 
     def _finish(self, job: Avatar, result: Any, elapsed: float, hb: _Heartbeat, report: BatchReport) -> None:
         if hb.is_lost(job.id):
@@ -313,7 +281,7 @@ class JobWorker:
         # Not ours any more: cancelled/deleted while running (drop the files) or reclaimed by
         # another worker after our lease expired (it writes the same keys; leave them).
         status = self.store.job_statuses([job.id]).get(job.id)
-        if status in (None, "cancelled"):
+        if status in (None, JobStatus.CANCELLED):
             self.assets.delete_avatar(job.id)
         report.dropped.append(job.id)
         self._outcome(job, "dropped")
@@ -321,53 +289,36 @@ class JobWorker:
     def _fail(self, job: Avatar, code: str, message: str, report: BatchReport) -> None:
         if self.store.fail_job(job.id, job.lease_token, code, message):
             report.failed.append(job.id)
-            self._outcome(job, "failed")
+            self._outcome(job, "failed", f"{code}: {message}")
         else:
             report.dropped.append(job.id)
             self._outcome(job, "dropped")
 
-    def _outcome(self, job: Avatar, outcome: str) -> None:
+    def _outcome(self, job: Avatar, outcome: str, detail: str = "") -> None:
+        with request_context(job.request_id):
+            log.info("job %s %s%s", job.id, outcome, f" ({detail})" if detail else "")
         if self.metrics:
             self.metrics.job_outcome(job.kind, outcome)
 
     # -- loop ---------------------------------------------------------------------------------
     def wake(self) -> None:
         """New work was queued: skip the rest of the idle wait."""
-        self._wake.set()
+        self._loop.wake()
 
-    def run_forever(self) -> None:
+    def start(self) -> BackgroundLoop:
         """Loop until stop(): run batches back to back while there is work, else wait for a
         wake-up or `poll_seconds` (the poll catches jobs submitted through other replicas and
         expired leases of dead workers)."""
-        while not self._stop.is_set():
-            try:
-                report = self.run_once()
-            except Exception:  # noqa: BLE001 - keep the loop alive across DB/engine hiccups
-                log.exception("worker iteration failed")
-                report = BatchReport()
-            if report.claimed:
-                continue
-            self._wake.wait(self.settings.poll_seconds)
-            self._wake.clear()
-
-    def start(self) -> threading.Thread:
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self.run_forever, name="job-worker", daemon=True)
-            self._thread.start()
-        return self._thread
+        return self._loop.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Finish the batch in progress, then return. Unfinished jobs keep their lease and are
         picked up again once it expires."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._loop.stop(timeout)
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop.running
 
 
 def _jsonable(value: Any) -> Any:

@@ -27,3 +27,12 @@ def tiny_engine():
     from avatar_engine import AvatarEngine, EngineConfig
 
     return AvatarEngine(EngineConfig(device="cpu"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_leftover_pg_schemas():
+    """Belt and braces: drop this session's PostgreSQL schemas even if a teardown was interrupted."""
+    yield
+    import pg_support
+
+    pg_support.drop_session_schemas()

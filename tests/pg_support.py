@@ -74,3 +74,16 @@ def drop_schemas(urls) -> None:
                 conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
             except psycopg.errors.LockNotAvailable:
                 pass  # left for a later run; names are unique per session
+
+
+def drop_session_schemas() -> None:
+    """Drop every schema this process created (teardown that a crashed test skipped); only when
+    PostgreSQL was used at all."""
+    if _reason != [""]:
+        return
+    import psycopg
+
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        rows = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (f"%\\_{SESSION}\\_%",)).fetchall()
+        for (name,) in rows:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')

@@ -16,7 +16,6 @@ import time
 from types import SimpleNamespace
 
 import pg_support
-from fakes import FakeClock
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -30,6 +29,8 @@ from serve.policy import PolicyChecker, normalise
 from serve.settings import ServiceSettings, TierLimits
 from serve.store import open_store
 from serve.worker import JobWorker
+
+from helpers import BACKENDS, FakeClock, assert_error, make_account, png_bytes
 
 
 class FakeEngine:
@@ -78,12 +79,7 @@ class Harness:
         self.client = TestClient(self.app, raise_server_exceptions=False)
 
     def account(self, tier="pro", credits=100):
-        acct = self.store.create_account(tier, credits)
-        _, key = self.store.create_api_key(acct.id)
-        return acct, {"Authorization": f"Bearer {key}"}
-
-
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+        return make_account(self.store, tier, credits)
 
 
 class Databases:
@@ -133,27 +129,6 @@ def hs(tmp_path):
     harness = Harness(tmp_path)
     yield harness
     harness.store.close()
-
-
-def png_bytes(size=(96, 96), color=(200, 120, 90)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def assert_error(resp, status, code, param=None):
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert set(body) == {"error"}
-    err = body["error"]
-    assert set(err) == {"code", "message", "param", "requestId"}
-    assert err["code"] == code, err
-    assert err["requestId"].startswith("req_")
-    assert err["message"]
-    if param is not None:
-        assert err["param"] == param, err
-    assert "Traceback" not in resp.text
-    return err
 
 
 # ------------------------------------------------------------------------------------------
@@ -214,14 +189,16 @@ def test_failing_request_fails_alone_and_is_refunded(db, tmp_path):
 
 
 def test_expired_lease_is_reclaimed_and_completed_once(db, tmp_path):
-    h = db.harness(tmp_path)
+    clock = FakeClock()
+    h = db.harness(tmp_path, store_kwargs={"clock": clock})
     acct, auth = h.account(credits=10)
     av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
     # A worker claims the job and dies without heartbeating.
-    dead = h.store.claim_jobs("dead-worker", limit=1, lease_seconds=0.2, models=["fake"])
+    dead = h.store.claim_jobs("dead-worker", limit=1, lease_seconds=20, models=["fake"])
     assert [j.id for j in dead] == [av["id"]]
+    clock.advance(19.9)
     assert h.worker.run_once().claimed == 0  # lease still live: not stolen
-    time.sleep(0.3)
+    clock.advance(0.2)
     assert h.worker.run_once().completed == [av["id"]]
     # The dead worker's late completion is refused; charge happened exactly once.
     assert h.store.complete_job(av["id"], dead[0].lease_token, {"images": []}) is False
@@ -353,7 +330,8 @@ def test_credits_and_concurrency_limits(db, tmp_path):
 
 
 def test_rate_limit_headers_and_429(db, tmp_path):
-    h = db.harness(tmp_path, tiers={"free": {"requests_per_minute": 3, "concurrent_jobs": 1}})
+    h = db.harness(tmp_path, store_kwargs={"clock": FakeClock(1_800_000_000.0)},  # a window's start
+                   tiers={"free": {"requests_per_minute": 3, "concurrent_jobs": 1}})
     _, auth = h.account(tier="free")
     for i in range(3):
         r = h.client.get("/v1/account", headers=auth)
@@ -669,7 +647,7 @@ def test_settings_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AVATAR_WEBHOOK_ALLOW_PRIVATE", "true")
     monkeypatch.setenv("AVATAR_TIERS", '{"free": [5, 1], "pro": {"requests_per_minute": 50, "concurrent_jobs": 4}}')
     s = ServiceSettings.from_env(lease_seconds=5)
-    assert s.port == 9001 and s.policy_words == ("foo", "bar") and s.webhook_allow_private
+    assert s.port == 9001 and s.policy_words == ("foo", "bar") and s.webhooks.allow_private
     assert s.tiers["pro"] == TierLimits(50, 4) and s.tiers["free"] == TierLimits(5, 1)
     assert s.resolved_db_url == f"sqlite:///{tmp_path}/avatar.db" and s.lease_seconds == 5
     assert ServiceSettings.from_dict(s.to_dict(), env=False) == s
@@ -680,8 +658,8 @@ def test_settings_from_env(monkeypatch, tmp_path):
         ServiceSettings.from_env()
 
 
-def test_cost_and_webhook_delivery_settings_reach_the_dispatcher(monkeypatch):
-    from serve.webhooks import WebhookOptions
+def test_cost_and_webhook_delivery_settings_reach_the_dispatcher(monkeypatch, tmp_path):
+    from serve.webhooks import WebhookDispatcher
 
     monkeypatch.setenv("AVATAR_MODEL_COSTS", '{"tiny-sd15": 3, "sdxl": 8}')
     monkeypatch.setenv("AVATAR_WEBHOOK_RETRY_SCHEDULE", "1, 5,30")
@@ -691,14 +669,19 @@ def test_cost_and_webhook_delivery_settings_reach_the_dispatcher(monkeypatch):
     assert s.model_costs == {"tiny-sd15": 3, "sdxl": 8}
     assert s.per_image_cost("sdxl", 2) == 8 and s.per_image_cost("other", 4) == 4 and s.per_image_cost("x", None) == 2
     assert ServiceSettings.from_dict(s.to_dict(), env=False) == s
-    opts = WebhookOptions.from_settings(s)
+    opts = WebhookDispatcher(open_store(f"sqlite:///{tmp_path}/d.db"), s.webhooks).options
     assert (opts.retry_schedule, opts.lease_seconds, opts.base_backoff_s, opts.max_backoff_s) == ((1.0, 5.0, 30.0), 4.5, 0.5, 2)
     assert opts.allowlist == ("127.0.0.1", "hooks.internal") and opts.allow_private is False
-    assert WebhookOptions.from_settings(ServiceSettings()).max_attempts == 8
+    assert ServiceSettings().webhooks.max_attempts == 8
+    monkeypatch.setenv("AVATAR_WEBHOOK_ALLOWLIST", '["10.0.0.0/8"]')  # JSON lists work too
+    assert ServiceSettings.from_env().webhooks.allowlist == ("10.0.0.0/8",)
     with pytest.raises(ValueError, match=r"model_costs\['sdxl'\]"):
         ServiceSettings(model_costs={"sdxl": -1})
-    with pytest.raises(ValueError, match="webhook_lease_seconds"):
+    with pytest.raises(ValueError, match=r"webhooks\.lease_seconds"):
         ServiceSettings(webhook_lease_seconds=0)
+    monkeypatch.setenv("AVATAR_WEBHOOK_MAX_ATTEMPTS", "0")
+    with pytest.raises(ValueError, match="AVATAR_WEBHOOK_MAX_ATTEMPTS"):
+        ServiceSettings.from_env()
 
 
 def test_fsspec_asset_backend_roundtrip():
@@ -722,7 +705,9 @@ def test_completed_job_is_delivered_to_a_webhook_with_the_api_avatar(db, tmp_pat
     import threading
 
     from serve.app import event_renderer
-    from serve.webhooks import WebhookDispatcher, WebhookOptions, verify_signature
+    from standardwebhooks.webhooks import Webhook
+
+    from serve.webhooks import WebhookDispatcher
 
     received = []
 
@@ -744,10 +729,10 @@ def test_completed_job_is_delivered_to_a_webhook_with_the_api_avatar(db, tmp_pat
                                                  "events": ["avatar.completed"]}, headers=auth).json()
         av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
         h.worker.run_once()
-        WebhookDispatcher(h.store, WebhookOptions.from_settings(h.settings)).drain()
+        WebhookDispatcher(h.store, h.settings.webhooks).drain()
         assert len(received) == 1
         headers, body = received[0]
-        verify_signature(ep["secret"], headers, body)
+        assert Webhook(ep["secret"]).verify(body, headers) == json.loads(body)  # the reference verifier
         payload = json.loads(body)
         assert payload["type"] == "avatar.completed"
         assert payload["data"]["object"]["id"] == av["id"] and payload["data"]["object"]["status"] == "completed"
@@ -839,18 +824,45 @@ def test_output_safety_checker_fails_the_job_and_refunds(db, tmp_path):
 
 
 def test_heartbeat_keeps_a_long_job_from_being_stolen(db, tmp_path):
-    h = db.harness(tmp_path, lease_seconds=0.4, heartbeat_seconds=0.1)
+    """The generation outlasts three lease lengths (on the store's fake clock); the worker's
+    heartbeat thread keeps extending the lease, so a second worker cannot take the job."""
+    clock = FakeClock()
+    h = db.harness(tmp_path, store_kwargs={"clock": clock}, lease_seconds=10, heartbeat_seconds=0.02)
+    _, auth = h.account()
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
+    stolen, beats = [], []
+
+    def slow():
+        for _ in range(3):  # 24 s of generation with a 10 s lease
+            clock.advance(8)
+            deadline = time.monotonic() + 30  # bound for a starved thread, never asserted
+            while h.store.get_avatar(av["id"]).lease_expires_at < clock() + 9 and time.monotonic() < deadline:
+                time.sleep(0.01)  # until the heartbeat has extended the lease from the new "now"
+            beats.append(h.store.get_avatar(av["id"]).lease_expires_at - clock())
+            stolen.extend(h.store.claim_jobs("thief", limit=1, lease_seconds=5, models=["fake"]))
+
+    h.engine.before_return = slow
+    assert h.worker.run_once().completed == [av["id"]]
+    assert beats == [10, 10, 10]  # each extension reaches a full lease from the current time
+    assert stolen == [] and h.store.get_avatar(av["id"]).attempts == 1
+
+
+def test_without_heartbeats_an_overrunning_job_is_reclaimed(db, tmp_path):
+    """The counter-check of the test above: the same overrun with a heartbeat too slow to fire
+    loses the lease, the thief takes the job and the first worker's result is dropped."""
+    clock = FakeClock()
+    h = db.harness(tmp_path, store_kwargs={"clock": clock}, lease_seconds=10, heartbeat_seconds=3600)
     _, auth = h.account()
     av = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth).json()
     stolen = []
 
     def slow():
-        time.sleep(1.2)  # three lease lengths
+        clock.advance(11)
         stolen.extend(h.store.claim_jobs("thief", limit=1, lease_seconds=5, models=["fake"]))
 
     h.engine.before_return = slow
-    assert h.worker.run_once().completed == [av["id"]]
-    assert stolen == [] and h.store.get_avatar(av["id"]).attempts == 1
+    report = h.worker.run_once()
+    assert [j.id for j in stolen] == [av["id"]] and report.dropped == [av["id"]] and report.completed == []
 
 
 def test_cli_create_key_and_grant_credits(db, tmp_path, capsys):
@@ -890,7 +902,8 @@ def _assert_rate_headers(resp, quota):
 
 
 def test_every_refusal_has_the_error_shape_and_rate_limit_headers(db, tmp_path):
-    h = db.harness(tmp_path, tiers={"free": {"requests_per_minute": 4, "concurrent_jobs": 1}})
+    h = db.harness(tmp_path, store_kwargs={"clock": FakeClock(1_800_000_000.0)},
+                   tiers={"free": {"requests_per_minute": 4, "concurrent_jobs": 1}})
     _, auth = h.account(tier="free", credits=2)
     r = h.client.post("/v1/avatars/generate", json={"prompt": "x", "batchSize": 2}, headers=auth)
     err = assert_error(r, 402, "insufficient_credits")
@@ -1230,3 +1243,29 @@ def test_metrics_token_protects_the_scrape_endpoint(tmp_path):
         assert ok.status_code == 200 and "avatar_http_requests_total" in ok.text
     finally:
         harness.store.close()
+
+
+def test_every_log_line_of_a_job_names_the_request_that_started_it(tmp_path, caplog):
+    """Ingress (accepted), worker (claimed, completed) and webhook dispatcher (delivery attempt)
+    log under the submitting request's id, although they run in other threads (or processes)."""
+    from serve.webhooks import WebhookDispatcher
+
+    h = Harness(tmp_path, webhook_allow_private=True)
+    try:
+        _, auth = h.account()
+        h.client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"}, headers=auth)
+        with caplog.at_level(logging.INFO, logger="serve"):
+            r = h.client.post("/v1/avatars/generate", json={"prompt": "x"}, headers=auth)
+            rid, av = r.headers["x-request-id"], r.json()["id"]
+            other = h.client.get("/v1/account", headers=auth).headers["x-request-id"]
+            h.worker.run_once()
+            WebhookDispatcher(h.store, h.settings.webhooks, retry_schedule=(60,)).run_once()
+        about_job = [rec.getMessage() for rec in caplog.records if av in rec.getMessage()]
+        assert len(about_job) >= 3 and all(m.startswith(f"[{rid}] ") for m in about_job), about_job
+        tagged = {rec.name: rec.getMessage() for rec in caplog.records if rec.getMessage().startswith(f"[{rid}] ")}
+        assert set(tagged) >= {"serve.submissions", "serve.worker", "serve.webhooks"}, tagged
+        assert "avatar.completed" in tagged["serve.webhooks"]
+        assert any("claimed" in m for m in about_job) and any("completed" in m for m in about_job)
+        assert not any(other in rec.getMessage() for rec in caplog.records if rec.name != "serve.errors")
+    finally:
+        h.store.close()

@@ -29,9 +29,16 @@ def test_invalid_fields_are_named(kwargs, param):
     assert err.value.code == "invalid_request"
 
 
-def test_bounds_are_inclusive():
-    GenerationRequest(prompt="a", seed=0, guidance_scale=1, batch_size=4).validate()
-    GenerationRequest(prompt="a", seed=2147483647, guidance_scale=20, batch_size=1).validate()
+@pytest.mark.parametrize("field,lowest,highest", [
+    ("seed", 0, 2147483647), ("guidance_scale", 1, 20), ("batch_size", 1, 4), ("steps", 1, 150),
+])
+def test_bounds_are_inclusive(field, lowest, highest):
+    for ok in (lowest, highest):
+        assert GenerationRequest(prompt="a", **{field: ok}).validate() is None
+    for bad in (lowest - 1, highest + 1):
+        with pytest.raises(RequestValidationError) as err:
+            GenerationRequest(prompt="a", **{field: bad}).validate()
+        assert err.value.param == {"guidance_scale": "guidanceScale", "batch_size": "batchSize"}.get(field, field)
 
 
 def test_wire_dict_rejects_unknown_field_by_name():

@@ -16,11 +16,8 @@ import base64
 import http.server
 import io
 import json
-import os
 import select
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -28,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pg_support
 import pytest
+
+from helpers import assert_error, make_account, ray_serve_session, wait_for_jobs
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -41,31 +40,11 @@ FAST = {"steps": 2}  # generation parameters that keep jobs short
 SLOW = {"steps": 150}  # keeps a job in flight while a burst of submits races it
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_serve():
     """One Ray + Serve for the whole module, HTTP on 127.0.0.1."""
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    import ray
-    from ray import serve
-
-    ray_tmp = tempfile.mkdtemp(prefix="aer", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024,
-             _temp_dir=ray_tmp, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with ray_serve_session() as port:
         yield port
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 class Service:
@@ -79,19 +58,10 @@ class Service:
         self.backend = backend
 
     def account(self, tier: str = "enterprise", credits: int = 1000):
-        acct = self.store.create_account(tier, credits)
-        _, key = self.store.create_api_key(acct.id)
-        return acct, {"Authorization": f"Bearer {key}"}
+        return make_account(self.store, tier, credits)
 
     def wait(self, auth, ids, until=("completed", "failed", "cancelled")) -> dict:
-        deadline = time.monotonic() + WAIT_S
-        out: dict = {}
-        while time.monotonic() < deadline:
-            out = {i: self.client.get(f"/v1/avatars/{i}", headers=auth).json() for i in ids}
-            if all(a.get("status") in until for a in out.values()):
-                return out
-            time.sleep(0.2)
-        pytest.fail(f"jobs did not settle: {[(i, a.get('status')) for i, a in out.items()]}")
+        return wait_for_jobs(self.client, auth, ids, WAIT_S, until, poll_s=0.2)
 
     def parallel(self, calls) -> list:
         """Run `calls` (zero-argument functions) at the same moment from separate threads."""
@@ -166,15 +136,6 @@ def svc(request, ray_serve, tmp_path_factory):
         store.close()
         if request.param == "postgresql":
             pg_support.drop_schemas([db_url])
-
-
-def assert_error(resp, status, code, param=None) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"code", "message", "param", "requestId"} and err["code"] == code, err
-    if param is not None:
-        assert err["param"] == param, err
-    return err
 
 
 def no_face_png() -> str:
@@ -281,7 +242,7 @@ def test_failed_job_releases_its_credits(svc):
 # ------------------------------------------------------------------------------------------
 def test_idempotent_replay_mismatch_and_in_flight(svc):
     from serve import schemas as S
-    from serve.app import request_fingerprint
+    from serve.api.idempotency import request_fingerprint
 
     acct, auth = svc.account(tier="enterprise", credits=100)
     body = {"prompt": "idempotent portrait", "seed": 9, **FAST}

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import signal
-import socket
-import tempfile
 import time
 
 import pytest
+
+from helpers import make_account, ray_serve_session, wait_for_jobs
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -21,31 +20,15 @@ APP = "avatar"
 POLL_LIMIT_S = 240  # generous upper bound for a stuck job on a busy 2-core box; never asserted
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    import ray
-    from ray import serve
-
     from serve.deployments import default_config_path, run_config
     from serve.store import open_store
 
     data = tmp_path_factory.mktemp("svc")
-    port = _free_port()
     overrides = {"data_dir": str(data), "models": ["tiny-sd15"], "device": "cpu", "lease_seconds": 3.0,
                  "poll_seconds": 0.2, "max_batch": 2}
-    ray_tmp = tempfile.mkdtemp(prefix="aer", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024,
-             _temp_dir=ray_tmp, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with ray_serve_session() as port:
         config = default_config_path("serve_local.yaml")
         run_config(config, overrides)
         store = open_store(f"sqlite:///{data}/avatar.db")
@@ -56,27 +39,14 @@ def service(tmp_path_factory):
         yield ns
         client.close()
         store.close()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _auth(store, credits=200, tier="enterprise"):
-    acct = store.create_account(tier, credits)
-    _, key = store.create_api_key(acct.id)
-    return acct, {"Authorization": f"Bearer {key}"}
+    return make_account(store, tier, credits)
 
 
 def _wait(client, auth, ids, until=("completed", "failed", "cancelled")):
-    deadline = time.monotonic() + POLL_LIMIT_S
-    out = {}
-    while time.monotonic() < deadline:
-        out = {i: client.get(f"/v1/avatars/{i}", headers=auth).json() for i in ids}
-        if all(a["status"] in until for a in out.values()):
-            return out
-        time.sleep(0.3)
-    pytest.fail(f"jobs did not finish: {[(i, a['status']) for i, a in out.items()]}")
+    return wait_for_jobs(client, auth, ids, POLL_LIMIT_S, until, poll_s=0.3)
 
 
 def test_generate_poll_download(service):

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
+from sqlalchemy import text as sa_text
 
+from helpers import BACKENDS, FakeClock, run_parallel, store_url
 from serve.store import (
     IDEMPOTENCY_TTL_S,
     WORKER_LOST_CODE,
@@ -27,28 +28,9 @@ from serve.store import (
     PermissionDenied,
     open_store,
 )
-from serve.store.migrations import LATEST_VERSION
-
-from pg_support import PG_DSN, SESSION, require_postgres, unreachable
-from fakes import FakeClock
+from serve.store.db import Database
 
 REPO = Path(__file__).resolve().parents[1]
-_schema_counter = iter(range(1_000_000))
-
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _drop_leftover_schemas():
-    """Belt and braces: drop this session's schemas even if a test teardown was interrupted."""
-    yield
-    if unreachable() is None:
-        import psycopg
-
-        with psycopg.connect(PG_DSN, autocommit=True) as conn:
-            rows = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE %s",
-                                (f"store_test_{SESSION}_%",)).fetchall()
-            for (name,) in rows:
-                conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 @pytest.fixture
@@ -56,47 +38,29 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def backend(request, tmp_path) -> dict[str, Any]:
-    """Where a fresh, empty database lives: {"url": ..., "schema": ...}."""
-    if request.param == "sqlite":
-        return {"url": f"sqlite:///{tmp_path / 'store.db'}", "schema": None}
-    require_postgres()
-    return {"url": PG_DSN, "schema": f"store_test_{SESSION}_{next(_schema_counter)}"}
+@pytest.fixture(params=BACKENDS)
+def backend(request, tmp_path) -> str:
+    """The URL of a fresh, empty database (PostgreSQL: its own schema)."""
+    return store_url(request.param, tmp_path, "store")
 
 
 @pytest.fixture
 def store(backend, clock):
-    s = open_store(backend["url"], schema=backend["schema"], clock=clock)
+    s = open_store(backend, clock=clock)
     yield s
     try:
-        mismatched = s._run(lambda c: c.all(  # the ledger invariant, checked after every test
+        mismatched = sql(s, (  # the ledger invariant, checked after every test
             "SELECT a.id, a.credits, COALESCE(SUM(l.delta), 0) AS ledger FROM accounts a"
             " LEFT JOIN credit_ledger l ON l.account_id = a.id GROUP BY a.id, a.credits"
-            " HAVING a.credits <> COALESCE(SUM(l.delta), 0)"), write=False)
+            " HAVING a.credits <> COALESCE(SUM(l.delta), 0)"))
         assert mismatched == [], f"balance differs from ledger: {mismatched}"
     finally:
         s.drop_all()
 
 
-def run_parallel(fns: list[Callable[[], Any]]) -> list[Any]:
-    """Run the callables in threads released together; returns results or raised exceptions."""
-    barrier = threading.Barrier(len(fns))
-    out: list[Any] = [None] * len(fns)
-
-    def worker(i: int) -> None:
-        barrier.wait()
-        try:
-            out[i] = fns[i]()
-        except Exception as exc:  # noqa: BLE001 - collected for assertions
-            out[i] = exc
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return out
+def sql(store, query: str) -> list[dict[str, Any]]:
+    """Rows of a raw read-only query, as dicts."""
+    return [dict(r) for r in store.db.read(lambda c: c.execute(sa_text(query)).mappings().all())]
 
 
 def submit(store, account_id: str, cost: int = 2, max_concurrent: int = 100, **kw):
@@ -116,15 +80,15 @@ def run_job(store, avatar_id: str, result: dict | None = None) -> None:
 
 # --------------------------------------------------------------------------------------------
 def test_migrations_are_versioned_and_idempotent(store, backend, clock):
-    assert store.schema_version() == LATEST_VERSION
+    head = Database.head_revision()
+    assert head == "0003" and store.schema_revision() == head
     acct = store.create_account("pro", 5)
-    assert store.migrate() == LATEST_VERSION
-    again = open_store(backend["url"], schema=backend["schema"], clock=clock)
+    assert store.migrate() == head
+    again = open_store(backend, clock=clock)
     try:
-        assert again.schema_version() == LATEST_VERSION
+        assert again.schema_revision() == head
         assert again.get_account(acct.id) == acct
-        rows = again._run(lambda c: c.all("SELECT version FROM schema_version"), write=False)
-        assert [r["version"] for r in rows] == list(range(1, LATEST_VERSION + 1))
+        assert sql(again, "SELECT version_num FROM alembic_version") == [{"version_num": head}]
     finally:
         again.close()
 
@@ -147,7 +111,7 @@ def test_api_keys_hashed_and_authenticated(store, clock):
     assert store.authenticate(other_prefix) is None
     for junk in ("", "Bearer x", "ak_live_short", plaintext + "x", "ak_" + "x" * 300):
         assert store.authenticate(junk) is None
-    rows = store._run(lambda c: c.all("SELECT * FROM api_keys"), write=False)
+    rows = sql(store, "SELECT * FROM api_keys")
     assert all(plaintext not in str(v) for r in rows for v in r.values()), "plaintext key stored"
 
     clock.advance(1)
@@ -191,17 +155,17 @@ def test_submits_from_several_processes(store, backend):
     script = (
         "import sys\n"
         "from serve.store import open_store, InsufficientCredits\n"
-        "s = open_store(sys.argv[1], schema=sys.argv[2] or None)\n"
+        "s = open_store(sys.argv[1])\n"
         "ok = 0\n"
         "for _ in range(8):\n"
         "    try:\n"
-        "        s.submit_job(sys.argv[3], 'generate', {'prompt': 'p'}, cost=1, max_concurrent=1000)\n"
+        "        s.submit_job(sys.argv[2], 'generate', {'prompt': 'p'}, cost=1, max_concurrent=1000)\n"
         "        ok += 1\n"
         "    except InsufficientCredits:\n"
         "        pass\n"
         "print(ok)\n"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", script, backend["url"], backend["schema"] or "", acct.id],
+    procs = [subprocess.Popen([sys.executable, "-c", script, backend, acct.id],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(4)]
     outs = [p.communicate(timeout=60) for p in procs]
@@ -655,7 +619,7 @@ def test_event_renderer_and_queue_stats(backend, clock):
         seen.append(event_type)
         return {"type": event_type, "data": {"id": avatar.id, "status": avatar.status}, **extra}
 
-    s = open_store(backend["url"], schema=backend["schema"], clock=clock, event_renderer=render)
+    s = open_store(backend, clock=clock, event_renderer=render)
     try:
         acct = s.create_account("pro", 10)
         s.create_endpoint(acct.id, "https://hooks.example/r")

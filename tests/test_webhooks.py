@@ -26,7 +26,7 @@ from serve.webhooks import (
     DestinationRefused,
     SignatureError,
     WebhookDispatcher,
-    WebhookOptions,
+    WebhookSettings,
     check_destination,
     destination_error,
     render_body,
@@ -36,11 +36,7 @@ from serve.webhooks import (
     verify_signature,
 )
 
-from pg_support import PG_DSN, SESSION, require_postgres
-from fakes import FakeClock
-
-_schema_counter = iter(range(1_000_000))
-
+from helpers import BACKENDS, FakeClock, open_test_store, reference_verify
 
 
 @pytest.fixture
@@ -48,15 +44,10 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(params=BACKENDS)
 def store(request, tmp_path, clock):
-    if request.param == "sqlite":
-        s = open_store(f"sqlite:///{tmp_path / 'store.db'}", clock=clock)
-    else:
-        require_postgres()
-        s = open_store(PG_DSN, schema=f"webhooks_test_{SESSION}_{next(_schema_counter)}", clock=clock)
-    yield s
-    s.drop_all()
+    with open_test_store(request.param, tmp_path, "webhooks", clock=clock) as s:
+        yield s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,9 +73,10 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 try:
-                    msg_id = verify_signature(receiver.secret or "", headers, body, now=receiver.clock())
+                    # Verified with the reference implementation, not with the module that signed.
+                    msg_id = reference_verify(receiver.secret or "", headers, body, now=receiver.clock())
                     error = None
-                except (SignatureError, ValueError) as exc:
+                except Exception as exc:  # noqa: BLE001 - any verification failure is a 400
                     msg_id, error = None, str(exc)
                 receiver.requests.append({"path": self.path, "headers": headers, "body": body,
                                           "verified": msg_id, "error": error})
@@ -141,11 +133,11 @@ def receiver(clock):
     r.close()
 
 
-def _options(**kw: Any) -> WebhookOptions:
+def _options(**kw: Any) -> WebhookSettings:
     base = dict(worker_id="disp-test", allowlist=("127.0.0.1",), timeout_s=5.0, base_backoff_s=60.0,
                 max_backoff_s=600.0, max_attempts=8, concurrency=4)
     base.update(kw)
-    return WebhookOptions(**base)
+    return WebhookSettings(**base)
 
 
 def _endpoint(store, receiver: Receiver, url: str | None = None, events=("*",)):
@@ -184,6 +176,21 @@ def test_signature_matches_the_standard_webhooks_test_vector():
         "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
     headers = signature_headers(VECTOR["secret"], VECTOR["msg_id"], VECTOR["ts"], VECTOR["body"].encode())
     assert verify_signature(VECTOR["secret"], headers, VECTOR["body"], now=VECTOR["ts"] + 10) == VECTOR["msg_id"]
+    assert reference_verify(VECTOR["secret"], headers, VECTOR["body"].encode(), now=VECTOR["ts"] + 10) == VECTOR["msg_id"]
+
+
+def test_signatures_made_now_pass_the_reference_verifier_unchanged():
+    """`standardwebhooks.Webhook.verify` as a receiver runs it: wall clock, its own tolerance."""
+    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+    body = b'{"id":"evt_1","type":"avatar.completed","data":{}}'
+    headers = signature_headers(VECTOR["secret"], "msg_now", int(time.time()), body)
+    assert Webhook(VECTOR["secret"]).verify(body, headers) == json.loads(body)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(VECTOR["secret"]).verify(body + b" ", headers)
+    stale = signature_headers(VECTOR["secret"], "msg_old", int(time.time()) - 3600, body)
+    with pytest.raises(WebhookVerificationError, match="too old"):
+        Webhook(VECTOR["secret"]).verify(body, stale)
 
 
 def test_signature_round_trip_with_a_store_secret_and_tamper_detection(store):
@@ -204,13 +211,17 @@ def test_signature_round_trip_with_a_store_secret_and_tamper_detection(store):
         (secret, {**h, "webhook-timestamp": str(now + 1)}, body),
         (store.create_endpoint(account.id, "https://example.com/h").secret, h, body),
     ]
+    assert reference_verify(secret, h, body, now=now) == "msg_abc"
     for s, hh, b in tampered:
         with pytest.raises(SignatureError, match="no matching v1 signature"):
             verify_signature(s, hh, b, now=now)
         assert not verify(s, hh, b, now=now)
+        with pytest.raises(Exception, match="No matching signature"):
+            reference_verify(s, hh, b, now=now)
     # Key rotation: any of several space-separated signatures may match.
     rotated = {**h, "webhook-signature": "v1,AAAA v2,zzz " + h["webhook-signature"]}
     assert verify_signature(secret, rotated, body, now=now) == "msg_abc"
+    assert reference_verify(secret, rotated, body, now=now) == "msg_abc"
     with pytest.raises(SignatureError, match="missing header.*webhook-signature"):
         verify_signature(secret, {k: v for k, v in h.items() if k != "webhook-signature"}, body, now=now)
 
@@ -304,10 +315,11 @@ def test_destination_error_reads_service_settings():
     assert destination_error("http://127.0.0.1:8/h", ServiceSettings(webhook_allow_private=True)) is None
     assert destination_error("http://127.0.0.1:8/h", ServiceSettings(webhook_allowlist="127.0.0.0/8")) is None
     assert destination_error("http://93.184.216.34/h", ServiceSettings()) is None
-    opts = WebhookOptions.from_settings(ServiceSettings(webhook_allowlist=("10.0.0.0/8",)), max_attempts=3)
+    opts = ServiceSettings(webhook_allowlist=("10.0.0.0/8",), webhook_max_attempts=3).webhooks
     assert opts.allowlist == ("10.0.0.0/8",) and opts.allow_private is False and opts.max_attempts == 3
+    assert destination_error("http://10.1.2.3/h", opts) is None  # the nested settings themselves work too
     with pytest.raises(ValueError, match="max_attempts"):
-        WebhookOptions(max_attempts=0)
+        WebhookSettings(max_attempts=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,112 @@
+"""Store records → wire models (`serve.schemas`): the Avatar object, comments, webhook endpoints,
+and the webhook payloads (which carry the same Avatar object as the API)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from pydantic.alias_generators import to_camel
+
+from .. import schemas as S
+from ..schemas import iso
+from ..store import Avatar, Comment, WebhookEndpoint
+from ..vocab import JobKind
+from .common import dump
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _identity(value: Any) -> S.Identity | None:
+    """The engine's identity report → the API's compact `identity` object."""
+    if not isinstance(value, dict):
+        return None
+    faces = value.get("faces")
+    if isinstance(faces, list):
+        faces = sum(1 for f in faces if f)
+    sims = value.get("similarity")
+    per_image = [_num(x) for x in sims] if isinstance(sims, list) else None
+    vals = [x for x in (per_image or [_num(sims)]) if x is not None]
+    notes = value.get("notes")
+    return S.Identity(faces=faces if isinstance(faces, int) else None,
+                      similarity=round(sum(vals) / len(vals), 4) if vals else None, per_image=per_image,
+                      strength=_num(value.get("strength")),
+                      notes=[str(n) for n in notes] if isinstance(notes, list) else None)
+
+
+def _characters(p: dict, r: dict) -> list[S.CastCharacterOut]:
+    res_chars = r.get("characters") if isinstance(r.get("characters"), list) else []
+    out = []
+    for i, c in enumerate(p.get("characters") or []):
+        rc = res_chars[i] if i < len(res_chars) and isinstance(res_chars[i], dict) else {}
+        out.append(S.CastCharacterOut(
+            prompt=c.get("prompt", ""), avatar_id=c.get("avatarId"),
+            photos=0 if c.get("avatarId") else len(c.get("photos") or []),
+            box=rc.get("box", c.get("box")), has_identity=rc.get("hasIdentity"), similarity=_num(rc.get("similarity"))))
+    return out
+
+
+def render_avatar(av: Avatar, base_url: str = "") -> S.Avatar:
+    """Store record → the API's Avatar object."""
+    p, r = av.params or {}, av.result or {}
+    images = [S.AvatarImage(url=f"{base_url}/v1/avatars/{av.id}/images/{i}", width=int(img["width"]),
+                            height=int(img["height"]), seed=img.get("seed"))
+              for i, img in enumerate(r.get("images") or [])]
+    queued_ms = None
+    if av.started_at is not None:
+        queued_ms = max(0, int(round((av.started_at - av.created_at) * 1000)))
+    return S.Avatar(
+        id=av.id, kind=av.kind, status=av.status, prompt=p.get("prompt", av.prompt),
+        negative_prompt=p.get("negativePrompt"), style_preset=p.get("stylePreset"), model=av.model,
+        width=p.get("width"), height=p.get("height"), aspect_ratio=p.get("aspectRatio"),
+        guidance_scale=p.get("guidanceScale"), steps=p.get("steps"), seed=p.get("seed"),
+        batch_size=int(p.get("batchSize", 1)), strength=p.get("strength"), images=images,
+        thumbnail_url=f"{base_url}/v1/avatars/{av.id}/thumbnail" if images else None,
+        title=av.title, description=av.description, tags=list(av.tags or []), metadata=dict(av.metadata or {}),
+        visibility=av.visibility, published=bool(av.published), published_at=iso(av.published_at),
+        likes=av.likes, comments=av.comments, remixes=av.remixes, remixed_from=av.remixed_from,
+        credit_cost=av.credit_cost,
+        error=S.ErrorInfo(code=av.error_code, message=av.error_message or "") if av.error_code else None,
+        timings=S.Timings(queued_ms=queued_ms, generation_ms=r.get("generationMs")),
+        identity=_identity(r.get("identity")) if av.kind == JobKind.PERCIFY else None,
+        characters=_characters(p, r) if av.kind == JobKind.CAST else None,
+        created_at=iso(av.created_at), updated_at=iso(av.updated_at), completed_at=iso(av.completed_at),
+    )
+
+
+def render_avatars(items: list[Avatar], next_cursor: str | None, base_url: str) -> S.AvatarList:
+    return S.AvatarList(data=[render_avatar(a, base_url) for a in items], has_more=next_cursor is not None,
+                        next_cursor=next_cursor)
+
+
+def render_comment(c: Comment) -> S.Comment:
+    return S.Comment(id=c.id, avatar_id=c.avatar_id, account_id=c.account_id, text=c.text,
+                     created_at=iso(c.created_at))
+
+
+def render_endpoint(e: WebhookEndpoint, with_secret: bool = False) -> S.WebhookEndpoint:
+    return S.WebhookEndpoint(id=e.id, url=e.url, events=list(e.events), description=e.description,
+                             disabled=e.disabled, disabled_reason=e.disabled_reason, created_at=iso(e.created_at),
+                             secret=e.secret if with_secret else None)
+
+
+def _event_extra(avatar_id: str, extra: dict) -> dict:
+    """The store's event extras (snake_case, epoch seconds) → the API's wire names: `likedBy`
+    (avatar.liked) and `comment` as the API's Comment object (avatar.commented)."""
+    out: dict[str, Any] = {}
+    for key, value in (extra or {}).items():
+        if key == "comment" and isinstance(value, dict):
+            value = dump(S.Comment(id=value.get("id"), avatar_id=avatar_id, account_id=value.get("account_id"),
+                                   text=value.get("text"), created_at=iso(value.get("created_at"))))
+        out[to_camel(key)] = value
+    return out
+
+
+def event_renderer(base_url: str = "") -> Callable[..., dict]:
+    """Webhook payloads carry the same Avatar object as the API (pass to `open_store`)."""
+
+    def render(event_type: str, avatar: Avatar, extra: dict) -> dict:
+        return {"type": event_type,
+                "data": {"object": dump(render_avatar(avatar, base_url)), **_event_extra(avatar.id, extra)}}
+
+    return render

@@ -1,0 +1,276 @@
+"""Jobs and their leases: the store is the durable queue (submit on the ingress, claim/heartbeat/
+complete on the workers), with the credit reservation and its settlement in the same transactions."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from sqlalchemy import Connection, bindparam, false, func, insert, or_, select, update
+
+from ..vocab import ACTIVE_STATUSES, JOB_KINDS, VISIBILITIES, EventType, JobStatus, LedgerKind
+from .base import StorePart, check_choice, check_limit, new_id, new_token
+from .records import (
+    DEFAULT_MAX_ATTEMPTS, WORKER_LOST_CODE, AccountNotFound, Avatar, AvatarNotFound, ConcurrencyLimitExceeded,
+    InsufficientCredits, InvalidArgument, PermissionDenied,
+)
+from .schema import accounts, avatars as A
+
+_ACTIVE = A.c.status.in_(ACTIVE_STATUSES)
+_EXPIRED = (A.c.status == JobStatus.PROCESSING) & (A.c.lease_expires_at < bindparam("now"))
+
+# The hot paths' statements, built once (SQLAlchemy then only binds parameters).
+_ACTIVE_COUNT = select(func.count()).select_from(A).where(A.c.account_id == bindparam("acct"), _ACTIVE)
+_LOCK_ACCOUNT = select(accounts.c.id, accounts.c.credits).where(accounts.c.id == bindparam("acct")).with_for_update()
+_COUNT_REMIX = update(A).where(A.c.id == bindparam("src")).values(remixes=A.c.remixes + 1)
+_INSERT_JOB = insert(A).returning(*A.c)
+_FINISH_ANY = update(A).where(A.c.id == bindparam("aid"), _ACTIVE).returning(*A.c)
+_FINISH_HELD = update(A).where(A.c.id == bindparam("aid"), A.c.status == JobStatus.PROCESSING,
+                               A.c.lease_token == bindparam("token")).returning(*A.c)
+_LOCK_AVATAR = select(A).where(A.c.id == bindparam("aid")).with_for_update()
+_CLAIM = (update(A).where(A.c.id == bindparam("aid"), (A.c.status == JobStatus.QUEUED) | _EXPIRED)
+          .values(status=JobStatus.PROCESSING, attempts=A.c.attempts + 1).returning(*A.c))
+_HEARTBEAT = update(A).where(A.c.id == bindparam("aid"), A.c.lease_token == bindparam("token"),
+                             A.c.lease_owner == bindparam("owner"), A.c.status == JobStatus.PROCESSING)
+_REQUEUE = update(A).where(A.c.id == bindparam("aid"), A.c.status == JobStatus.PROCESSING,
+                           A.c.lease_token == bindparam("token"))
+_QUEUE_STATS = select(A.c.status, func.count()).where(_ACTIVE).group_by(A.c.status)
+
+
+def to_avatar(r: Mapping[str, Any]) -> Avatar:
+    return Avatar(
+        id=r["id"], account_id=r["account_id"], kind=r["kind"], status=r["status"], model=r["model"],
+        prompt=r["prompt"], params=r["params"] or {}, result=r["result"], title=r["title"],
+        description=r["description"], tags=r["tags"] or [], metadata=r["metadata"] or {},
+        visibility=r["visibility"], published=bool(r["published"]), published_at=r["published_at"],
+        likes=int(r["likes"]), comments=int(r["comments"]), remixes=int(r["remixes"]),
+        remixed_from=r["remixed_from"], credit_cost=int(r["credit_cost"]), error_code=r["error_code"],
+        error_message=r["error_message"], created_at=r["created_at"], updated_at=r["updated_at"],
+        started_at=r["started_at"], completed_at=r["completed_at"], lease_owner=r["lease_owner"],
+        lease_token=r["lease_token"], lease_expires_at=r["lease_expires_at"], attempts=int(r["attempts"]),
+        request_id=r["request_id"],
+    )
+
+
+def check_tags(tags: Any) -> list[str]:
+    if isinstance(tags, str) or not isinstance(tags, Sequence) or not all(isinstance(t, str) for t in tags):
+        raise InvalidArgument("tags", "must be a list of strings")
+    return list(tags)
+
+
+def _active_count(conn: Connection, account_id: str) -> int:
+    return int(conn.execute(_ACTIVE_COUNT, {"acct": account_id}).scalar_one())
+
+
+class JobsStore(StorePart):
+    # ---- ingress side ------------------------------------------------------------------
+    def submit_job(self, account_id: str, kind: str, params: Mapping[str, Any], *, cost: int, max_concurrent: int,
+                   model: str | None = None, prompt: str | None = None, remixed_from: str | None = None,
+                   title: str | None = None, description: str | None = None, tags: Sequence[str] | None = None,
+                   metadata: Mapping[str, Any] | None = None, visibility: str = "private",
+                   request_id: str | None = None) -> Avatar:
+        """Accept a job in ONE transaction: lock the account, refuse with
+        ConcurrencyLimitExceeded when it already has >= `max_concurrent` queued+processing jobs,
+        with InsufficientCredits when balance < `cost`, else insert the avatar (status queued)
+        and a `reserve` ledger entry (balance -= cost). `model`/`prompt` default to
+        `params["model"]`/`params["prompt"]`. With `remixed_from`, the source avatar's `remixes`
+        count is incremented in the same transaction (AvatarNotFound if it does not exist;
+        visibility is the caller's check). `request_id` is kept for log correlation.
+        Raises AccountNotFound, InvalidArgument."""
+        check_choice(kind, JOB_KINDS, "kind")
+        if not isinstance(cost, int) or isinstance(cost, bool) or cost < 0:
+            raise InvalidArgument("cost", f"must be a non-negative integer, got {cost!r}")
+        if not isinstance(max_concurrent, int) or max_concurrent < 0:
+            raise InvalidArgument("max_concurrent", f"must be a non-negative integer, got {max_concurrent!r}")
+        check_choice(visibility, VISIBILITIES, "visibility")
+        values = dict(
+            id=new_id("av"), account_id=account_id, kind=kind, status=JobStatus.QUEUED,
+            model=model if model is not None else params.get("model"),
+            prompt=prompt if prompt is not None else params.get("prompt"), params=dict(params),
+            tags=check_tags(tags if tags is not None else []), metadata=dict(metadata or {}), title=title,
+            description=description, visibility=visibility, published=False, remixed_from=remixed_from,
+            credit_cost=cost, attempts=0, request_id=request_id)
+
+        def work(conn: Connection) -> Avatar:
+            acct = conn.execute(_LOCK_ACCOUNT, {"acct": account_id}).first()
+            if acct is None:
+                raise AccountNotFound(account_id)
+            active = _active_count(conn, account_id)
+            if active >= max_concurrent:
+                raise ConcurrencyLimitExceeded(active, max_concurrent)
+            if int(acct.credits) < cost:
+                raise InsufficientCredits(int(acct.credits), cost)
+            if remixed_from is not None:
+                if conn.execute(_COUNT_REMIX, {"src": remixed_from}).rowcount == 0:
+                    raise AvatarNotFound(remixed_from)
+            now = self._now()
+            row = conn.execute(_INSERT_JOB, {**values, "created_at": now, "updated_at": now}).mappings().one()
+            self.move_credits(conn, account_id, -cost)
+            self.add_ledger(conn, account_id, LedgerKind.RESERVE, cost, -cost, values["id"])
+            return to_avatar(row)
+
+        return self.db.run(work)
+
+    def _finish(self, conn: Connection, avatar_id: str, status: JobStatus, *, token: str | None,
+                result: Mapping[str, Any] | None = None, code: str | None = None,
+                message: str | None = None) -> Avatar | None:
+        """Move an active job to a terminal status with its ledger entry and event.
+
+        `token` None = any active job (cancel/reap); else only processing with that token."""
+        now = self._now()
+        values: dict[str, Any] = dict(status=status, error_code=code, error_message=message, completed_at=now,
+                                      updated_at=now, lease_owner=None, lease_token=None, lease_expires_at=None)
+        if result is not None:
+            values["result"] = dict(result)
+        if token is None:
+            row = conn.execute(_FINISH_ANY, {"aid": avatar_id, **values}).mappings().first()
+        else:
+            row = conn.execute(_FINISH_HELD, {"aid": avatar_id, "token": token, **values}).mappings().first()
+        if row is None:
+            return None
+        avatar = to_avatar(row)
+        cost = avatar.credit_cost
+        if status == JobStatus.COMPLETED:
+            self.add_ledger(conn, avatar.account_id, LedgerKind.CHARGE, cost, 0, avatar.id)
+            self.emit(conn, EventType.AVATAR_COMPLETED, avatar)
+        else:
+            self.move_credits(conn, avatar.account_id, cost)
+            self.add_ledger(conn, avatar.account_id, LedgerKind.RELEASE, cost, cost, avatar.id)
+            if status == JobStatus.FAILED:
+                self.emit(conn, EventType.AVATAR_FAILED, avatar)
+        return avatar
+
+    def owned_row(self, conn: Connection, avatar_id: str, account_id: str, action: str = "modify") -> Mapping[str, Any]:
+        """The avatar's row, locked (PostgreSQL); AvatarNotFound / PermissionDenied(action) otherwise."""
+        row = conn.execute(_LOCK_AVATAR, {"aid": avatar_id}).mappings().first()
+        if row is None:
+            raise AvatarNotFound(avatar_id)
+        if row["account_id"] != account_id:
+            raise PermissionDenied(avatar_id, account_id, action)
+        return row
+
+    def cancel_job(self, avatar_id: str, account_id: str) -> Avatar:
+        """queued/processing -> cancelled with a `release` (refund) entry; the worker learns it
+        through `heartbeat` / `job_statuses` / `complete_job` returning False. A job already in
+        a terminal status is returned unchanged. Raises AvatarNotFound, PermissionDenied."""
+        def work(conn: Connection) -> Avatar:
+            row = self.owned_row(conn, avatar_id, account_id, "cancel")
+            if row["status"] in ACTIVE_STATUSES:
+                done = self._finish(conn, avatar_id, JobStatus.CANCELLED, token=None, code="cancelled",
+                                    message="cancelled by the user")
+                if done is not None:
+                    return done
+            return to_avatar(row)
+
+        return self.db.run(work)
+
+    # ---- worker side -------------------------------------------------------------------
+    def _reap(self, conn: Connection, now: float, max_attempts: int) -> list[str]:
+        ids = conn.execute(select(A.c.id).where(A.c.status == JobStatus.PROCESSING, A.c.lease_expires_at < now,
+                                                A.c.attempts >= max_attempts)
+                           .order_by(A.c.created_at, A.c.id).limit(100).with_for_update(skip_locked=True)).scalars().all()
+        reaped = []
+        for avatar_id in ids:
+            done = self._finish(conn, avatar_id, JobStatus.FAILED, token=None, code=WORKER_LOST_CODE,
+                                message=f"the job's worker stopped responding {max_attempts} times")
+            if done is not None:
+                reaped.append(done.id)
+        return reaped
+
+    def reap_expired(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[str]:
+        """Fail (with refund and `avatar.failed`) expired processing jobs that already used
+        `max_attempts` claims; returns their ids. `claim_jobs` does this too."""
+        return self.db.run(lambda c: self._reap(c, self._now(), max_attempts))
+
+    def claim_jobs(self, worker_id: str, limit: int = 1, lease_seconds: float = 60.0, *,
+                   kinds: Sequence[str] | None = None, models: Sequence[str | None] | None = None,
+                   max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[Avatar]:
+        """Move up to `limit` jobs to processing for `worker_id`, oldest first: queued ones and
+        processing ones whose lease expired (a dead worker's; `attempts` is incremented on every
+        claim). Each claimed job gets a fresh `lease_token` that later calls must present.
+        Expired jobs that already had `max_attempts` claims are failed with code
+        `worker_lost` and refunded instead. `kinds` / `models` restrict what is claimed
+        (a `models` filter also matches jobs whose model is None only if None is listed)."""
+        check_limit(limit, "limit", 1000)
+        if lease_seconds <= 0:
+            raise InvalidArgument("lease_seconds", "must be positive")
+        if max_attempts < 1:
+            raise InvalidArgument("max_attempts", "must be >= 1")
+
+        def work(conn: Connection) -> list[Avatar]:
+            now = self._now()
+            self._reap(conn, now, max_attempts)
+            if (kinds is not None and not kinds) or (models is not None and not models):
+                return []
+            where = [(A.c.status == JobStatus.QUEUED) | (_EXPIRED & (A.c.attempts < max_attempts))]
+            if kinds is not None:
+                where.append(A.c.kind.in_(list(kinds)))
+            if models is not None:
+                named = [m for m in models if m is not None]
+                where.append(or_(A.c.model.in_(named) if named else false(),
+                                 A.c.model.is_(None) if len(named) < len(models) else false()))
+            ids = conn.execute(select(A.c.id).where(*where).order_by(A.c.created_at, A.c.id).limit(limit)
+                               .with_for_update(skip_locked=True), {"now": now}).scalars().all()
+            claimed = []
+            for avatar_id in ids:
+                row = conn.execute(_CLAIM, {
+                    "aid": avatar_id, "now": now, "lease_owner": worker_id, "lease_token": new_token(),
+                    "lease_expires_at": now + lease_seconds, "started_at": now, "updated_at": now,
+                }).mappings().first()
+                if row is not None:
+                    claimed.append(to_avatar(row))
+            return claimed
+
+        return self.db.run(work)
+
+    def heartbeat(self, worker_id: str, leases: Mapping[str, str], lease_seconds: float = 60.0) -> set[str]:
+        """Extend the leases {avatar_id: lease_token} still held by `worker_id`; returns the ids
+        whose lease was extended. An id missing from the result was cancelled, deleted or
+        reclaimed: the worker should stop working on it."""
+        if not leases:
+            return set()
+
+        def work(conn: Connection) -> set[str]:
+            expires = self._now() + lease_seconds
+            return {avatar_id for avatar_id, token in leases.items() if conn.execute(_HEARTBEAT, {
+                "aid": avatar_id, "token": token, "owner": worker_id, "lease_expires_at": expires}).rowcount}
+
+        return self.db.run(work)
+
+    def job_statuses(self, avatar_ids: Sequence[str]) -> dict[str, str]:
+        """{avatar_id: status} for the ids that still exist (deleted ids are absent)."""
+        ids = list(avatar_ids)
+        if not ids:
+            return {}
+        rows = self.db.read(lambda c: c.execute(select(A.c.id, A.c.status).where(A.c.id.in_(ids))).all())
+        return {r.id: r.status for r in rows}
+
+    def active_jobs(self, account_id: str) -> int:
+        """The account's queued + processing jobs (the "concurrent generations" in use)."""
+        return self.db.read(lambda c: _active_count(c, account_id))
+
+    def queue_stats(self) -> dict[str, int]:
+        """{"queued": n, "processing": m} over all accounts (metrics, autoscaling)."""
+        rows = self.db.read(lambda c: c.execute(_QUEUE_STATS).all())
+        return {"queued": 0, "processing": 0, **{status: int(n) for status, n in rows}}
+
+    def complete_job(self, avatar_id: str, lease_token: str, result: Mapping[str, Any]) -> bool:
+        """processing + matching token -> completed with `result`, a `charge` ledger entry and
+        an `avatar.completed` outbox message per subscribed endpoint, in one transaction.
+        False (and no change) when the token does not match or the job is no longer
+        processing (cancelled, reclaimed, already completed)."""
+        if not isinstance(result, Mapping):
+            raise InvalidArgument("result", "must be a JSON object")
+        return self.db.run(lambda c: self._finish(c, avatar_id, JobStatus.COMPLETED, token=lease_token,
+                                                  result=result) is not None)
+
+    def fail_job(self, avatar_id: str, lease_token: str, code: str, message: str) -> bool:
+        """processing + matching token -> failed with error code/message, a `release` (refund)
+        entry and `avatar.failed` outbox messages. False when not held any more."""
+        return self.db.run(lambda c: self._finish(c, avatar_id, JobStatus.FAILED, token=lease_token, code=code,
+                                                  message=message) is not None)
+
+    def requeue_job(self, avatar_id: str, lease_token: str) -> bool:
+        """Give a held job back to the queue (graceful worker shutdown, storage error):
+        processing -> queued, lease cleared; its attempts count stays. False when not held any more."""
+        return self.db.run(lambda c: c.execute(_REQUEUE, {
+            "aid": avatar_id, "token": lease_token, "status": JobStatus.QUEUED, "lease_owner": None,
+            "lease_token": None, "lease_expires_at": None, "updated_at": self._now()}).rowcount > 0)

@@ -1,0 +1,113 @@
+"""The service's vocabularies, in one place: used by the store (queries and records), the
+migrations (CHECK constraints) and the wire schemas (`Literal` types in the OpenAPI document).
+
+Members are `str` enums, so they compare equal to, serialise as and bind to the database as
+their plain string values (`JobStatus.QUEUED == "queued"`).
+"""
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+try:  # Python >= 3.11
+    from enum import StrEnum
+except ImportError:  # pragma: no cover - Python 3.10
+    class StrEnum(str, enum.Enum):  # type: ignore[no-redef]
+        def __str__(self) -> str:
+            return str(self.value)
+
+
+class Tier(StrEnum):
+    FREE = "free"
+    PRO = "pro"
+    ENTERPRISE = "enterprise"
+
+
+class JobKind(StrEnum):
+    GENERATE = "generate"
+    PERCIFY = "percify"
+    CAST = "cast"
+    REMIX = "remix"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Visibility(StrEnum):
+    PRIVATE = "private"
+    UNLISTED = "unlisted"
+    PUBLIC = "public"
+
+
+class LedgerKind(StrEnum):
+    RESERVE = "reserve"  # job accepted: delta = -amount
+    CHARGE = "charge"  # job completed: delta = 0 (the reservation is consumed)
+    RELEASE = "release"  # job failed/cancelled: delta = +amount
+    GRANT = "grant"  # top-up: delta = +amount
+
+
+class EventType(StrEnum):
+    AVATAR_COMPLETED = "avatar.completed"
+    AVATAR_FAILED = "avatar.failed"
+    AVATAR_PUBLISHED = "avatar.published"
+    AVATAR_LIKED = "avatar.liked"
+    AVATAR_COMMENTED = "avatar.commented"
+
+
+class OutboxStatus(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class IdempotencyStatus(StrEnum):
+    IN_FLIGHT = "in_flight"
+    DONE = "done"
+
+
+class SortField(StrEnum):
+    """`GET /v1/avatars?sortBy=` (wire names)."""
+
+    CREATED_AT = "createdAt"
+    LIKES = "likes"
+    COMMENTS = "comments"
+    REMIXES = "remixes"
+
+
+class FeedSort(StrEnum):
+    NEWEST = "newest"
+    MOST_LIKED = "most_liked"
+
+
+def values(vocabulary: type[enum.Enum]) -> tuple[str, ...]:
+    """The plain string values of a vocabulary, in declaration order."""
+    return tuple(m.value for m in vocabulary)
+
+
+TIERS = values(Tier)
+JOB_KINDS = values(JobKind)
+JOB_STATUSES = values(JobStatus)
+ACTIVE_STATUSES = (JobStatus.QUEUED.value, JobStatus.PROCESSING.value)
+TERMINAL_STATUSES = (JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)
+VISIBILITIES = values(Visibility)
+LEDGER_KINDS = values(LedgerKind)
+EVENT_TYPES = values(EventType)
+SORT_FIELDS = values(SortField)
+SORT_ORDERS = ("asc", "desc")
+
+#: Wildcard subscription of a webhook endpoint (every event type).
+ALL_EVENTS = "*"
+
+# The same values as Literal types for the pydantic wire models (rendered as JSON Schema enums).
+TierName = Literal[TIERS]  # type: ignore[valid-type]
+KindName = Literal[JOB_KINDS]  # type: ignore[valid-type]
+StatusName = Literal[JOB_STATUSES]  # type: ignore[valid-type]
+VisibilityName = Literal[VISIBILITIES]  # type: ignore[valid-type]
+EventName = Literal[EVENT_TYPES + (ALL_EVENTS,)]  # type: ignore[valid-type]
+SortFieldName = Literal[SORT_FIELDS]  # type: ignore[valid-type]
+SortOrderName = Literal[SORT_ORDERS]  # type: ignore[valid-type]
