@@ -90,6 +90,7 @@ def test_mixed_traffic_after_warmup_never_recompiles_tiny_sd15(fail_on_recompile
     assert all(img.size[0] > 0 for res in out["outputs"] for img in res.images)
 
 
+@pytest.mark.slow  # ~1 CPU-minute; SDXL's extra inputs (pooled text, time ids) are not guards
 def test_mixed_traffic_after_warmup_never_recompiles_tiny_sdxl(fail_on_recompile):
     engine, name = compiled_engine("tiny-sdxl")
     run_and_check(engine, name)
