@@ -173,8 +173,13 @@ def test_validation_errors_name_character_and_field(tiny_engine, kwargs, param):
 
 
 def test_overlap_below_the_limit_is_allowed():
+    from avatar_engine.regional import box_overlap
+
     d = 0.5 * MAX_BOX_OVERLAP * 0.8  # overlap of 80 % of the limit
-    cast(characters=[CastCharacter("a", box=[0, 0, 0.5 + d, 1]), CastCharacter("b", box=[0.5, 0, 1, 1])]).validate()
+    req = cast(characters=[CastCharacter("a", box=[0, 0, 0.5 + d, 1]), CastCharacter("b", box=[0.5, 0, 1, 1])])
+    req.validate()  # raises RequestValidationError above the limit (test_validation_errors_name_...)
+    layout, boxes = req.region_boxes()
+    assert layout == "custom" and 0 < box_overlap(boxes[0], boxes[1]) < MAX_BOX_OVERLAP
 
 
 def test_no_face_and_bad_image_name_the_character_photo(tiny_engine, astronaut):
@@ -301,13 +306,33 @@ def test_a_character_with_an_empty_region_changes_nothing(tiny_engine):
     assert max_diff(ref, render(tiny_engine, cast(characters=chars[:2]))) == 0
 
 
-def test_changing_a_character_changes_its_region(tiny_engine):
-    chars = [CastCharacter("a woman in red", identity_embedding=EMB[0]), CastCharacter("a man in blue")]
-    base = tiny_engine.generate(cast(characters=chars))
-    for c0 in (CastCharacter("a green robot with antennas", identity_embedding=EMB[0]),
-               CastCharacter("a woman in red", identity_embedding=EMB[1])):
-        out = tiny_engine.generate(cast(characters=[c0, chars[1]]))
-        assert max_diff(base.images[0], out.images[0]) > 0
+def test_changing_a_character_changes_its_region_most():
+    """Locality at a size where it is measurable (256 px: a 32×32 latent, several tokens per
+    region at every level): changing one character's prompt changes its own region clearly more
+    than the other character's (self-attention and convolutions still carry some change across,
+    so outside is not zero), and the same holds mirrored."""
+    import dataclasses
+
+    from avatar_engine import AvatarEngine, EngineConfig, load_profiles
+
+    profiles = load_profiles()
+    profiles["tiny-256"] = dataclasses.replace(profiles["tiny-sd15"], name="tiny-256", resolution=256)
+    engine = AvatarEngine(EngineConfig(device="cpu", default_model="tiny-256"), profiles=profiles)
+    boxes = [(0.0, 0.0, 0.45, 1.0), (0.55, 0.0, 1.0, 1.0)]
+    prompts = ["a woman in a red suit", "a man in a blue suit"]
+
+    def render_with(i, prompt):
+        chars = [CastCharacter(p, box=b) for p, b in zip(prompts, boxes)]
+        chars[i] = CastCharacter(prompt, box=boxes[i])
+        return pixels(engine.generate(cast(characters=chars, seed=1, steps=2)).images[0])
+
+    base = pixels(engine.generate(cast(characters=[CastCharacter(p, box=b) for p, b in zip(prompts, boxes)],
+                                       seed=1, steps=2)).images[0])
+    left, right = slice(0, 115), slice(141, 256)
+    d0 = np.abs(render_with(0, "a green robot with antennas") - base).mean(-1)
+    assert d0[:, left].mean() > 1.3 * d0[:, right].mean()
+    d1 = np.abs(render_with(1, "a green robot with antennas") - base).mean(-1)
+    assert d1[:, right].mean() > 1.3 * d1[:, left].mean()
 
 
 @pytest.mark.parametrize("n,aspect", [(2, "1:1"), (3, "16:9"), (4, "9:16"), (4, "1:1")])
@@ -324,7 +349,7 @@ def test_two_to_four_characters(tiny_engine, n, aspect):
     for c in report:
         x0, y0, x1, y1 = c["pixelBox"]
         assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
-        assert c["similarity"] is None or -1.0 <= c["similarity"] <= 1.0  # tiny model draws no faces
+        assert c["similarity"] is None  # the tiny model draws no faces: nothing to score
         assert c["images"] == [{"similarity": None, "distance": None, "sameIdentity": None, "faceBox": None,
                                 "foundInRegion": None}]
     json.dumps(res.to_json())

@@ -252,8 +252,10 @@ def test_identity_report_shape(engine, photos):
     assert len(ident["distance"]) == 2
     for sim, dist, same, n in zip(ident["similarity"], ident["distance"], ident["sameIdentity"], ident["outputFaces"]):
         assert (sim is None) == (n == 0) == (dist is None) == (same is None)
-        assert sim is None or -1.0 <= sim <= 1.0
     scorer = ident["scorer"]
+    for dist, same in zip(ident["distance"], ident["sameIdentity"]):
+        if dist is not None:  # the verdict is the documented threshold applied to the distance
+            assert same == (dist < scorer["threshold"])
     assert {"name", "label", "detector", "metric", "threshold", "verdict", "fallback"} <= set(scorer)
     assert ident["consistency"] == 1.0 and ident["referenceCheck"]["consistent"] is True
 
