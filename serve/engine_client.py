@@ -33,6 +33,7 @@ class ProfileInfo:
     guidance_scale: float = 7.5
     kinds: tuple[str, ...] = ALL_KINDS
     engine: dict | None = None  # what runs, read back from the loaded model (kernels, compile, warm-up)
+    aliases: tuple[str, ...] = ()  # other names clients may send as `model` (models.yaml `aliases`)
 
     @classmethod
     def from_profile(cls, p: Any) -> "ProfileInfo":
@@ -45,7 +46,7 @@ class ProfileInfo:
         return cls(name=p.name, credit_cost=None if cost is None else int(cost),
                    resolution=int(getattr(p, "resolution", 512)), size_multiple=int(getattr(p, "size_multiple", 8)),
                    steps=int(getattr(p, "steps", 25)), guidance_scale=float(getattr(p, "guidance_scale", 7.5)),
-                   kinds=tuple(kinds))
+                   kinds=tuple(kinds), aliases=tuple(getattr(p, "aliases", None) or ()))
 
 
 @dataclass(frozen=True)
@@ -56,12 +57,24 @@ class EngineDescription:
     def to_dict(self) -> dict[str, Any]:
         return {"default_model": self.default_model, "profiles": {k: asdict(v) for k, v in self.profiles.items()}}
 
+    def resolve(self, name: str | None) -> ProfileInfo | None:
+        """The served profile called `name` or having it as an alias (None: the default); None when unknown."""
+        name = name or self.default_model
+        if name in self.profiles:
+            return self.profiles[name]
+        return next((p for p in self.profiles.values() if name in p.aliases), None)
+
+    def names(self) -> list[str]:
+        """Every name a request may send as `model`: profiles and their aliases."""
+        return sorted({*self.profiles, *(a for p in self.profiles.values() for a in p.aliases)})
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EngineDescription":
         profiles = {}
         for k, v in d["profiles"].items():
             v = dict(v)
             v["kinds"] = tuple(v.get("kinds", ALL_KINDS))
+            v["aliases"] = tuple(v.get("aliases", ()))
             profiles[k] = ProfileInfo(**v)
         return cls(default_model=d["default_model"], profiles=profiles)
 
