@@ -1,6 +1,7 @@
 """Wire models (pydantic, camelCase) — the single source of the OpenAPI document.
 
-Request bodies forbid unknown fields so a typo comes back as a 400 naming it. Ranges are taken
+Request bodies forbid unknown fields so a typo comes back as a 400 naming it, and take JSON types
+strictly (no "7" → 7, no true → 1.0). Ranges are taken
 from `avatar_engine.requests` so the schema and the engine's own validation cannot drift.
 Timestamps are ISO 8601 UTC strings (`2026-11-29T07:24:00.123Z`).
 """
@@ -42,7 +43,10 @@ def iso(ts: float | None) -> str | None:
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    # strict: JSON types are taken as declared ("7" is not an integer, true is not a number), so
+    # the OpenAPI document says exactly what is accepted. Multipart form fields, which are all
+    # text, are converted by `serve.submissions.read_photo_sources` (`strict=False`).
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", strict=True)
 
 
 class _Out(BaseModel):
@@ -177,12 +181,15 @@ class CastCharacterOut(_Out):
 class Avatar(_Out):
     id: str
     object: Literal["avatar"] = "avatar"
+    user_id: str = Field(..., description="The owning account (Percify's `userId`).")
     kind: Kind
     status: Status
     prompt: Optional[str] = None
     negative_prompt: Optional[str] = None
     style_preset: Optional[str] = None
-    model: Optional[str] = None
+    model: Optional[str] = Field(None, description="The model name as requested (a profile or one of its aliases; "
+                                                   "the default profile's name when none was given).")
+    model_profile: Optional[str] = Field(None, description="The models.yaml profile that ran it (aliases resolved).")
     width: Optional[int] = None
     height: Optional[int] = None
     aspect_ratio: Optional[str] = None
@@ -192,11 +199,14 @@ class Avatar(_Out):
     batch_size: int = 1
     strength: Optional[float] = None
     images: list[AvatarImage] = Field(default_factory=list)
+    image_url: Optional[str] = Field(None, description="The first image's URL (Percify's `imageUrl`); null until completed.")
     thumbnail_url: Optional[str] = None
     title: Optional[str] = None
     description: Optional[str] = None
     tags: list[str] = Field(default_factory=list)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict, description=(
+        "The user's keys, plus `modelVersion` (the profile that ran it) and, once completed, `generationTime` "
+        "(seconds); the service's values win for those two names."))
     visibility: Visibility = "private"
     published: bool = False
     published_at: Optional[str] = None
@@ -214,11 +224,29 @@ class Avatar(_Out):
     completed_at: Optional[str] = None
 
 
-class AvatarList(_Out):
-    object: Literal["list"] = "list"
-    data: list[Avatar]
+class CreatedAvatar(Avatar):
+    """What a create call (generate, percify-yourself, cast, remix) returns: the queued Avatar."""
+
+    credits_used: int = Field(..., description="Credits reserved for this job (charged on completion, released on failure).")
+
+
+class Pagination(_Out):
+    total: int = Field(..., description="Items matching the same filters, over all pages.")
+    limit: int
+    offset: int = Field(..., description="Items before this page (also for a cursor page).")
     has_more: bool
-    next_cursor: Optional[str] = None
+    next_cursor: Optional[str] = Field(None, description="Pass as `cursor` for the next page; null on the last one.")
+
+
+class _Page(_Out):
+    object: Literal["list"] = "list"
+    pagination: Pagination
+    has_more: bool = Field(..., description="Same as `pagination.hasMore`.")
+    next_cursor: Optional[str] = Field(None, description="Same as `pagination.nextCursor`.")
+
+
+class AvatarList(_Page):
+    avatars: list[Avatar]
 
 
 class DeletedAvatar(_Out):
@@ -251,6 +279,7 @@ class Account(_Out):
 
 class ModelInfo(_Out):
     name: str
+    aliases: list[str] = Field(default_factory=list, description="Other names accepted as `model` for this profile.")
     credit_cost: int
     resolution: Optional[int] = None
     kinds: list[str] = Field(default_factory=list)
@@ -283,11 +312,8 @@ class Comment(_Out):
     created_at: str
 
 
-class CommentList(_Out):
-    object: Literal["list"] = "list"
-    data: list[Comment]
-    has_more: bool
-    next_cursor: Optional[str] = None
+class CommentList(_Page):
+    comments: list[Comment]
 
 
 class WebhookEndpoint(_Out):
@@ -302,9 +328,44 @@ class WebhookEndpoint(_Out):
     secret: Optional[str] = Field(None, description="Signing secret; only returned when the endpoint is created.")
 
 
-class WebhookEndpointList(_Out):
-    object: Literal["list"] = "list"
-    data: list[WebhookEndpoint]
+class WebhookEndpointList(_Page):
+    webhooks: list[WebhookEndpoint]
+
+
+class OperationUsage(_Out):
+    count: int = Field(..., description="Completed jobs of this operation.")
+    credits: int = Field(..., description="Credits charged for them.")
+
+
+class CreditBalance(_Out):
+    object: Literal["credit_balance"] = "credit_balance"
+    balance: int = Field(..., description="Credits available now (reservations of running jobs already taken off).")
+    reserved: int = Field(..., description="Credits held by queued and processing jobs.")
+    lifetime: int = Field(..., description="Credits ever charged for completed jobs.")
+    current_month: int = Field(..., description="Credits charged since the start of the current UTC month.")
+    granted: int = Field(..., description="Credits ever granted to the account.")
+    tier: str
+    next_refill: Optional[str] = Field(None, description="Always null: this service has no automatic refills.")
+    low_balance_threshold: int = Field(..., description="`credits.low_balance` fires when a job takes the balance below this.")
+    usage: dict[str, OperationUsage] = Field(default_factory=dict, description="Charges per operation (job kind).")
+
+
+class CreditTransaction(_Out):
+    id: int
+    object: Literal["credit_transaction"] = "credit_transaction"
+    type: Literal["reserve", "charge", "release", "grant"] = Field(
+        ..., description="reserve: job accepted (delta −amount); charge: job completed (delta 0, the reservation is "
+                         "consumed); release: job failed/cancelled (delta +amount); grant: top-up.")
+    amount: int
+    delta: int = Field(..., description="Effect on the balance.")
+    operation: Optional[str] = Field(None, description="The job kind for job entries (generate, percify, cast, remix).")
+    avatar_id: Optional[str] = None
+    note: Optional[str] = None
+    created_at: str
+
+
+class CreditHistory(_Page):
+    transactions: list[CreditTransaction]
 
 
 class DeletedWebhook(_Out):

@@ -114,9 +114,9 @@ class Submission:
 async def profile_for(svc: Services, model: str | None, kind: str) -> ProfileInfo:
     desc = await svc.engine.describe()
     name = model or desc.default_model
-    profile = desc.profiles.get(name)
+    profile = desc.resolve(name)
     if profile is None:
-        raise invalid_request(f"unknown model {name!r}; available: {', '.join(sorted(desc.profiles))}", "model")
+        raise invalid_request(f"unknown model {name!r}; available: {', '.join(desc.names())}", "model")
     if kind not in profile.kinds:
         raise invalid_request(f"model {name!r} does not support {kind}", "model")
     return profile
@@ -133,6 +133,8 @@ async def prepare(svc: Services, kind: str, body: Any, *, extra_prompts: list[tu
     resolved = request.resolve(profile)
     check_policy(svc.policy, [("prompt", body.prompt), *extra_prompts])
     params = request_to_wire(resolved)
+    if body.model and body.model != profile.name:
+        params["requestedModel"] = body.model  # an alias: reported back as the avatar's `model`
     if strength is not None:
         params["strength"] = strength
     return Submission(kind, body, profile, resolved, params)
@@ -159,7 +161,7 @@ async def submit(svc: Services, principal: Principal, sub: Submission) -> JSONRe
                         max_concurrent=principal.limits.concurrent_jobs, model=sub.resolved.model,
                         prompt=sub.resolved.prompt, remixed_from=sub.remixed_from, title=body.title,
                         description=body.description, tags=tags, metadata=body.metadata, visibility=body.visibility,
-                        request_id=current_request_id())
+                        request_id=current_request_id(), low_balance_threshold=svc.settings.low_balance_threshold)
     except BaseException:
         if files:
             await call(assets.backend.delete_prefix, f"uploads/{sub.upload_id}")
@@ -167,7 +169,8 @@ async def submit(svc: Services, principal: Principal, sub: Submission) -> JSONRe
     svc.metrics.submitted.labels(kind=sub.kind).inc()
     log.info("job %s accepted: %s, %d credits reserved, account %s", av.id, sub.kind, av.credit_cost, principal.id)
     await svc.engine.notify()
-    return json_response(render_avatar(av, svc.base_url), 202, headers={"Location": f"/v1/avatars/{av.id}"})
+    created = S.CreatedAvatar(**render_avatar(av, svc.base_url).model_dump(), credits_used=av.credit_cost)
+    return json_response(created, 202, headers={"Location": f"/v1/avatars/{av.id}"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,8 +372,8 @@ async def read_photo_sources(request: Request, model_cls: type, file_field: str 
         data[file_field] = ["<multipart>"] * len(files)
     elif not files and file_field is not None and file_field not in data and ctype == "multipart/form-data":
         raise invalid_request("at least one 'photo' file part is required", "photo")
-    try:
-        return model_cls.model_validate(data), files
+    try:  # form fields are all text: converted there, JSON types taken strictly
+        return model_cls.model_validate(data, strict=False if ctype == "multipart/form-data" else None), files
     except ValidationError as exc:
         raise _pydantic_to_fastapi(exc) from None
 

@@ -2,7 +2,10 @@
 answers, idempotent replays, rate limits) replayed through the app, its responses normalised
 (random ids → `av_#n` in order of appearance, timings → N) and compared line by line with
 `fixtures/wire_transcript.txt`, which the app before the serve/ refactor (b0cb314) produced
-(plus `"engine":null` in `/v1/health`'s models, which the engine-speed work added since).
+(plus `"engine":null` in `/v1/health`'s models, which the engine-speed work added since), then
+regenerated on purpose for the Percify-compatible shapes (issue 11: `userId`, `imageUrl`,
+`modelProfile`, `creditsUsed`, `metadata.modelVersion`/`generationTime`, list envelopes with
+`pagination`, credits endpoints, strict types, the schema's `Allow`).
 A change to any status, header or body byte of these answers fails here.
 
 Regenerate deliberately: `python tests/test_wire.py > tests/fixtures/wire_transcript.txt`.
@@ -50,6 +53,7 @@ def transcript(tmp: Path) -> list[str]:
         text = re.sub(r"\b(av|cm|wh|acct|req|key|up|msg|evt)_[A-Za-z0-9]{8,}",
                       lambda m: ids.setdefault(m.group(0), f"{m.group(1)}_#{len(ids)}"), text)
         text = re.sub(r'"(generationMs|queuedMs)":\d+', r'"\1":N', text)
+        text = re.sub(r'"generationTime":[0-9.]+', '"generationTime":N', text)
         text = re.sub(r"whsec_[A-Za-z0-9+/=]+", "whsec_S", text)
         return re.sub(r'"nextCursor":"[^"]+"', '"nextCursor":"C"', text)
 
@@ -122,7 +126,13 @@ def transcript(tmp: Path) -> list[str]:
     rec("webhooks", c.get("/v1/webhooks", headers=alice))
     rec("webhook-404", c.get("/v1/webhooks/wh_nope", headers=alice))
     rec("webhook-refused", c.post("/v1/webhooks", json={"url": "ftp://example.com"}, headers=alice))
+    rec("list-offset", c.get("/v1/avatars", params={"limit": 2, "offset": 1, "sortOrder": "asc"}, headers=alice))
+    rec("list-offset-and-cursor", c.get("/v1/avatars", params={"offset": 1, "cursor": "x"}, headers=alice))
+    rec("credits-balance", c.get("/v1/user/credits/balance", headers=alice))
+    rec("credits-history", c.get("/v1/user/credits/history", params={"limit": 3}, headers=alice))
+    rec("strict-types", c.post("/v1/avatars/generate", json={"prompt": "x", "seed": "7"}, headers=alice))
     rec("405", c.put("/v1/avatars/generate", headers=alice))
+    rec("405-avatar", c.put(f"/v1/avatars/{av}", headers=alice))
     rec("404", c.get("/v1/nope", headers=alice))
     for i in range(4):
         rec(f"free-{i}", c.get("/v1/account", headers=free))

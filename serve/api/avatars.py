@@ -18,19 +18,27 @@ router = APIRouter(prefix="/v1", tags=["avatars"], responses=ERROR_RESPONSES)
 AvatarId = Path(alias="avatarId")
 
 
-@router.get("/avatars", response_model=S.AvatarList, summary="Your avatars, cursor-paginated")
+@router.get("/avatars", response_model=S.AvatarList,
+            summary="Your avatars: filtered, sorted, paged by offset or cursor, with the total")
 async def list_avatars(
     principal: Principal = Auth, svc: Services = Svc,
-    limit: int = Query(20, ge=1, le=100), cursor: Optional[str] = Query(None, max_length=512),
-    status: Optional[S.Status] = None, model: Optional[str] = Query(None, max_length=100),
+    limit: int = Query(20, ge=1, le=100),
+    offset: Optional[int] = Query(None, ge=0, description="Items to skip (not together with `cursor`)."),
+    cursor: Optional[str] = Query(None, max_length=512, description="`nextCursor` of the previous page."),
+    status: Optional[S.Status] = None,
+    model: Optional[str] = Query(None, max_length=100, description="A profile name or alias (matches the profile it resolves to)."),
     visibility: Optional[S.Visibility] = None, published: Optional[bool] = None,
-    kind: Optional[S.Kind] = None, search: Optional[str] = Query(None, max_length=200),
+    kind: Optional[S.Kind] = None,
+    search: Optional[str] = Query(None, max_length=200, description="Case-insensitive substring of the prompt or title."),
     sort_by: S.SortBy = Query("createdAt", alias="sortBy"), sort_order: S.SortOrder = Query("desc", alias="sortOrder"),
 ):
-    page = await call(svc.store.list_avatars, principal.id, limit=limit, cursor=cursor, status=status, model=model,
-                      visibility=visibility, published=published, kind=kind, search=search, sort_by=sort_by,
-                      sort_order=sort_order)
-    return json_response(render_avatars(page.items, page.next_cursor, svc.base_url))
+    if model is not None:
+        profile = (await svc.engine.describe()).resolve(model)
+        model = profile.name if profile is not None else model
+    page = await call(svc.store.list_avatars, principal.id, limit=limit, cursor=cursor, offset=offset, status=status,
+                      model=model, visibility=visibility, published=published, kind=kind, search=search,
+                      sort_by=sort_by, sort_order=sort_order)
+    return json_response(render_avatars(page, limit, svc.base_url))
 
 
 @router.get("/avatars/{avatarId}", response_model=S.Avatar)

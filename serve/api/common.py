@@ -31,6 +31,7 @@ SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     402: {"model": S.ErrorResponse, "description": "insufficient_credits"},
     409: {"model": S.ErrorResponse, "description": "Idempotency-Key still in flight"},
     413: {"model": S.ErrorResponse, "description": "request_too_large"},
+    415: {"model": S.ErrorResponse, "description": "Content-Type is neither application/json nor multipart/form-data"},
     422: {"model": S.ErrorResponse, "description": "Idempotency-Key reused with another body"},
 }
 

@@ -8,6 +8,9 @@ from fastapi.openapi.utils import get_openapi
 
 from .. import schemas as S
 
+#: Operations that need no API key.
+PUBLIC_PATHS = ("/v1/health",)
+
 _STR, _NUM, _INT = {"type": "string"}, {"type": "number"}, {"type": "integer"}
 _FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
 
@@ -42,6 +45,13 @@ def install_openapi(app: FastAPI) -> None:
             schema = model.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
             comps.update(schema.pop("$defs", {}))
             comps[model.__name__] = schema
+        # Bearer auth on every operation but the public ones, so generated clients send the key.
+        spec["components"]["securitySchemes"] = {"bearerAuth": {
+            "type": "http", "scheme": "bearer", "description": "An API key: `Authorization: Bearer ak_live_…`"}}
+        spec["security"] = [{"bearerAuth": []}]
+        for path in PUBLIC_PATHS:
+            for op in spec["paths"].get(path, {}).values():
+                op["security"] = []
         app.openapi_schema = spec
         return spec
 

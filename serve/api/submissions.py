@@ -13,28 +13,28 @@ from .openapi import CAST_BODY, PERCIFY_BODY
 router = APIRouter(prefix="/v1", responses=SUBMIT_RESPONSES)
 
 
-@router.post("/avatars/generate", status_code=202, response_model=S.Avatar, tags=["avatars"],
+@router.post("/avatars/generate", status_code=202, response_model=S.CreatedAvatar, tags=["avatars"],
              summary="Prompt → 1..4 images (queued job)")
 async def generate(body: S.GenerateRequest, principal: Principal = Auth, svc: Services = Svc,
                    idem: Idempotency = Idem):
     return await idem.run(dump(body), lambda: service.generate(svc, principal, body))
 
 
-@router.post("/avatars/percify-yourself", status_code=202, response_model=S.Avatar, tags=["avatars"],
+@router.post("/avatars/percify-yourself", status_code=202, response_model=S.CreatedAvatar, tags=["avatars"],
              openapi_extra=PERCIFY_BODY, summary="1..5 photos of one person + prompt/style → identity-preserving avatar")
 async def percify(request: Request, principal: Principal = Auth, svc: Services = Svc, idem: Idempotency = Idem):
     form = await service.read_percify(request, svc)
     return await idem.run(form.canonical, lambda: service.percify(svc, principal, form))
 
 
-@router.post("/avatars/cast", status_code=202, response_model=S.Avatar, tags=["avatars"], openapi_extra=CAST_BODY,
+@router.post("/avatars/cast", status_code=202, response_model=S.CreatedAvatar, tags=["avatars"], openapi_extra=CAST_BODY,
              summary="Scene prompt + 2..4 characters (photos or own avatarId) → one image")
 async def cast(request: Request, principal: Principal = Auth, svc: Services = Svc, idem: Idempotency = Idem):
     form = await service.read_cast(request, svc, principal)
     return await idem.run(form.canonical, lambda: service.cast(svc, principal, form))
 
 
-@router.post("/avatars/{avatarId}/remix", status_code=202, response_model=S.Avatar, tags=["social"],
+@router.post("/avatars/{avatarId}/remix", status_code=202, response_model=S.CreatedAvatar, tags=["social"],
              summary="New avatar derived (img2img) from a visible completed one")
 async def remix(body: S.RemixRequest, avatar_id: str = Path(alias="avatarId"), principal: Principal = Auth,
                 svc: Services = Svc, idem: Idempotency = Idem):

@@ -7,11 +7,11 @@ import secrets
 import string
 from typing import Any, Callable
 
-from sqlalchemy import Connection, Table
+from sqlalchemy import Connection, ColumnElement, Select, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .db import Database
-from .records import InvalidArgument, InvalidCursor
+from .records import InvalidArgument, InvalidCursor, Page
 
 _ALPHABET = string.ascii_letters + string.digits
 
@@ -28,6 +28,16 @@ def new_id(prefix: str, n: int = 20) -> str:
 def new_token() -> str:
     """A lease token (jobs and outbox messages)."""
     return secrets.token_urlsafe(16)
+
+
+def check_offset(offset: int | None, cursor: str | None) -> None:
+    """`offset` is a non-negative integer, and pages go by `offset` or by `cursor`, not both."""
+    if offset is None:
+        return
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise InvalidArgument("offset", f"must be a non-negative integer, got {offset!r}")
+    if cursor:
+        raise InvalidArgument("offset", "page with offset or with cursor, not both")
 
 
 def check_limit(limit: int, param: str = "limit", hi: int = 100) -> None:
@@ -50,7 +60,8 @@ def decode_cursor(tag: str, cursor: str) -> tuple[Any, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         data = json.loads(raw)
-        if not isinstance(data, dict) or data.get("t") != tag or not isinstance(data.get("id"), str):
+        last_id = data.get("id") if isinstance(data, dict) else None
+        if data.get("t") != tag or not isinstance(last_id, (str, int)) or isinstance(last_id, bool):
             raise ValueError
         value = data["v"]
         if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -58,6 +69,36 @@ def decode_cursor(tag: str, cursor: str) -> tuple[Any, str]:
         return value, data["id"]
     except Exception:
         raise InvalidCursor() from None
+
+def keyset(column: Any, id_column: Any, order: str, value: Any, last_id: str) -> ColumnElement[bool]:
+    """Rows strictly after (value, id) in `order`: id breaks ties so pages never repeat or skip."""
+    if order == "desc":
+        return (column < value) | ((column == value) & (id_column < last_id))
+    return (column > value) | ((column == value) & (id_column > last_id))
+
+
+def page(conn: Connection, stmt: Select, column: Any, id_column: Any, order: str, tag: str, limit: int,
+         cursor: str | None, convert: Any, offset: int | None = None) -> Page:
+    """One page of `stmt` ordered by (column, id), by keyset `cursor` (which encodes the last row
+    of the previous page) or by `offset`, with the total under the same filters and the page's
+    offset (for a cursor page: the matching rows before it). All in the caller's transaction, so
+    the total and the page agree."""
+    check_offset(offset, cursor)
+    total = conn.execute(select(func.count()).select_from(stmt.order_by(None).subquery())).scalar_one()
+    start = offset or 0
+    if cursor:
+        after = stmt.where(keyset(column, id_column, order, *decode_cursor(tag, cursor)))
+        start = total - conn.execute(select(func.count()).select_from(after.subquery())).scalar_one()
+        stmt = after
+    elif offset:
+        stmt = stmt.offset(offset)
+    direction = (lambda c: c.desc()) if order == "desc" else (lambda c: c.asc())
+    rows = conn.execute(stmt.order_by(direction(column), direction(id_column)).limit(limit + 1)).mappings().all()
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        next_cursor = encode_cursor(tag, last[column.name], last[id_column.name])
+    return Page([convert(r) for r in rows[:limit]], next_cursor, total=int(total), offset=int(start))
 
 
 def dialect_insert(conn: Connection, table: Table) -> Any:
