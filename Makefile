@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: install demo test test-ray bench serve
+.PHONY: install demo test test-ray test-schema bench serve
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: install
 # The end-to-end tests against a real Ray Serve app on 127.0.0.1 (marker `ray`).
 test-ray: install
 	$(BIN)/python -m pytest -q -m ray
+
+# Schema fuzzing: schemathesis against /v1/openapi.json, app served by uvicorn on 127.0.0.1 (marker `schema`).
+test-schema: install
+	$(BIN)/python -m pytest -q -m schema
 
 bench: install
 	$(BIN)/python benchmarks/engine_throughput.py

@@ -9,6 +9,7 @@ request id; the traceback goes to the log under that id, never to the client.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from typing import Any, Iterable
 
@@ -183,9 +184,10 @@ def install_error_handlers(app: FastAPI) -> None:
         if status == 404:
             return error_response(request, 404, "not_found", f"No route for {request.method} {request.url.path}")
         if status == 405:
+            allowed = allowed_methods(request)
             return error_response(request, 405, "method_not_allowed",
-                                  f"{request.method} is not allowed on {request.url.path}",
-                                  headers=dict(exc.headers or {}))
+                                  f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}",
+                                  headers={**dict(exc.headers or {}), "Allow": allowed})
         if status == 413:
             return _too_large(request)
         if status == 400:
@@ -203,6 +205,53 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BodyTooLarge)
     async def _too_large_handler(request: Request, exc: BodyTooLarge):
         return _too_large(request)
+
+
+def schema_methods(spec: dict[str, Any], path: str) -> set[str] | None:
+    """The methods the OpenAPI document lists for `path`, matched as OpenAPI says: a concrete
+    path before templated ones (`/v1/avatars/generate` is not `/v1/avatars/{avatarId}`). None
+    when no documented path matches."""
+    best: tuple[int, set[str]] | None = None
+    for template, ops in spec.get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), path):
+            params = template.count("{")
+            methods = {m.upper() for m in ops if m in _HTTP_METHODS}
+            if best is None or params < best[0]:
+                best = (params, methods)
+            elif params == best[0]:
+                best[1].update(methods)
+    return None if best is None else best[1]
+
+
+def allowed_methods(request: Request) -> str:
+    """The `Allow` value of a 405: the schema's methods for this path (Starlette's own value names
+    only the first matching route's, e.g. GET but not PATCH and DELETE on /v1/avatars/{avatarId})."""
+    return ", ".join(sorted(schema_methods(request.app.openapi(), request.url.path) or ()))
+
+
+_HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+
+class SchemaMethodGuard:
+    """405 for a method the OpenAPI document does not list for a documented path, before routing:
+    without it `GET /v1/avatars/generate` would reach `GET /v1/avatars/{avatarId}` (a 404), so
+    the app would answer differently from what its schema says. HEAD goes with GET."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("app") is not None:
+            method = scope.get("method", "GET").upper()
+            allowed = schema_methods(scope["app"].openapi(), scope.get("path", ""))
+            if allowed and method not in allowed and not (method == "HEAD" and "GET" in allowed):
+                request = Request(scope, receive)
+                response = error_response(request, 405, "method_not_allowed",
+                                          f"{method} is not allowed on {request.url.path}; allowed: "
+                                          f"{', '.join(sorted(allowed))}", headers={"Allow": ", ".join(sorted(allowed))})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _too_large(request: Request) -> JSONResponse:
