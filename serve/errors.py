@@ -140,6 +140,13 @@ def param_from_loc(loc: Iterable[Any]) -> str | None:
     return out or None
 
 
+#: What a value that fails a field's `pattern` should look like, by parameter (last segment).
+_PATTERN_HINTS = {
+    "cursor": "is not a cursor this list issued: pass `nextCursor` back unchanged",
+    "url": "must be an http(s) URL with a host name or IPv4 address and no credentials",
+}
+
+
 def _validation_message(err: dict[str, Any], param: str | None) -> str:
     etype = err.get("type", "")
     if etype == "json_invalid":
@@ -148,6 +155,11 @@ def _validation_message(err: dict[str, Any], param: str | None) -> str:
         return f"{param} is required"
     if etype == "extra_forbidden":
         return f"{param} is not a recognised parameter"
+    if "input" in err and err["input"] is None:
+        return f"{param} cannot be null"
+    if etype == "string_pattern_mismatch":
+        name = (param or "").rsplit(".", 1)[-1].split("[", 1)[0]
+        return f"{param} {_PATTERN_HINTS.get(name, 'must contain a non-blank character')}"
     msg = str(err.get("msg", "is invalid"))
     return f"{param}: {msg}" if param else msg
 

@@ -8,9 +8,9 @@ Timestamps are ISO 8601 UTC strings (`2026-11-29T07:24:00.123Z`).
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
 
 from avatar_engine.requests import (
@@ -30,6 +30,14 @@ SortOrder = SortOrderName
 
 MAX_TAGS = 20
 MAX_TAG_CHARS = 50
+#: "Has a non-blank character" in Python's, Rust's (pydantic) and JSON Schema's regex dialects
+#: alike (Python's str.strip() also strips \x1c-\x1f, which Rust's \s does not match).
+NONBLANK = r"[^\s\x1c-\x1f]"
+Tag = Annotated[str, Field(min_length=1, max_length=50, pattern=NONBLANK)]
+
+
+def _takes_int(annotation: Any) -> bool:
+    return annotation is int or (get_origin(annotation) is Union and int in get_args(annotation))
 MAX_TITLE_CHARS = 200
 MAX_DESCRIPTION_CHARS = 2000
 COMMENT_MAX_CHARS = 2000
@@ -48,6 +56,16 @@ class _In(BaseModel):
     # text, are converted by `serve.submissions.read_photo_sources` (`strict=False`).
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", strict=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integral_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """JSON Schema's `integer` includes numbers with a zero fraction (7.0): take those as ints
+        (strings and booleans still fail the strict check)."""
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**63 and info.field_name \
+                and _takes_int(cls.model_fields[info.field_name].annotation):
+            return int(value)
+        return value
+
 
 class _Out(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
@@ -61,20 +79,21 @@ class AvatarMetaFields(_In):
 
     title: Optional[str] = Field(None, max_length=MAX_TITLE_CHARS)
     description: Optional[str] = Field(None, max_length=MAX_DESCRIPTION_CHARS)
-    tags: Optional[list[str]] = Field(None, max_length=MAX_TAGS)
+    tags: Optional[list[Tag]] = Field(None, max_length=MAX_TAGS)
     metadata: Optional[dict[str, Any]] = Field(None, description="Free-form JSON object (≤ 16 KB), returned unchanged.")
     visibility: Visibility = "private"
 
 
 class GenerationFields(AvatarMetaFields):
-    prompt: str = Field(..., min_length=1, max_length=PROMPT_MAX_CHARS)
+    prompt: str = Field(..., min_length=1, max_length=PROMPT_MAX_CHARS, pattern=NONBLANK)
     negative_prompt: Optional[str] = Field(None, max_length=PROMPT_MAX_CHARS)
     style_preset: Optional[StylePreset] = None
     aspect_ratio: AspectRatio = "1:1"
     guidance_scale: Optional[float] = Field(None, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1])
     seed: Optional[int] = Field(None, ge=0, le=SEED_MAX, description="Random when absent; always returned.")
     steps: Optional[int] = Field(None, ge=STEPS_RANGE[0], le=STEPS_RANGE[1])
-    model: Optional[str] = Field(None, description="A model profile name (GET /v1/health lists them).")
+    model: Optional[str] = Field(None, min_length=1, max_length=100,
+                                 description="A model profile name or alias (GET /v1/health lists them).")
 
 
 class GenerateRequest(GenerationFields):
@@ -85,19 +104,21 @@ class PercifyRequest(GenerationFields):
     """JSON variant; the multipart variant sends the same fields as form fields and each photo
     as a repeated `photo` file part."""
 
-    prompt: str = Field("a portrait photo of a person", min_length=1, max_length=PROMPT_MAX_CHARS)
-    photos: list[str] = Field(..., min_length=1, max_length=MAX_REFERENCE_PHOTOS,
-                              description="Base64 images (PNG/JPEG/WebP), optionally as data: URLs.")
+    prompt: str = Field("a portrait photo of a person", min_length=1, max_length=PROMPT_MAX_CHARS, pattern=NONBLANK)
+    photos: list[Annotated[str, Field(json_schema_extra={"format": "byte"})]] = Field(
+        ..., min_length=1, max_length=MAX_REFERENCE_PHOTOS,
+        description="Base64 images (PNG/JPEG/WebP, each side at least 64 px), optionally as data: URLs.")
     identity_strength: Optional[float] = Field(None, ge=IDENTITY_STRENGTH_RANGE[0], le=IDENTITY_STRENGTH_RANGE[1])
     batch_size: int = Field(1, ge=1, le=MAX_BATCH_SIZE)
 
 
 class CastCharacterIn(_In):
-    prompt: str = Field(..., min_length=1, max_length=PROMPT_MAX_CHARS)
+    prompt: str = Field(..., min_length=1, max_length=PROMPT_MAX_CHARS, pattern=NONBLANK)
     box: Optional[list[float]] = Field(None, min_length=4, max_length=4,
                                        description="Region [x0, y0, x1, y1] as fractions 0..1 of the frame.")
-    photos: Optional[list[str]] = Field(None, min_length=1, max_length=MAX_REFERENCE_PHOTOS,
-                                        description="Base64 reference photos of this character.")
+    photos: Optional[list[Annotated[str, Field(json_schema_extra={"format": "byte"})]]] = Field(
+        None, min_length=1, max_length=MAX_REFERENCE_PHOTOS,
+        description="Base64 reference photos of this character (PNG/JPEG/WebP, each side at least 64 px).")
     avatar_id: Optional[str] = Field(None, description="One of your completed avatars to use as this character's reference.")
 
 
@@ -112,7 +133,8 @@ class CastRequest(GenerationFields):
 
 
 class RemixRequest(AvatarMetaFields):
-    prompt: Optional[str] = Field(None, min_length=1, max_length=PROMPT_MAX_CHARS, description="Defaults to the source's prompt.")
+    prompt: Optional[str] = Field(None, min_length=1, max_length=PROMPT_MAX_CHARS, pattern=NONBLANK,
+                                  description="Defaults to the source's prompt.")
     negative_prompt: Optional[str] = Field(None, max_length=PROMPT_MAX_CHARS)
     style_preset: Optional[StylePreset] = None
     strength: float = Field(0.6, gt=0.0, le=1.0, description="How far to move from the source image (img2img).")
@@ -123,20 +145,39 @@ class RemixRequest(AvatarMetaFields):
     image_index: int = Field(0, ge=0, lt=MAX_BATCH_SIZE, description="Which image of the source to start from.")
 
 
+def _absent(schema: dict[str, Any]) -> None:
+    """A field that may be left out but not sent as null: no `default: null` in its schema."""
+    schema.pop("default", None)
+
+
 class UpdateAvatarRequest(_In):
+    """Fields left out stay unchanged; `title` and `description` may be null (cleared), the others not."""
+
     title: Optional[str] = Field(None, max_length=MAX_TITLE_CHARS)
     description: Optional[str] = Field(None, max_length=MAX_DESCRIPTION_CHARS)
-    tags: Optional[list[str]] = Field(None, max_length=MAX_TAGS)
-    visibility: Optional[Visibility] = None
-    metadata: Optional[dict[str, Any]] = None
+    tags: list[Tag] = Field(None, max_length=MAX_TAGS, json_schema_extra=_absent)  # type: ignore[assignment]
+    visibility: Visibility = Field(None, json_schema_extra=_absent)  # type: ignore[assignment]
+    metadata: dict[str, Any] = Field(None, json_schema_extra=_absent)  # type: ignore[assignment]
 
 
 class CommentRequest(_In):
-    text: str = Field(..., min_length=1, max_length=COMMENT_MAX_CHARS)
+    text: str = Field(..., min_length=1, max_length=COMMENT_MAX_CHARS, pattern=NONBLANK)
+
+
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_PORT = r"(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+#: An http(s) URL with a host name or an IPv4 address, an optional port and printable ASCII after
+#: it (no credentials, no IPv6 literal: use a host name). Whether the destination is allowed
+#: (DNS, private ranges) is the deployment's policy, checked when it is created and on every delivery.
+WEBHOOK_URL_PATTERN = (rf"^https?://(?:{_OCTET}(?:\.{_OCTET}){{3}}|(?:{_LABEL}\.)*[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?)"
+                       rf"(?::{_PORT})?(?:[/?#][!-~]*)?$")
 
 
 class WebhookCreateRequest(_In):
-    url: str = Field(..., max_length=2000)
+    url: str = Field(..., max_length=2000, pattern=WEBHOOK_URL_PATTERN,
+                     description="http(s) URL of your receiver; private and loopback destinations are refused unless "
+                                 "the operator allows them.")
     events: list[EventName] = Field(default_factory=lambda: ["*"], min_length=1)
     description: Optional[str] = Field(None, max_length=500)
 

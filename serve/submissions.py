@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -241,9 +242,9 @@ async def read_cast(request: Request, svc: Services, principal: Principal) -> Ph
                             for j, s in enumerate(c.photos)]
         if len(per_char[i]) > ereq.MAX_REFERENCE_PHOTOS:
             raise invalid_request(f"at most {ereq.MAX_REFERENCE_PHOTOS} photos per character", f"characters[{i}].photos")
+        src_keys = await _character_source(svc, principal, i, c.avatar_id) if c.avatar_id else None
         if per_char[i] and c.avatar_id:
             raise invalid_request("give either photos or avatarId for a character, not both", f"characters[{i}].avatarId")
-        src_keys = await _character_source(svc, principal, i, c.avatar_id) if c.avatar_id else None
         images = [await call(decode, svc, b, p) for p, b in per_char[i]]
         refs.append({"images": images, "src": src_keys, "hashes": [hashlib.sha256(b).hexdigest() for _, b in per_char[i]]})
     canonical = dump(body)
@@ -321,6 +322,19 @@ def _pydantic_to_fastapi(exc: ValidationError, prefix: tuple = ("body",)) -> Fas
     return FastAPIValidationError([{**e, "loc": prefix + tuple(e.get("loc", ()))} for e in exc.errors()])
 
 
+#: Form parts that are photos, also when sent without a filename (RFC 7578 makes it optional).
+_PHOTO_PART = re.compile(r"photo[0-9]*")
+
+
+def _part_bytes(text: str) -> bytes:
+    """The bytes of a file part the form parser took for a text field (no filename): it decoded
+    them as UTF-8, or as Latin-1 (lossless) when they are not UTF-8 — as image data never is."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8")
+
+
 async def _read_form(request: Request) -> tuple[dict[str, Any], dict[str, bytes]]:
     try:
         form = await request.form(max_files=32, max_fields=64, max_part_size=1024 * 1024)
@@ -332,12 +346,16 @@ async def _read_form(request: Request) -> tuple[dict[str, Any], dict[str, bytes]
     files: dict[str, bytes] = {}
     counters: dict[str, int] = {}
     for name, value in form.multi_items():
-        if isinstance(value, UploadFile):
+        if isinstance(value, UploadFile) or _PHOTO_PART.fullmatch(name):
             n = counters.get(name, 0)
             counters[name] = n + 1
-            files[f"{name}[{n}]"] = await value.read()
-        elif name == "tags":
-            data.setdefault("tags", []).extend(t for t in value.split(",") if t.strip())
+            files[f"{name}[{n}]"] = await value.read() if isinstance(value, UploadFile) else _part_bytes(value)
+        elif name == "tags":  # comma-separated: at most 20 pieces of at most 50 characters, blank ones dropped
+            pieces = value.split(",")
+            if len(pieces) > S.MAX_TAGS or any(len(p) > S.MAX_TAG_CHARS for p in pieces):
+                raise invalid_request(f"tags must be at most {S.MAX_TAGS} comma-separated tags of at most "
+                                      f"{S.MAX_TAG_CHARS} characters", "tags")
+            data.setdefault("tags", []).extend(p for p in pieces if p.strip())
         elif name in ("metadata", "characters"):
             try:
                 data[name] = json.loads(value)

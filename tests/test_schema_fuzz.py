@@ -8,12 +8,21 @@ The app is the real one (FastAPI served by uvicorn on a free loopback port, SQLi
 files, the real engine's profile table with the tiny model's aliases) without Ray: starting Ray
 would only add minutes, and the HTTP contract is the same app's. No worker runs, so submissions
 stay queued; the account is rich and its tier's limits are high so that credits and rate limits
-do not hide other answers (both are covered in `test_api`). Examples per operation are bounded
-(`AVATAR_SCHEMA_EXAMPLES`, default 25) to keep the run to a few minutes on 2 cores.
+do not hide other answers (both are covered in `test_api`). Webhook destinations: private ones
+are allowed and host names resolve without DNS (`hermetic_resolver`), so nothing leaves 127.0.0.1;
+no dispatcher runs, so nothing is delivered. Examples per operation are bounded
+(`AVATAR_SCHEMA_EXAMPLES`, default 25) to keep the run to a few minutes on 2 cores; the schema
+declares no examples, so only hypothesis' generate phase runs.
+
+What a JSON Schema cannot state is supplied by the generator, never by loosening a check: real
+face photos for image parts and base64 photos (schemathesis' own sample is a 1x1 PNG; the app
+needs >= 64 px), and for cast, boxes that tile the frame and photo parts only for existing
+characters (`_realistic_cast`). Both rewrite only schema-valid values.
 """
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -50,7 +59,7 @@ class LoopbackServer:
         self.tmp = tempfile.mkdtemp(prefix="ae-schema-")
         settings_ = ServiceSettings.from_dict({
             "data_dir": self.tmp, "tiers": {"free": [10, 1], "pro": [60, 5], "enterprise": [1_000_000, 1_000_000]},
-            "webhook_allow_private": False}, env=False)
+            "webhook_allow_private": True}, env=False)
         self.store = open_store(settings_.resolved_db_url, event_renderer=event_renderer())
         engine = AvatarEngine(EngineConfig(device="cpu"))  # profiles only: nothing is loaded or run
         app = create_app(settings_, self.store, LocalEngineClient(engine, None))
@@ -75,36 +84,154 @@ class LoopbackServer:
         self.store.close()
 
 
-_SERVER: LoopbackServer | None = None
+def published_schema() -> dict:
+    """The document `GET /v1/openapi.json` serves (with the embedded default's model names),
+    built without a database or a server (routes, wire models and the engine's profile table
+    define it), so collecting this module starts nothing; a test checks the served one is equal."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from avatar_engine import AvatarEngine, EngineConfig
+    from serve.api.openapi import served_document
+    from serve.app import create_app
+    from serve.engine_client import LocalEngineClient
+    from serve.settings import ServiceSettings
+
+    app = create_app(ServiceSettings.from_dict({"data_dir": tempfile.gettempdir()}, env=False), store=None,
+                     engine_client=LocalEngineClient(AvatarEngine(EngineConfig(device="cpu")), None),
+                     assets=SimpleNamespace())
+    return asyncio.run(served_document(app))
 
 
-def _server() -> LoopbackServer:
-    global _SERVER
-    if _SERVER is None:
-        _SERVER = LoopbackServer()
-    return _SERVER
+def face_photos() -> list[bytes]:
+    """Real photos of a face (scikit-image's astronaut), a few crops and sizes, as PNG: what the
+    schema cannot say about a photo (an image with a usable face, each side >= 64 px) is supplied
+    as the generator of image parts and base64 photos instead of random bytes."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    img = Image.fromarray(data.astronaut())
+    out = []
+    for box, side in (((0, 0, 512, 512), 128), ((80, 0, 400, 320), 160), ((100, 10, 320, 230), 96)):
+        buf = io.BytesIO()
+        img.crop(box).resize((side, side)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _stop_server():
-    yield
-    global _SERVER
-    if _SERVER is not None:
-        _SERVER.close()
-        _SERVER = None
+PHOTOS = face_photos()
 
 
-schema = schemathesis.pytest.from_fixture("api_schema")
+def _register_photo_generators() -> None:
+    import base64
+
+    from hypothesis import strategies as st
+
+    schemathesis.openapi.format("byte", st.sampled_from([base64.b64encode(p).decode() for p in PHOTOS]))
+
+
+_register_photo_generators()
+SPEC = published_schema()
+schema = schemathesis.openapi.from_dict(SPEC)
+
+
+def _box_ok(box) -> bool:
+    return (isinstance(box, list) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in box))
+
+
+def _realistic_cast(body) -> None:
+    """Cast bodies: what the schema cannot state across fields — boxes that tile the frame
+    without overlapping (all characters or none; only with `auto`/`custom` layouts) and photo
+    parts only for existing characters — is made so. Only schema-valid boxes are rewritten, so a
+    negative case stays negative."""
+    if not isinstance(body, dict) or not isinstance(body.get("characters"), list):
+        return
+    chars = body["characters"]
+    if not all(isinstance(c, dict) for c in chars) or not 2 <= len(chars) <= 4:
+        return
+    boxes = [c.get("box") for c in chars if c.get("box") is not None]
+    if not all(_box_ok(b) for b in boxes):
+        return
+    wants_boxes = bool(boxes) or body.get("layout") == "custom"
+    if wants_boxes and body.get("layout") in ("columns", "rows"):
+        wants_boxes = False
+    n = len(chars)
+    for i, c in enumerate(chars):
+        if wants_boxes:
+            c["box"] = [i / n, 0.0, (i + 1) / n, 1.0]  # columns: no overlap, each side >= 1/4
+        else:
+            c.pop("box", None)
+    for key in [k for k in body if re.fullmatch(r"photo[0-9]+", k) and int(k[5:]) >= n]:
+        del body[key]
+
+
+@schema.hook("map_body")
+def real_photos_in_file_parts(context, body):
+    """Multipart photo parts (`photo`, `photo0`..): each generated file becomes a real face photo
+    (schemathesis' own sample is a 1x1 PNG). Only generated files are replaced, so a negative
+    case stays negative."""
+    from schemathesis.transport.serialization import Binary
+
+    _realistic_cast(body)
+
+    def real(i: int, v):
+        return PHOTOS[i % len(PHOTOS)] if isinstance(v, (bytes, bytearray, Binary)) else v
+
+    if isinstance(body, dict):
+        for key, value in body.items():
+            if re.fullmatch(r"photo[0-9]*", key):
+                body[key] = [real(i, v) for i, v in enumerate(value)] if isinstance(value, list) else real(0, value)
+    return body
+
+
+def hermetic_resolver(host: str, port: int) -> list[str]:
+    """Every webhook host name "resolves" to one public documentation-free address without a DNS
+    query: fuzzed host names must not leave the machine. (Destination policy — DNS, private
+    ranges — is deployment configuration the schema cannot state; `test_webhooks` and `test_api`
+    cover the refusals.)"""
+    import ipaddress
+
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        return ["93.184.216.34"]
 
 
 @pytest.fixture(scope="module")
-def api_schema():
-    server = _server()
-    return schemathesis.openapi.from_url(f"{server.url}/v1/openapi.json")
+def server():
+    mp = pytest.MonkeyPatch()
+    mp.setattr("serve.destinations._default_resolver", hermetic_resolver)
+    srv = LoopbackServer()
+    yield srv
+    srv.close()
+    mp.undo()
+
+
+def test_the_served_document_is_the_one_fuzzed(server):
+    import httpx
+
+    assert httpx.get(f"{server.url}/v1/openapi.json").json() == SPEC
 
 
 @schema.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-          suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
-def test_the_app_keeps_the_contract_it_publishes(case):
-    case.call_and_validate(headers=_server().auth)
+          suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+def test_the_app_keeps_the_contract_it_publishes(case, server):
+    case.call_and_validate(base_url=server.url, headers=server.auth)
+
+
+def test_the_standard_checks_and_both_generation_modes_are_on():
+    from schemathesis.checks import CHECKS, load_all_checks
+
+    load_all_checks()
+    op = schema["/v1/avatars/generate"]["POST"]
+    config = op.schema.config.checks_config_for(operation=op, phase=None)
+    enabled = {n for n in CHECKS.get_all_names() if config.get_by_name(name=n).enabled}
+    assert enabled >= {"not_a_server_error", "status_code_conformance", "content_type_conformance",
+                       "response_schema_conformance", "negative_data_rejection", "positive_data_acceptance",
+                       "allow_header_conformance", "unsupported_method", "ignored_auth"}
+    modes = {m.value for m in op.schema.config.generation_for(operation=op).modes}
+    assert modes == {"positive", "negative"}

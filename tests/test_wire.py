@@ -127,7 +127,9 @@ def transcript(tmp: Path) -> list[str]:
     rec("webhook-404", c.get("/v1/webhooks/wh_nope", headers=alice))
     rec("webhook-refused", c.post("/v1/webhooks", json={"url": "ftp://example.com"}, headers=alice))
     rec("list-offset", c.get("/v1/avatars", params={"limit": 2, "offset": 1, "sortOrder": "asc"}, headers=alice))
-    rec("list-offset-and-cursor", c.get("/v1/avatars", params={"offset": 1, "cursor": "x"}, headers=alice))
+    after_first = c.get("/v1/avatars", params={"limit": 1, "sortOrder": "asc"}, headers=alice).json()["nextCursor"]
+    rec("list-cursor-and-offset", c.get("/v1/avatars", params={"limit": 1, "offset": 1, "cursor": after_first},
+                                        headers=alice))
     rec("credits-balance", c.get("/v1/user/credits/balance", headers=alice))
     rec("credits-history", c.get("/v1/user/credits/history", params={"limit": 3}, headers=alice))
     rec("strict-types", c.post("/v1/avatars/generate", json={"prompt": "x", "seed": "7"}, headers=alice))

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from .. import schemas as S
 from ..schemas import iso
 from ..store import Page
-from .common import ERROR_RESPONSES, Auth, Principal, Services, Svc, call, json_response
+from .common import ERROR_RESPONSES, Auth, Principal, Services, Svc, call, cursor_query, offset_query, json_response
 from .rendering import render_page
 
 router = APIRouter(prefix="/v1", tags=["account"], responses=ERROR_RESPONSES)
@@ -49,7 +49,8 @@ async def credit_balance(principal: Principal = Auth, svc: Services = Svc):
 @router.get("/user/credits/history", response_model=S.CreditHistory,
             summary="The credit ledger, newest first, paged by offset or cursor")
 async def credit_history(principal: Principal = Auth, svc: Services = Svc, limit: int = Query(20, ge=1, le=100),
-                         offset: Optional[int] = Query(None, ge=0), cursor: Optional[str] = Query(None, max_length=512)):
+                         offset: Optional[int] = offset_query(),
+                         cursor: Optional[str] = cursor_query(int_keys=True)):
     page: Page = await call(svc.store.ledger_page, principal.id, limit=limit, cursor=cursor, offset=offset)
     job_kinds = ("reserve", "charge", "release")
     items = [S.CreditTransaction(id=e.id, type=e.kind, amount=e.amount, delta=e.delta,

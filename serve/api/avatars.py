@@ -10,8 +10,10 @@ from .. import schemas as S
 from ..errors import invalid_request, not_found
 from ..store import UNSET, Avatar
 from ..submissions import check_meta
-from ..vocab import JobStatus, Visibility
-from .common import ERROR_RESPONSES, Auth, Principal, Services, Svc, call, get_visible, json_response
+from ..vocab import SORT_FIELDS, SORT_ORDERS, JobStatus, Visibility
+from .common import (
+    ERROR_RESPONSES, Auth, Principal, Services, Svc, call, cursor_query, get_visible, json_response, offset_query,
+)
 from .rendering import render_avatar, render_avatars
 
 router = APIRouter(prefix="/v1", tags=["avatars"], responses=ERROR_RESPONSES)
@@ -22,9 +24,8 @@ AvatarId = Path(alias="avatarId")
             summary="Your avatars: filtered, sorted, paged by offset or cursor, with the total")
 async def list_avatars(
     principal: Principal = Auth, svc: Services = Svc,
-    limit: int = Query(20, ge=1, le=100),
-    offset: Optional[int] = Query(None, ge=0, description="Items to skip (not together with `cursor`)."),
-    cursor: Optional[str] = Query(None, max_length=512, description="`nextCursor` of the previous page."),
+    limit: int = Query(20, ge=1, le=100), offset: Optional[int] = offset_query(),
+    cursor: Optional[str] = cursor_query(*(f"{f}~{o}" for f in SORT_FIELDS for o in SORT_ORDERS)),
     status: Optional[S.Status] = None,
     model: Optional[str] = Query(None, max_length=100, description="A profile name or alias (matches the profile it resolves to)."),
     visibility: Optional[S.Visibility] = None, published: Optional[bool] = None,
@@ -32,6 +33,8 @@ async def list_avatars(
     search: Optional[str] = Query(None, max_length=200, description="Case-insensitive substring of the prompt or title."),
     sort_by: S.SortBy = Query("createdAt", alias="sortBy"), sort_order: S.SortOrder = Query("desc", alias="sortOrder"),
 ):
+    if cursor:  # a cursor continues the order it was issued for
+        sort_by, sort_order = cursor.split("~")[:2]  # type: ignore[assignment]
     if model is not None:
         profile = (await svc.engine.describe()).resolve(model)
         model = profile.name if profile is not None else model

@@ -1,40 +1,82 @@
-"""OpenAPI additions for the routes that parse their own body (JSON or multipart)."""
+"""The OpenAPI document: FastAPI's, plus what it cannot know on its own, so that the document
+says exactly what the app accepts (schema fuzzing checks it, `tests/test_schema_fuzz.py`):
+
+- the JSON and multipart bodies of the routes that parse their own body (percify-yourself, cast),
+  the multipart fields derived from the same wire models as the JSON ones (`metadata` and
+  `characters` parts are JSON documents, `tags` comma-separated text, photos image files);
+- bearer auth (`components.securitySchemes`, `security`), so generated clients send the key;
+- the `model` names this deployment serves (its profiles and their aliases) as an enum: the
+  served `/v1/openapi.json` is built once per app from the engine's profile table.
+"""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 
 from .. import schemas as S
 
 #: Operations that need no API key.
 PUBLIC_PATHS = ("/v1/health",)
+#: Request bodies that name a `model` (their JSON component and multipart variant).
+MODEL_BODIES = ("GenerateRequest", "PercifyRequest", "CastRequest")
 
-_STR, _NUM, _INT = {"type": "string"}, {"type": "number"}, {"type": "integer"}
-_FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
+_FILES = {"type": "array", "items": {"type": "string", "format": "binary"},
+          "description": "Image files (PNG, JPEG or WebP; each side at least 64 px)"}
+#: `tags` as a form field: comma-separated, at most 20 pieces of at most 50 characters (blank ones dropped).
+_FORM_TAGS = {"type": "string", "pattern": f"^[^,]{{0,{S.MAX_TAG_CHARS}}}(?:,[^,]{{0,{S.MAX_TAG_CHARS}}}){{0,{S.MAX_TAGS - 1}}}$",
+              "description": "Comma-separated tags"}
+#: Form fields that carry a JSON document (the rest are text).
+_JSON_PART = {"contentType": "application/json"}
+
+
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A property as a form field: text or a JSON part, never null (a form cannot send null)."""
+    schema = {k: v for k, v in schema.items() if not (k == "default" and v is None)}
+    options = schema.pop("anyOf", None)
+    if options:
+        kept = [o for o in options if o.get("type") != "null"]
+        schema = {**(kept[0] if len(kept) == 1 else {"anyOf": kept}), **schema}
+    return schema
+
+
+def _form_schema(model: type, drop: tuple[str, ...], extra: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    """The multipart variant of a JSON body model: the same fields (minus `drop`) plus `extra`."""
+    full = model.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
+    props = {name: _not_null(p) for name, p in full["properties"].items() if name not in drop}
+    if "tags" in props:
+        props["tags"] = _FORM_TAGS
+    return {"type": "object", "additionalProperties": False, "required": required, "properties": {**props, **extra}}
+
 
 PERCIFY_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/PercifyRequest"}},
-    "multipart/form-data": {"schema": {"type": "object", "required": ["photo"], "properties": {
-        "photo": {**_FILES, "minItems": 1, "maxItems": 5},
-        "prompt": _STR, "stylePreset": _STR, "aspectRatio": _STR, "identityStrength": _NUM, "seed": _INT,
-        "model": _STR, "guidanceScale": _NUM, "steps": _INT, "batchSize": _INT, "negativePrompt": _STR,
-        "title": _STR, "visibility": _STR,
-    }}}}}}
+    "multipart/form-data": {"schema": _form_schema(
+        S.PercifyRequest, ("photos",), {"photo": {**_FILES, "minItems": 1, "maxItems": 5}}, ["photo"]),
+        "encoding": {"metadata": _JSON_PART}},
+}}}
+
+_FORM_CHARACTER = {"type": "object", "additionalProperties": False, "required": ["prompt"], "properties": {
+    k: v for k, v in S.CastCharacterIn.model_json_schema(by_alias=True)["properties"].items() if k != "photos"}}
 
 CAST_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/CastRequest"}},
-    "multipart/form-data": {"schema": {"type": "object", "required": ["prompt", "characters"], "properties": {
-        "prompt": _STR,
-        "characters": {"type": "string", "description": "JSON list of {prompt, avatarId?} (no photos)"},
-        "photo0": _FILES, "photo1": _FILES, "layout": _STR, "seed": _INT, "model": _STR,
-    }}}}}}
+    "multipart/form-data": {"schema": _form_schema(S.CastRequest, ("characters",), {
+        "characters": {"type": "array", "minItems": 2, "maxItems": 4, "items": _FORM_CHARACTER,
+                       "description": "JSON list of {prompt, box?, avatarId?}: the characters without photos"},
+        **{f"photo{i}": {**_FILES, "maxItems": 5, "description": f"Reference photos of character {i}"}
+           for i in range(4)},
+    }, ["prompt", "characters"]), "encoding": {
+        "characters": _JSON_PART, "metadata": _JSON_PART}},
+}}}
 
 
 def install_openapi(app: FastAPI) -> None:
-    """FastAPI's schema plus the JSON bodies of the routes that parse their own body, so every
-    `$ref` resolves."""
+    """`app.openapi()` (FastAPI's schema plus the bodies, security and public paths above) and the
+    served `/v1/openapi.json` (that plus this deployment's model names)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
@@ -56,3 +98,37 @@ def install_openapi(app: FastAPI) -> None:
         return spec
 
     app.openapi = openapi  # type: ignore[method-assign]
+    url = app.openapi_url
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != url]
+
+    @app.get(url, include_in_schema=False)
+    async def served_openapi(request: Request) -> JSONResponse:
+        return JSONResponse(await served_document(request.app))
+
+
+async def served_document(app: FastAPI) -> dict[str, Any]:
+    """The document `/v1/openapi.json` serves: `app.openapi()` with `model` restricted to the
+    names this deployment accepts (profiles and aliases). Built once per app."""
+    cached = getattr(app.state, "served_openapi", None)
+    if cached is None:
+        names = (await app.state.services.engine.describe()).names()
+        cached = with_model_names(app.openapi(), names)
+        app.state.served_openapi = cached
+    return cached
+
+
+def with_model_names(spec: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """A copy of `spec` whose request bodies accept only `names` as `model`."""
+    out = copy.deepcopy(spec)
+    enum = {"type": "string", "enum": list(names)}
+    comps = out["components"]["schemas"]
+    for name in MODEL_BODIES:
+        props = comps.get(name, {}).get("properties", {})
+        if "model" in props:
+            props["model"] = {"anyOf": [enum, {"type": "null"}], "description": props["model"].get("description", "")}
+    for path in out["paths"].values():
+        for op in path.values():
+            form = op.get("requestBody", {}).get("content", {}).get("multipart/form-data", {}).get("schema", {})
+            if "model" in form.get("properties", {}):
+                form["properties"]["model"] = dict(enum)
+    return out

@@ -9,7 +9,7 @@ from .. import schemas as S
 from ..errors import ApiError, invalid_request
 from ..settings import ServiceSettings
 from ..webhooks import DestinationRefused, check_destination
-from .common import ERROR_RESPONSES, Auth, Principal, Services, Svc, call, dump, json_response
+from .common import ERROR_RESPONSES, Auth, Principal, Services, Svc, call, cursor_query, offset_query, dump, json_response
 from .idempotency import Idem, Idempotency
 from .rendering import render_endpoint, render_page
 
@@ -43,7 +43,7 @@ async def create_webhook(body: S.WebhookCreateRequest, principal: Principal = Au
 
 @router.get("/webhooks", response_model=S.WebhookEndpointList, summary="Your endpoints, oldest first")
 async def list_webhooks(principal: Principal = Auth, svc: Services = Svc, limit: int = Query(20, ge=1, le=100),
-                        offset: Optional[int] = Query(None, ge=0), cursor: Optional[str] = Query(None, max_length=512)):
+                        offset: Optional[int] = offset_query(), cursor: Optional[str] = cursor_query()):
     page = await call(svc.store.page_endpoints, principal.id, limit=limit, cursor=cursor, offset=offset)
     return json_response(S.WebhookEndpointList(**render_page(page, limit, webhooks=[render_endpoint(e) for e in page.items])))
 

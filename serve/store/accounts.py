@@ -125,7 +125,7 @@ class AccountsStore(StorePart):
         """The account's ledger, newest first, one page (by cursor or offset) with the total."""
         check_limit(limit)
         stmt = select(credit_ledger).where(credit_ledger.c.account_id == account_id)
-        return self.db.read(lambda c: page(c, stmt, credit_ledger.c.id, credit_ledger.c.id, "desc", "ledger", limit,
+        return self.db.read(lambda c: page(c, stmt, credit_ledger.c.id, credit_ledger.c.id, "desc", "", limit,
                                            cursor, to_ledger_entry, offset))
 
     def credit_summary(self, account_id: str, since: float) -> dict[str, Any]:

@@ -51,7 +51,7 @@ class AvatarsStore(StorePart):
             pattern = f"%{escaped}%"
             stmt = stmt.where(func.lower(func.coalesce(A.c.prompt, "")).like(pattern, escape="\\")
                               | func.lower(func.coalesce(A.c.title, "")).like(pattern, escape="\\"))
-        tag = f"list:{sort_by}:{sort_order}"
+        tag = f"{sort_by}~{sort_order}"
         return self.db.read(lambda c: page(c, stmt, _SORT_COLUMNS[sort_by], A.c.id, sort_order, tag, limit, cursor,
                                            to_avatar, offset))
 
@@ -133,5 +133,5 @@ class AvatarsStore(StorePart):
             raise InvalidArgument("sort", f"must be newest or most_liked, got {sort!r}")
         column = A.c.published_at if sort == FeedSort.NEWEST else A.c.likes
         stmt = select(A).where(A.c.published == true(), A.c.visibility == Visibility.PUBLIC)
-        return self.db.read(lambda c: page(c, stmt, column, A.c.id, "desc", f"feed:{sort}", limit, cursor,
+        return self.db.read(lambda c: page(c, stmt, column, A.c.id, "desc", str(sort), limit, cursor,
                                            to_avatar, offset))

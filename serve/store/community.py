@@ -97,5 +97,5 @@ class CommunityStore(StorePart):
         check_limit(limit)
         check_choice(sort_order, SORT_ORDERS, "sortOrder")
         stmt = select(C).where(C.c.avatar_id == avatar_id)
-        return self.db.read(lambda c: page(c, stmt, C.c.created_at, C.c.id, sort_order, f"comments:{sort_order}",
+        return self.db.read(lambda c: page(c, stmt, C.c.created_at, C.c.id, sort_order, sort_order,
                                            limit, cursor, to_comment, offset))

@@ -118,7 +118,7 @@ class WebhooksStore(StorePart):
         """The account's endpoints, oldest first, one page (by cursor or offset) with the total."""
         check_limit(limit)
         stmt = select(E).where(E.c.account_id == account_id)
-        return self.db.read(lambda c: page(c, stmt, E.c.created_at, E.c.id, "asc", "webhooks", limit, cursor,
+        return self.db.read(lambda c: page(c, stmt, E.c.created_at, E.c.id, "asc", "", limit, cursor,
                                            to_endpoint, offset))
 
     def list_endpoints(self, account_id: str) -> list[WebhookEndpoint]:
