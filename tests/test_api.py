@@ -160,7 +160,7 @@ def test_generate_persists_before_responding_then_completes_and_serves_png(h):
     assert pil.format == "PNG" and pil.size == (64, 64) and pil.getpixel((0, 0))[0] == 43
     thumb = h.client.get(got["thumbnailUrl"], headers=auth)
     assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).format == "WEBP"
-    webp = h.client.get(got["images"][0]["url"] + "?format=webp", headers=auth)
+    webp = h.client.get(got["images"][0]["url"] + "&format=webp", headers=auth)  # signed link + a format
     assert Image.open(io.BytesIO(webp.content)).format == "WEBP"
     # Charged once: balance stays at the reserved amount, ledger has one charge.
     assert h.client.get("/v1/account", headers=auth).json()["credits"] == 96
