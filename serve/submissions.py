@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from avatar_engine import requests as ereq
+from avatar_engine.errors import AvatarEngineError
 from avatar_engine.protocol import COMMON_FIELDS, TASK_FIELDS, request_from_wire, request_to_wire, wire_fields
 from avatar_engine.requests import GenerationRequest
 
@@ -290,12 +292,25 @@ async def check_faces(svc: Services, profile: ProfileInfo, images: list[Any], pa
         raise invalid_request(message, param) from None
 
 
+def _photo_error(exc: AvatarEngineError, params: list[str]) -> Exception:
+    """An engine error naming `photos[i]` → the same error naming the photo as the request gave it
+    (`photoUrl`, `photoUrls[0]`, `photo[1]`...); other errors unchanged."""
+    match = re.fullmatch(r"photos\[(\d+)\]", exc.param or "")
+    if not match or int(match.group(1)) >= len(params) or params[int(match.group(1))] == exc.param:
+        return exc
+    param = params[int(match.group(1))]
+    status = 400 if exc.code in ("invalid_request", "content_policy_violation") else 500
+    return ApiError(status, exc.code, exc.message.replace(exc.param, param), param=param)
+
+
 async def percify(svc: Services, principal: Principal, form: PhotoRequest) -> JSONResponse:
     body = form.body
     sub = await prepare(svc, JobKind.PERCIFY, body)
     await check_faces(svc, sub.profile, form.images, form.params)
-    request_from_wire({**_engine_fields(body, JobKind.PERCIFY), "photos": form.images},
-                      JobKind.PERCIFY).validate()  # the engine's own checks, same params
+    try:  # the engine's own checks (one person across the photos: IdentityMismatchError), same params
+        request_from_wire({**_engine_fields(body, JobKind.PERCIFY), "photos": form.images}, JobKind.PERCIFY).validate()
+    except AvatarEngineError as exc:
+        raise _photo_error(exc, form.params) from None
     sub.params["photos"] = [sub.add_upload(img) for img in form.images]
     if body.identity_strength is not None:
         sub.params["identityStrength"] = body.identity_strength

@@ -471,7 +471,7 @@ def test_photos_of_two_people_are_refused_at_submit(hs):
     other = group.crop((850, 0, 1070, 260))
     files = [("photo", (f"{i}.jpg", _photo_bytes(img), "image/jpeg")) for i, img in enumerate([me, other])]
     r = hs.client.post("/v1/avatars/percify-yourself", files=files, data={"prompt": "me"}, headers=auth)
-    assert_error(r, 400, "invalid_request", "photos[1]")
+    assert_error(r, 400, "invalid_request", "photo[1]")  # named as the request gave it (the second `photo` part)
     assert "does not show the same person" in r.json()["error"]["message"]
     same = [("photo", (f"{i}.jpg", _photo_bytes(img), "image/jpeg")) for i, img in enumerate([me, me.resize((300, 300))])]
     assert hs.client.post("/v1/avatars/percify-yourself", files=same, data={"prompt": "me"}, headers=auth).status_code == 202
