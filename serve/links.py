@@ -165,8 +165,3 @@ class ImageLinks:
 def link_epoch(av: Avatar) -> int:
     return int(getattr(av, "link_epoch", 0) or 0)
 
-
-def unsigned_links() -> ImageLinks:
-    """For renderers built without settings (library use, tests): a throwaway key; the links are
-    well formed but only the authenticated route will accept them after a restart."""
-    return ImageLinks(secrets.token_bytes(32))

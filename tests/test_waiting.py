@@ -238,3 +238,20 @@ def test_percify_and_cast_accept_prefer_wait(running):
     photo = base64.b64encode(png_bytes()).decode()
     r = h.client.post("/v1/avatars/percify-yourself", headers={**alice, "Prefer": "wait=30"}, json={"photos": [photo]})
     assert r.status_code == 201 and r.headers["preference-applied"] == "wait=30", r.text
+
+
+def test_progress_writes_are_throttled_not_per_step(tmp_path):
+    class ManySteps(FakeEngine):
+        def generate(self, requests, progress=None):
+            for i in range(1, 201):
+                progress(i, 200)
+            return super().generate(requests, None)
+
+    h = Harness(tmp_path, engine=ManySteps(), progress_interval_s=1.0)
+    _, alice = h.account()
+    writes = []
+    real = h.store.set_progress
+    h.store.set_progress = lambda *a, **k: writes.append(a[2]) or real(*a, **k)
+    h.client.post("/v1/avatars/generate", headers=alice, json={"prompt": "a fox"})
+    assert h.worker.run_once().completed
+    assert len(writes) <= 10, writes  # 200 engine steps, a write at most once a second (none if < 1 s)

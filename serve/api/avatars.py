@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from .. import schemas as S
-from ..auth import authenticate, bearer_token
+from ..auth import authenticate
 from ..errors import ApiError, avatar_not_found, invalid_request, not_found
 from ..links import image_path, is_public, link_epoch, thumbnail_path
 from ..schemas import iso
@@ -149,7 +149,7 @@ async def _readable(request: Request, svc: Services, avatar_id: str, path: str, 
                            "avatar stopped being public since it was made)", param="signature")
         remaining = max(0, int(check.expires - time.time()))
         return av, {"Cache-Control": f"private, max-age={min(remaining, svc.links.ttl_s)}", "ETag": _etag(av)}
-    if bearer_token(request) is not None or request.headers.get("authorization"):
+    if request.headers.get("authorization"):  # the authenticated route (401 for a bad key)
         principal = await authenticate(request)
         av = await get_visible(svc, avatar_id, principal)
         return av, cache_headers(av)

@@ -18,6 +18,7 @@ from ..metrics import IngressMetrics
 from ..policy import PolicyChecker
 from ..settings import ServiceSettings
 from ..store import Avatar, Store
+from ..waiting import Waiters
 from ..vocab import Visibility
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -47,7 +48,7 @@ class Services:
     policy: PolicyChecker
     metrics: IngressMetrics
     links: ImageLinks
-    waiters: Any = None  # serve.waiting.Waiters (Prefer: wait, event streams)
+    waiters: Waiters  # bounds on waiting requests (Prefer: wait, event streams)
 
     @property
     def base_url(self) -> str:
