@@ -15,12 +15,15 @@ no dispatcher runs, so nothing is delivered. Examples per operation are bounded
 declares no examples, so only hypothesis' generate phase runs.
 
 What a JSON Schema cannot state is supplied by the generator, never by loosening a check: real
-face photos for image parts and base64 photos (schemathesis' own sample is a 1x1 PNG; the app
-needs >= 64 px), and for cast, boxes that tile the frame and photo parts only for existing
-characters (`_realistic_cast`). Both rewrite only schema-valid values.
+face photos (the app checks for a usable face at submit; schemathesis' own image sample is a 1x1
+PNG) for file parts and base64 photos, photo URLs pointing at a loopback server that serves one
+(`real_photos`), at most 5 photos in all, and for cast, boxes that tile the frame and photo parts
+only for existing characters (`_realistic_cast`). They rewrite only schema-valid values.
+`Prefer: wait` is capped at 1 s here (no worker runs, so a waited job never ends).
 """
 from __future__ import annotations
 
+import base64
 import os
 import re
 import socket
@@ -59,7 +62,7 @@ class LoopbackServer:
         self.tmp = tempfile.mkdtemp(prefix="ae-schema-")
         settings_ = ServiceSettings.from_dict({
             "data_dir": self.tmp, "tiers": {"free": [10, 1], "pro": [60, 5], "enterprise": [1_000_000, 1_000_000]},
-            "webhook_allow_private": True}, env=False)
+            "webhook_allow_private": True, "photo_fetch_allow_private": True, "max_wait_s": 1.0}, env=False)
         self.store = open_store(settings_.resolved_db_url, event_renderer=event_renderer())
         engine = AvatarEngine(EngineConfig(device="cpu"))  # profiles only: nothing is loaded or run
         app = create_app(settings_, self.store, LocalEngineClient(engine, None))
@@ -99,7 +102,7 @@ def published_schema() -> dict:
 
     app = create_app(ServiceSettings.from_dict({"data_dir": tempfile.gettempdir()}, env=False), store=None,
                      engine_client=LocalEngineClient(AvatarEngine(EngineConfig(device="cpu")), None),
-                     assets=SimpleNamespace())
+                     assets=SimpleNamespace(backend=None))
     return asyncio.run(served_document(app))
 
 
@@ -114,7 +117,7 @@ def face_photos() -> list[bytes]:
 
     img = Image.fromarray(data.astronaut())
     out = []
-    for box, side in (((0, 0, 512, 512), 128), ((80, 0, 400, 320), 160), ((100, 10, 320, 230), 96)):
+    for box, side in (((0, 0, 512, 512), 256), ((60, 0, 420, 360), 256)):
         buf = io.BytesIO()
         img.crop(box).resize((side, side)).save(buf, format="PNG")
         out.append(buf.getvalue())
@@ -124,15 +127,6 @@ def face_photos() -> list[bytes]:
 PHOTOS = face_photos()
 
 
-def _register_photo_generators() -> None:
-    import base64
-
-    from hypothesis import strategies as st
-
-    schemathesis.openapi.format("byte", st.sampled_from([base64.b64encode(p).decode() for p in PHOTOS]))
-
-
-_register_photo_generators()
 SPEC = published_schema()
 schema = schemathesis.openapi.from_dict(SPEC)
 
@@ -169,44 +163,102 @@ def _realistic_cast(body) -> None:
 
 
 @schema.hook("map_body")
-def real_photos_in_file_parts(context, body):
-    """Multipart photo parts (`photo`, `photo0`..): each generated file becomes a real face photo
-    (schemathesis' own sample is a 1x1 PNG). Only generated files are replaced, so a negative
-    case stays negative."""
+def real_photos(context, body):
+    """Photos as the app needs them and the schema cannot say (an image with a usable face):
+    generated file parts become face photos, base64/URL strings in `photos` become a base64 face
+    photo, `photoUrl`/`photoUrls` the loopback photo server's URL, at most 5 photos in all. Only
+    schema-valid values are rewritten, so a negative case stays negative."""
     from schemathesis.transport.serialization import Binary
-
-    _realistic_cast(body)
 
     def real(i: int, v):
         return PHOTOS[i % len(PHOTOS)] if isinstance(v, (bytes, bytearray, Binary)) else v
 
-    if isinstance(body, dict):
-        for key, value in body.items():
-            if re.fullmatch(r"photo[0-9]*", key):
-                body[key] = [real(i, v) for i, v in enumerate(value)] if isinstance(value, list) else real(0, value)
+    def b64(v):
+        return base64.b64encode(PHOTOS[0]).decode() if isinstance(v, str) else v
+
+    def url(v):
+        return PHOTO_SERVER.url if isinstance(v, str) and PHOTO_SERVER is not None else v
+
+    if not isinstance(body, dict):
+        return body
+    _realistic_cast(body)
+    for key, value in list(body.items()):
+        if re.fullmatch(r"photo[0-9]*", key):
+            body[key] = [real(i, v) for i, v in enumerate(value)] if isinstance(value, list) else real(0, value)
+        elif key == "photos" and isinstance(value, list) and len(value) <= 5:
+            body[key] = [b64(v) for v in value]
+        elif key == "photoUrl" and isinstance(value, str) and 1 <= len(value) <= 2000:
+            body[key] = url(value)
+        elif key == "photoUrls" and isinstance(value, list) and len(value) <= 5:
+            body[key] = [url(v) for v in value]
+    for c in body.get("characters") or []:
+        if isinstance(c, dict) and isinstance(c.get("photos"), list) and len(c["photos"]) <= 5:
+            c["photos"] = [b64(v) for v in c["photos"]]
+    def total() -> int:
+        return sum(len(body[k]) if isinstance(body.get(k), list) else int(k in body)
+                   for k in ("photo", "photos", "photoUrl", "photoUrls"))
+
+    for key in ("photoUrls", "photoUrl", "photos", "photo"):  # at most 5 photos in all
+        while total() > 5 and key in body:
+            if isinstance(body[key], list) and len(body[key]) > 1:
+                body[key].pop()
+            else:
+                del body[key]
     return body
 
 
 def hermetic_resolver(host: str, port: int) -> list[str]:
-    """Every webhook host name "resolves" to one public documentation-free address without a DNS
-    query: fuzzed host names must not leave the machine. (Destination policy — DNS, private
-    ranges — is deployment configuration the schema cannot state; `test_webhooks` and `test_api`
-    cover the refusals.)"""
-    import ipaddress
+    """Every host "resolves" to 127.0.0.1 without a DNS query: fuzzed host names never leave the
+    machine. Webhook endpoints are only created (no dispatcher runs); photo URLs are rewritten to
+    the loopback photo server before they are sent (`real_photos`). (Destination policy — DNS,
+    private ranges — is deployment configuration the schema cannot state; `test_webhooks`,
+    `test_api` and `test_photo_intake` cover the refusals.)"""
+    return ["127.0.0.1"]
 
-    try:
-        return [str(ipaddress.ip_address(host))]
-    except ValueError:
-        return ["93.184.216.34"]
+
+class PhotoServer:
+    """Serves a face photo on 127.0.0.1 for every GET: the target of fuzzed photo URLs."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        photo = PHOTOS[0]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                self.send_response(200)
+                self.send_header("content-type", "image/png")
+                self.send_header("content-length", str(len(photo)))
+                self.end_headers()
+                self.wfile.write(photo)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/face.png"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+PHOTO_SERVER: PhotoServer | None = None
 
 
 @pytest.fixture(scope="module")
 def server():
     mp = pytest.MonkeyPatch()
     mp.setattr("serve.destinations._default_resolver", hermetic_resolver)
+    global PHOTO_SERVER
+    PHOTO_SERVER = PhotoServer()
     srv = LoopbackServer()
     yield srv
     srv.close()
+    PHOTO_SERVER.close()
     mp.undo()
 
 

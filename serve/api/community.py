@@ -24,7 +24,7 @@ async def publish(avatar_id: str = AvatarId, principal: Principal = Auth, svc: S
                   idem: Idempotency = Idem):
     async def produce():
         av = await call(svc.store.publish_avatar, avatar_id, principal.id)  # the owner's only
-        return json_response(render_avatar(av, svc.base_url))
+        return json_response(render_avatar(av, svc.base_url, svc.links))
 
     return await idem.run({"publish": avatar_id}, produce)
 
@@ -78,4 +78,4 @@ async def feed(principal: Principal = Auth, svc: Services = Svc, limit: int = Qu
     if cursor:  # a cursor continues the order it was issued for
         order = FeedSort(cursor.split("~")[0])
     page = await call(svc.store.feed, limit=limit, cursor=cursor, sort=order, offset=offset)
-    return json_response(render_avatars(page, limit, svc.base_url))
+    return json_response(render_avatars(page, limit, svc.base_url, svc.links))

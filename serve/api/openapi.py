@@ -54,8 +54,10 @@ def _form_schema(model: type, drop: tuple[str, ...], extra: dict[str, Any], requ
 
 PERCIFY_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/PercifyRequest"}},
-    "multipart/form-data": {"schema": _form_schema(
-        S.PercifyRequest, ("photos",), {"photo": {**_FILES, "minItems": 1, "maxItems": 5}}, ["photo"]),
+    "multipart/form-data": {"schema": {**_form_schema(
+        S.PercifyRequest, ("photos",), {"photo": {**_FILES, "minItems": 1, "maxItems": 5}}, []),
+        # at least one photo: file parts, photoUrl or photoUrls
+        "anyOf": [{"required": ["photo"]}, {"required": ["photoUrl"]}, {"required": ["photoUrls"]}]},
         "encoding": {"metadata": _JSON_PART}},
 }}}
 
