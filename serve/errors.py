@@ -220,17 +220,29 @@ def install_error_handlers(app: FastAPI) -> None:
         return _too_large(request)
 
 
-def schema_methods(spec: dict[str, Any], path: str) -> set[str] | None:
-    """The methods the OpenAPI document lists for `path`, matched as OpenAPI says: a concrete
+def path_table(app: Any) -> list[tuple[re.Pattern[str], int, frozenset[str]]]:
+    """(matcher, number of templated segments, methods) of each path of `app.openapi()`, built
+    once per app (kept on `app.state`)."""
+    spec = app.openapi()
+    cached = getattr(app.state, "path_table", None)
+    if cached is None or cached[0] is not spec:
+        rows = [(re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))), template.count("{"),
+                 frozenset(m.upper() for m in ops if m in _HTTP_METHODS))
+                for template, ops in spec.get("paths", {}).items()]
+        cached = (spec, rows)
+        app.state.path_table = cached
+    return cached[1]
+
+
+def schema_methods(app: Any, path: str) -> set[str] | None:
+    """The methods `app`'s OpenAPI document lists for `path`, matched as OpenAPI says: a concrete
     path before templated ones (`/v1/avatars/generate` is not `/v1/avatars/{avatarId}`). None
     when no documented path matches."""
     best: tuple[int, set[str]] | None = None
-    for template, ops in spec.get("paths", {}).items():
-        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), path):
-            params = template.count("{")
-            methods = {m.upper() for m in ops if m in _HTTP_METHODS}
+    for matcher, params, methods in path_table(app):
+        if matcher.fullmatch(path):
             if best is None or params < best[0]:
-                best = (params, methods)
+                best = (params, set(methods))
             elif params == best[0]:
                 best[1].update(methods)
     return None if best is None else best[1]
@@ -239,7 +251,7 @@ def schema_methods(spec: dict[str, Any], path: str) -> set[str] | None:
 def allowed_methods(request: Request) -> str:
     """The `Allow` value of a 405: the schema's methods for this path (Starlette's own value names
     only the first matching route's, e.g. GET but not PATCH and DELETE on /v1/avatars/{avatarId})."""
-    return ", ".join(sorted(schema_methods(request.app.openapi(), request.url.path) or ()))
+    return ", ".join(sorted(schema_methods(request.app, request.url.path) or ()))
 
 
 _HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -256,7 +268,7 @@ class SchemaMethodGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("app") is not None:
             method = scope.get("method", "GET").upper()
-            allowed = schema_methods(scope["app"].openapi(), scope.get("path", ""))
+            allowed = schema_methods(scope["app"], scope.get("path", ""))
             if allowed and method not in allowed and not (method == "HEAD" and "GET" in allowed):
                 request = Request(scope, receive)
                 response = error_response(request, 405, "method_not_allowed",
