@@ -76,7 +76,7 @@ class AvatarModel:
         self.description = EngineDescription.from_engine(self.engine, models)
         self.store = _open_store(s)
         self.metrics = WorkerMetrics(ray_mirror=True)
-        self.worker = JobWorker(self.store, self.engine, AssetStore.from_url(s.resolved_assets_url), s,
+        self.worker = JobWorker(self.store, self.engine, AssetStore.from_url(s.resolved_assets_url, s.png_compress_level), s,
                                 policy=PolicyChecker(s.all_policy_words()), metrics=self.metrics, models=models)
         self.worker.start()
         log.info("AvatarModel ready: models=%s worker=%s", models, self.worker.worker_id)
@@ -158,7 +158,8 @@ class AvatarIngress:
     def __serve_build_asgi_app__(self):
         from .app import create_app
 
-        return create_app(self.settings, self.store, self.client)
+        # Serve's proxy sets x-request-id on every response: one header, its id (see errors.py).
+        return create_app(self.settings, self.store, self.client, proxy_request_id=True)
 
     def __del__(self):
         try:

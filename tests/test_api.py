@@ -640,6 +640,49 @@ def test_metrics_endpoint_reports_jobs_and_batches(hs):
     assert 'avatar_jobs_submitted_total{kind="generate"} 1.0' in text
 
 
+def test_text_no_store_can_keep_is_invalid_request_on_every_store(h):
+    """NUL (PostgreSQL's text refuses it) and unpaired surrogates (not UTF-8 at all): one
+    check at the edge gives the same 400 naming the parameter on SQLite and PostgreSQL, in
+    bodies, form fields, query parameters and path ids — and stores nothing."""
+    acct, auth = h.account(credits=100)
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "a fox"}, headers=auth).json()
+    h.worker.run_once()
+    hook = h.client.post("/v1/webhooks", json={"url": "https://example.com/hook"}, headers=auth)
+    before = h.store.get_account(acct.id).credits
+
+    def raw(method, url, text):
+        return h.client.request(method, url, content=text.encode(), headers={**auth, "content-type": "application/json"})
+
+    cases = [
+        (raw("POST", "/v1/avatars/generate", '{"prompt": "a\\\\u0000fox"}'), None),  # an escaped backslash: fine
+        (raw("POST", "/v1/avatars/generate", '{"prompt": "a\\u0000fox"}'), "prompt"),
+        (raw("POST", "/v1/avatars/generate", '{"prompt": "a\\ud800fox"}'), "prompt"),
+        (raw("POST", "/v1/avatars/generate", '{"prompt": "ok", "metadata": {"k": "v\\u0000"}}'), "metadata.k"),
+        (raw("POST", "/v1/avatars/cast", '{"prompt": "two", "characters": [{"prompt": "a"}, {"prompt": "\\u0000"}]}'),
+         "characters[1].prompt"),
+        (raw("PATCH", f"/v1/avatars/{av['id']}", '{"title": "t\\u0000"}'), "title"),
+        (raw("PATCH", f"/v1/avatars/{av['id']}", '{"description": "\\udfff"}'), "description"),
+        (raw("POST", f"/v1/avatars/{av['id']}/comment", '{"text": "hi\\u0000"}'), "text"),
+        (raw("POST", "/v1/webhooks", '{"url": "https://example.com/h", "description": "\\u0000"}'), "description"),
+        (h.client.get("/v1/avatars", params={"search": "fox\x00"}, headers=auth), "search"),
+        (h.client.get("/v1/avatars", params={"model": "\x00"}, headers=auth), "model"),
+        (h.client.get("/v1/avatars/av_%00x", headers=auth), "avatarId"),
+        (h.client.delete("/v1/avatars/av_%00x", headers=auth), "avatarId"),
+        (h.client.get("/v1/webhooks/wh_%00", headers=auth), "webhookId"),
+        (h.client.post("/v1/avatars/percify-yourself", data={"prompt": "me\x00"},
+                       files=[("photo", ("a.png", png_bytes(), "image/png"))], headers=auth), "prompt"),
+    ]
+    first, *bad = cases
+    assert first[0].status_code == 202, first[0].text  # a literal backslash-u is ordinary text
+    for resp, param in bad:
+        body = assert_error(resp, 400, "invalid_request", param)
+        assert "cannot be stored" in body["message"]
+    assert h.store.get_account(acct.id).credits == before - first[0].json()["creditCost"]
+    got = h.client.get(f"/v1/avatars/{av['id']}", headers=auth).json()
+    assert got["title"] is None and got["comments"] == 0
+    assert len(h.client.get("/v1/webhooks", headers=auth).json()["data"]) == (1 if hook.status_code == 201 else 0)
+
+
 def test_settings_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AVATAR_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("AVATAR_PORT", "9001")
@@ -675,6 +718,15 @@ def test_cost_and_webhook_delivery_settings_reach_the_dispatcher(monkeypatch, tm
     assert ServiceSettings().webhooks.max_attempts == 8
     monkeypatch.setenv("AVATAR_WEBHOOK_ALLOWLIST", '["10.0.0.0/8"]')  # JSON lists work too
     assert ServiceSettings.from_env().webhooks.allowlist == ("10.0.0.0/8",)
+    # The README's form, through the same path as the Serve builder (env → args → replicas).
+    monkeypatch.setenv("AVATAR_WEBHOOK_ALLOWLIST", '["127.0.0.1"]')
+    monkeypatch.setenv("AVATAR_MODELS", '["tiny-sd15", "sdxl"]')
+    monkeypatch.setenv("AVATAR_POLICY_WORDS", ' ["foo", "bar baz"] ')
+    replica = ServiceSettings.from_dict(ServiceSettings.from_dict({"data_dir": str(tmp_path)}).to_dict(), env=False)
+    assert replica.webhooks.allowlist == ("127.0.0.1",) and replica.models == ("tiny-sd15", "sdxl")
+    assert replica.policy_words == ("foo", "bar baz")
+    monkeypatch.setenv("AVATAR_WEBHOOK_ALLOWLIST", "127.0.0.1")
+    assert ServiceSettings.from_env().webhooks.allowlist == ("127.0.0.1",)
     with pytest.raises(ValueError, match=r"model_costs\['sdxl'\]"):
         ServiceSettings(model_costs={"sdxl": -1})
     with pytest.raises(ValueError, match=r"webhooks\.lease_seconds"):
