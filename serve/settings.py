@@ -177,10 +177,28 @@ class ServiceSettings(BaseSettings):
     remix cost per-image cost × batchSize)."""
 
     # --- jobs ----------------------------------------------------------------------------
-    lease_seconds: float = Field(60.0, ge=0.1)
-    """How long a claimed job stays owned without a heartbeat before another worker may take it."""
-    heartbeat_seconds: Optional[float] = None
-    """Heartbeat interval while a batch runs; default lease_seconds / 3."""
+    lease_seconds: float = Field(30.0, ge=0.1)
+    """How long a claimed job stays owned without a heartbeat before another worker may take it
+    (the fallback; a registered worker's death is noticed sooner, see `worker_dead_after_seconds`)."""
+    heartbeat_seconds: Optional[float] = Field(None, gt=0)
+    """How often a worker proves it is alive and extends the leases of every job it holds
+    (claimed, generating or in post-processing); default min(1 s, lease_seconds / 3)."""
+    worker_dead_after_seconds: float = Field(5.0, gt=0)
+    """A registered worker whose heartbeat is older than this is dead: the next claim by any
+    worker expires its leases and takes its jobs. A worker on the same host whose process is
+    gone is dead at once (a restarted replica reclaims its predecessor's jobs on start)."""
+    prefetch: bool = True
+    """Claim the next batch while the current one generates, so the engine never waits for the
+    database between batches."""
+    post_workers: int = Field(0, ge=0)
+    """Threads that encode, upload and complete finished jobs while the engine runs the next
+    batch; 0 = min(4, CPU count)."""
+    post_queue_batches: int = Field(2, ge=1)
+    """Most finished batches waiting for or in post-processing; generation waits beyond it
+    (backpressure)."""
+    png_compress_level: int = Field(6, ge=0, le=9)
+    """zlib level of the stored PNGs (Pillow's default 6; 1 encodes several times faster for
+    somewhat larger files)."""
     poll_seconds: float = Field(1.0, ge=0.01)
     """Idle worker poll interval; an ingress nudge wakes it sooner."""
     max_batch: int = Field(8, ge=1)
@@ -271,7 +289,11 @@ class ServiceSettings(BaseSettings):
 
     @property
     def resolved_heartbeat_seconds(self) -> float:
-        return self.heartbeat_seconds or max(0.05, self.lease_seconds / 3)
+        return self.heartbeat_seconds or max(0.05, min(1.0, self.lease_seconds / 3))
+
+    @property
+    def resolved_post_workers(self) -> int:
+        return self.post_workers or max(1, min(4, os.cpu_count() or 1))
 
     def all_policy_words(self) -> tuple[str, ...]:
         words = list(self.policy_words)

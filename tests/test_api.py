@@ -917,6 +917,98 @@ def test_without_heartbeats_an_overrunning_job_is_reclaimed(db, tmp_path):
     assert [j.id for j in stolen] == [av["id"]] and report.dropped == [av["id"]] and report.completed == []
 
 
+def test_a_restarted_worker_reclaims_its_dead_predecessors_jobs_at_once(db, tmp_path):
+    """The previous process on this host (same data) died holding jobs with long leases: the
+    new worker sees on registering that the process is gone and takes the jobs immediately;
+    each is completed and charged once."""
+    import socket
+    import subprocess
+    import sys
+
+    h = db.harness(tmp_path)
+    acct, auth = h.account(credits=100)
+    ids = [h.client.post("/v1/avatars/generate", json={"prompt": f"p{i}"}, headers=auth).json()["id"]
+           for i in range(2)]
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    h.store.register_worker("previous-run", socket.gethostname(), gone.pid, "1")
+    held = h.store.claim_jobs("previous-run", limit=2, lease_seconds=3600, models=["fake"])
+    assert sorted(j.id for j in held) == sorted(ids)
+    report = h.worker.run_once()
+    assert sorted(report.completed) == sorted(ids)
+    assert all(h.store.get_avatar(i).attempts == 2 for i in ids)
+    assert not any(h.store.complete_job(j.id, j.lease_token, {"images": []}) for j in held)
+    ledger = h.store.ledger(acct.id)
+    assert all(sorted(e.kind for e in ledger if e.avatar_id == i) == ["charge", "reserve"] for i in ids)
+    assert h.store.list_workers() == []  # run_once unregisters when it is done
+
+
+class _SlowAssets:
+    """The real asset store, with encoding/upload made slow and recorded."""
+
+    def __init__(self, inner, delay, log):
+        self._inner, self._delay, self._log = inner, delay, log
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def put_image(self, avatar_id, index, image):
+        t0 = time.monotonic()
+        time.sleep(self._delay)
+        info = self._inner.put_image(avatar_id, index, image)
+        self._log.append(("post", avatar_id, t0, time.monotonic()))
+        return info
+
+
+def test_the_worker_loop_overlaps_post_processing_with_the_next_generation(db, tmp_path):
+    """Batch k's post-processing runs while batch k+1 generates, and the next claim is made
+    while a generation is still running; every job is completed and charged exactly once."""
+    h = db.harness(tmp_path, max_batch=1, poll_seconds=0.05)
+    events: list[tuple] = []
+    h.worker.assets = _SlowAssets(h.assets, 0.3, events)
+    engine_generate = h.engine.generate
+
+    def generate(requests, progress=None):
+        t0 = time.monotonic()
+        time.sleep(0.3)
+        out = engine_generate(requests, progress)
+        events.append(("gen", None, t0, time.monotonic()))
+        return out
+
+    h.engine.generate = generate
+    store_claim = h.store.claim_jobs
+    claims: list[float] = []
+
+    def claim_jobs(*args, **kwargs):
+        got = store_claim(*args, **kwargs)
+        if got:
+            claims.append(time.monotonic())
+        return got
+
+    h.store.claim_jobs = claim_jobs
+    acct, auth = h.account(tier="enterprise", credits=100)
+    ids = [h.client.post("/v1/avatars/generate", json={"prompt": f"job {i}"}, headers=auth).json()["id"]
+           for i in range(4)]
+    h.worker.start()
+    try:
+        deadline = time.monotonic() + 60  # bound for a starved box, never asserted
+        while time.monotonic() < deadline and set(h.store.job_statuses(ids).values()) != {"completed"}:
+            time.sleep(0.05)
+    finally:
+        h.worker.stop()
+    assert set(h.store.job_statuses(ids).values()) == {"completed"}
+    gens = sorted((t0, t1) for kind, _, t0, t1 in events if kind == "gen")
+    posts = sorted((t0, t1) for kind, _, t0, t1 in events if kind == "post")
+    assert len(gens) == 4 and len(posts) == 4
+    # Overlap: some generation started before the previous batch's post-processing ended.
+    assert any(gens[k + 1][0] < posts[k][1] for k in range(3)), (gens, posts)
+    # Prefetch: some claim happened while a generation was running.
+    assert any(g0 < c < g1 for c in claims for g0, g1 in gens), (claims, gens)
+    ledger = h.store.ledger(acct.id)
+    assert all(sorted(e.kind for e in ledger if e.avatar_id == i) == ["charge", "reserve"] for i in ids)
+    assert h.store.list_workers() == []  # stop() unregistered
+
+
 def test_cli_create_key_and_grant_credits(db, tmp_path, capsys):
     """The operator commands work on both stores (the API reads what they wrote)."""
     from serve.cli import main
