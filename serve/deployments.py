@@ -68,8 +68,14 @@ class AvatarModel:
             torch.set_num_threads(max(1, int(os.environ.get("AVATAR_TORCH_THREADS", "2"))))
         except Exception:  # noqa: BLE001
             pass
-        self.engine = AvatarEngine.from_config(models_yaml_path=s.models_yaml, profile_names=s.models or None,
-                                               device=s.device)
+        if s.benchmark_engine:  # benchmarks only: no model runs (serve/bench_engine.py)
+            from .bench_engine import make_engine
+
+            log.warning("BENCHMARK ENGINE %r: no model runs, images are noise", s.benchmark_engine)
+            self.engine = make_engine(s.benchmark_engine)
+        else:
+            self.engine = AvatarEngine.from_config(models_yaml_path=s.models_yaml, profile_names=s.models or None,
+                                                   device=s.device)
         models = served_models(self.engine, s)
         for name in models:  # load (and warm) before accepting jobs
             self.engine.load(name)

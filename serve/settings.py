@@ -163,6 +163,10 @@ class ServiceSettings(BaseSettings):
     """Profile names to load; None → the engine's default selection."""
     device: Optional[str] = None
     """`cpu`, `cuda`, `cuda:1`...; None → the engine picks."""
+    benchmark_engine: Optional[str] = None
+    """BENCHMARKS ONLY (`serve/bench_engine.py`): `null` (noise images, no generation cost) or
+    `sleep:<ms>` (sleeps that long per 512² image) instead of the real engine; its profiles are
+    named `bench-…`. Never set in production: no model runs."""
 
     # --- accounts, limits, costs ---------------------------------------------------------
     tiers: dict[str, TierLimits] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
@@ -244,6 +248,15 @@ class ServiceSettings(BaseSettings):
         nested = nested.model_dump() if isinstance(nested, WebhookSettings) else dict(nested)
         rest = {k: v for k, v in data.items() if not k.startswith(WEBHOOK_PREFIX)}
         return {**rest, "webhooks": {**nested, **flat}}
+
+    @field_validator("benchmark_engine")
+    @classmethod
+    def _bench(cls, value: Optional[str]) -> Optional[str]:
+        if value:
+            from .bench_engine import parse_spec
+
+            parse_spec(value)
+        return value or None
 
     @field_validator("tiers", mode="before")
     @classmethod
