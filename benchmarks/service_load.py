@@ -16,7 +16,7 @@ worker's metrics. `--vs-naive` instead runs the earlier comparison with tiny-sd1
 benchmarks/naive_server.py.
 
     python benchmarks/service_load.py [--stores sqlite,postgresql] [-c 24] [--requests 96]
-        [--batch-size 2] [--gpu-ms 50] [--png-level 6]
+        [--batch-size 2] [--gpu-ms 50] [--png-level 1]
 
 Last line: JSON {"ceiling_512_images_per_s", "ceiling_1024_images_per_s", "overhead", ...} with one
 block per store under "stores" and the figures of the first store at top level.
@@ -183,10 +183,18 @@ class Service:
         self.store_url = store_url
         child_env = {**env, "AE_ROOT": str(ROOT), "AE_PORT": str(self.port),
                      "AE_OVERRIDES": json.dumps({"data_dir": data_dir, "db_url": store_url, **overrides})}
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVE_CHILD], env=child_env, cwd=ROOT,
-                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log_path = os.path.join(data_dir, "serve.log")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-c", SERVE_CHILD], env=child_env, cwd=ROOT,
+                                         stdin=subprocess.PIPE, stdout=log, stderr=log)
         self.base = f"http://127.0.0.1:{self.port}"
-        wait_http(f"{self.base}/v1/health", self.proc)
+        try:
+            wait_http(f"{self.base}/v1/health", self.proc)
+        except Exception:
+            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+                print(fh.read()[-3000:], file=sys.stderr)
+            self.close()
+            raise
 
     def close(self) -> None:
         try:
@@ -342,7 +350,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2, help="images per submission (batchSize)")
     ap.add_argument("--max-batch", type=int, default=8, help="jobs per worker claim (the service's max_batch)")
     ap.add_argument("--gpu-ms", type=float, default=50.0, help="per-512²-image cost of the sleep engine")
-    ap.add_argument("--png-level", type=int, default=6, help="the service's png_compress_level")
+    ap.add_argument("--png-level", type=int, default=1, help="the service's png_compress_level (its default: 1)")
     ap.add_argument("--stores", default="sqlite,postgresql")
     ap.add_argument("--poll", type=float, default=0.5,
                     help="seconds between a client's status polls (polls share the 2 CPUs with the service)")

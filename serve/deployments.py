@@ -82,7 +82,8 @@ class AvatarModel:
         self.description = EngineDescription.from_engine(self.engine, models)
         self.store = _open_store(s)
         self.metrics = WorkerMetrics(ray_mirror=True)
-        self.worker = JobWorker(self.store, self.engine, AssetStore.from_url(s.resolved_assets_url, s.png_compress_level), s,
+        assets = AssetStore.from_url(s.resolved_assets_url, s.png_compress_level)
+        self.worker = JobWorker(self.store, self.engine, assets, s,
                                 policy=PolicyChecker(s.all_policy_words()), metrics=self.metrics, models=models)
         self.worker.start()
         log.info("AvatarModel ready: models=%s worker=%s", models, self.worker.worker_id)
