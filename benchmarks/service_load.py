@@ -215,8 +215,30 @@ def _api_key(store_url: str) -> str:
     return out.getvalue().strip()
 
 
-def drive(base: str, key: str, model: str, n: int, concurrency: int, batch_size: int, poll: float):
-    """n submissions of `batch_size` images by `concurrency` clients; (wall s, latencies, images)."""
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process `pid` and all its descendants (the
+    service's child: its Ray, proxy, replicas) — comparable however busy the machine is."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def drive(base: str, key: str, model: str, n: int, concurrency: int, batch_size: int, poll: float,
+          service_pid: int | None = None):
+    """n submissions of `batch_size` images by `concurrency` clients; (wall s, latencies, images,
+    CPU seconds used by the service and the clients during the measured part)."""
     client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120,
                           limits=httpx.Limits(max_connections=concurrency * 2))
 
@@ -241,9 +263,11 @@ def drive(base: str, key: str, model: str, n: int, concurrency: int, batch_size:
 
     for w in range(min(concurrency, 4)):  # warm-up: connections, first claims
         one(1_000_000 + w)
+    cpu0 = (tree_cpu_seconds(service_pid) if service_pid else 0.0) + sum(os.times()[:2])
     wall, lat = run_clients(n, concurrency, one)
+    cpu = (tree_cpu_seconds(service_pid) if service_pid else 0.0) + sum(os.times()[:2]) - cpu0
     client.close()
-    return wall, lat, n * batch_size
+    return wall, lat, n * batch_size, cpu
 
 
 def encode_ms(base: str) -> dict[str, float]:
@@ -259,10 +283,17 @@ def encode_ms(base: str) -> dict[str, float]:
     return {size: round(1000 * sums[size] / counts[size], 2) for size in sums if counts.get(size)}
 
 
-def summary(wall: float, lat: list[float], images: int) -> dict:
-    return {"images_per_s": round(images / wall, 2), "p50_s": round(percentile(lat, 0.50), 3),
-            "p95_s": round(percentile(lat, 0.95), 3), "p99_s": round(percentile(lat, 0.99), 3),
-            "images": images, "wall_s": round(wall, 2)}
+def summary(wall: float, lat: list[float], images: int, cpu: float = 0.0) -> dict:
+    """Throughput and latency as measured, plus the CPU the whole thing used per image and what
+    that CPU cost allows on 2 cores of its own (`cpu_bound_2core_images_per_s`): on a shared,
+    busy machine the wall-clock figures measure the neighbours too, the CPU cost does not."""
+    out = {"images_per_s": round(images / wall, 2), "p50_s": round(percentile(lat, 0.50), 3),
+           "p95_s": round(percentile(lat, 0.95), 3), "p99_s": round(percentile(lat, 0.99), 3),
+           "images": images, "wall_s": round(wall, 2)}
+    if cpu > 0:
+        out["cpu_ms_per_image"] = round(1000 * cpu / images, 1)
+        out["cpu_bound_2core_images_per_s"] = round(2 * images / cpu, 2)
+    return out
 
 
 def direct_engine(spec: str, n: int, batch_size: int, max_batch: int) -> dict:
@@ -314,10 +345,11 @@ def bench_store(name: str, url: str, args, env) -> dict:
                       env)
         key = _api_key(url)
         for model, size, n in (("bench-null", 512, args.requests), ("bench-null-1024", 1024, max(4, args.requests // 4))):
-            r = summary(*drive(svc.base, key, model, n, args.concurrency, args.batch_size, args.poll))
+            r = summary(*drive(svc.base, key, model, n, args.concurrency, args.batch_size, args.poll, svc.proc.pid))
             out[f"ceiling_{size}"] = r
             print(f"[{name}] ceiling {size}²: {r['images_per_s']} images/s, p50 {r['p50_s']} s, p95 {r['p95_s']} s,"
-                  f" p99 {r['p99_s']} s ({r['images']} PNGs)", file=sys.stderr)
+                  f" p99 {r['p99_s']} s ({r['images']} PNGs); CPU {r.get('cpu_ms_per_image')} ms/image →"
+                  f" {r.get('cpu_bound_2core_images_per_s')} images/s on 2 free cores", file=sys.stderr)
         out["encode_ms_per_image"] = encode_ms(svc.base)
         print(f"[{name}] encode ms per image (PNG level {args.png_level} + thumbnail): {out['encode_ms_per_image']}",
               file=sys.stderr)
@@ -326,7 +358,7 @@ def bench_store(name: str, url: str, args, env) -> dict:
         spec = f"sleep:{args.gpu_ms:g}"
         svc = Service(url, data, {**common, "benchmark_engine": spec, "models": ["bench-sleep"]}, env)
         svc_r = summary(*drive(svc.base, key, "bench-sleep", args.requests, args.concurrency, args.batch_size,
-                               args.poll))
+                               args.poll, svc.proc.pid))
         direct = direct_engine(spec, args.requests, args.batch_size, args.max_batch)
         out["gpu_like"] = {"service": svc_r, "direct": direct, "gpu_ms_per_512_image": args.gpu_ms,
                            "overhead": round(1 - svc_r["images_per_s"] / direct["images_per_s"], 3)}
@@ -371,6 +403,8 @@ def main() -> None:
     out = {
         "ceiling_512_images_per_s": first["ceiling_512"]["images_per_s"],
         "ceiling_1024_images_per_s": first["ceiling_1024"]["images_per_s"],
+        "ceiling_512_cpu_bound_2core_images_per_s": first["ceiling_512"].get("cpu_bound_2core_images_per_s"),
+        "ceiling_1024_cpu_bound_2core_images_per_s": first["ceiling_1024"].get("cpu_bound_2core_images_per_s"),
         "overhead": first["gpu_like"]["overhead"],
         "encode_ms_per_image": first["encode_ms_per_image"],
         "stores": results, "requests": args.requests, "concurrency": args.concurrency,
