@@ -125,6 +125,45 @@ class _Leases:
             return len(self._held)
 
 
+class _ProgressWriter:
+    """Persists the running batch's progress off the engine's thread: the engine's per-step
+    callback only records the latest (step, total) in memory; this loop writes it to the store
+    (`set_progress`, one short transaction) at most once per `interval`, and only when it
+    changed. A slow or failing write never stalls the GPU."""
+
+    def __init__(self, store: Store, worker_id: str, leases: dict[str, str], interval: float, hb: "_Leases"):
+        self.store, self.worker_id, self.leases, self.hb = store, worker_id, dict(leases), hb
+        self._latest: tuple[int, int] | None = None
+        self._written: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+        self._loop = BackgroundLoop("job-progress", self.flush, max(0.05, interval))
+        self.writes = 0
+
+    def __enter__(self) -> "_ProgressWriter":
+        self._loop.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.stop(timeout=5)
+
+    def report(self, step: int, total: int) -> None:
+        with self._lock:
+            self._latest = (int(step), int(total))
+
+    def flush(self) -> None:
+        with self._lock:
+            latest = self._latest
+        if latest is None or latest == self._written:
+            return
+        live = {k: v for k, v in self.leases.items() if not self.hb.is_lost(k)}
+        try:
+            self.store.set_progress(self.worker_id, live, *latest)
+            self._written = latest
+            self.writes += 1
+        except Exception:  # noqa: BLE001 - progress is best effort
+            log.debug("progress write failed", exc_info=True)
+
+
 @dataclass
 class BatchReport:
     claimed: int = 0
@@ -143,7 +182,7 @@ class JobWorker:
     goes to a pool of `post_workers` threads while the engine starts batch k+1. At most
     `post_queue_batches` batches wait for post-processing; generation waits beyond that. One
     heartbeat thread registers the worker (`worker_instances`) and, every `heartbeat_seconds`,
-    extends the lease of every job it holds, whatever stage the job is in. `run_once()` does
+    extends the leases of the jobs it works on, whatever their stage. `run_once()` does
     one batch from claim to completion (tests, one-shot runs)."""
 
     def __init__(self, store: Store, engine: Any, assets: AssetStore, settings: ServiceSettings, *,
@@ -279,8 +318,8 @@ class JobWorker:
     def _beat_once(self) -> bool:
         before = self._leases.snapshot()
         try:
-            held = self.store.worker_heartbeat(self.worker_id, self.settings.lease_seconds, host=self.host,
-                                               pid=self.pid, process_start=self.process_start)
+            held = self.store.worker_heartbeat(self.worker_id, self.settings.lease_seconds, sorted(before),
+                                               host=self.host, pid=self.pid, process_start=self.process_start)
         except Exception:  # noqa: BLE001 - a DB blip must not kill the batch; the lease has slack
             log.warning("heartbeat failed", exc_info=True)
             return False
@@ -331,13 +370,18 @@ class JobWorker:
         t0 = time.perf_counter()
         ids = [job.id for job, _ in runnable]
 
+        writer = _ProgressWriter(self.store, self.worker_id, {job.id: job.lease_token for job, _ in runnable},
+                                 self.settings.progress_interval_s, self._leases)
+
         def progress(done: int, total: int) -> None:
             # Every job of this call was cancelled/deleted/reclaimed: stop spending the GPU on it.
             if all(self._leases.is_lost(i) for i in ids):
                 raise _BatchAbandoned()
+            writer.report(done, total)  # in memory; the writer thread persists it, throttled
 
         try:
-            results = self.engine.generate([r for _, r in runnable], progress=progress)
+            with writer:
+                results = self.engine.generate([r for _, r in runnable], progress=progress)
             if len(results) != len(runnable):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(runnable)} requests")
         except _BatchAbandoned:
@@ -518,7 +562,14 @@ class JobWorker:
             return False
         if self.settings.prefetch and not self._loop.stopping:
             self._prefetched = self._claimer.submit(self._claim_quietly)
-        self._process(jobs, wait=False)
+        try:
+            self._process(jobs, wait=False)
+        except Exception:
+            # Unexpected (e.g. the store went away mid-batch): stop extending the leases of this
+            # batch's unfinished jobs so they run out and the jobs are claimed again.
+            for job in jobs:
+                self._leases.release(job.id)
+            raise
         return True
 
     def wake(self) -> None:

@@ -81,7 +81,7 @@ def run_job(store, avatar_id: str, result: dict | None = None) -> None:
 # --------------------------------------------------------------------------------------------
 def test_migrations_are_versioned_and_idempotent(store, backend, clock):
     head = Database.head_revision()
-    assert head == "0004" and store.schema_revision() == head
+    assert head == "0005" and store.schema_revision() == head
     acct = store.create_account("pro", 5)
     assert store.migrate() == head
     again = open_store(backend, clock=clock)
@@ -237,7 +237,7 @@ def test_a_dead_worker_instances_jobs_are_reclaimed_without_waiting_for_the_leas
     assert len(held) == 2
     clock.advance(3)
     assert store.worker_heartbeat("gpu-b", 60) == set()  # b beats, a has gone silent
-    assert store.worker_heartbeat("gpu-a", 60) == {j.id for j in held}  # still alive at 3 s
+    assert store.worker_heartbeat("gpu-a", 60, [j.id for j in held]) == {j.id for j in held}  # alive at 3 s
     clock.advance(4)
     store.worker_heartbeat("gpu-b", 60)
     # 4 s after a's last beat: alive still, so b only gets the queued job.
@@ -249,7 +249,7 @@ def test_a_dead_worker_instances_jobs_are_reclaimed_without_waiting_for_the_leas
     assert {j.id for j in again} == {j.id for j in held} and all(j.attempts == 2 for j in again)
     assert [w.id for w in store.list_workers()] == ["gpu-b"]
     # gpu-a comes back (a long pause, not a death): its leases are gone, its result is refused.
-    assert store.worker_heartbeat("gpu-a", 60) == set()
+    assert store.worker_heartbeat("gpu-a", 60, [j.id for j in held]) == set()
     assert not any(store.complete_job(j.id, j.lease_token, {"images": []}) for j in held)
     assert all(store.complete_job(j.id, j.lease_token, {"images": []}) for j in again)
     ledger = store.ledger(acct.id)
@@ -268,8 +268,11 @@ def test_retire_workers_releases_their_jobs_at_once(store, clock):
     (again,) = store.claim_jobs("new", lease_seconds=60)
     assert again.id == job.id and again.lease_token != held.lease_token
     assert store.list_workers() == []
-    assert store.worker_heartbeat("new", 30) == {job.id}
+    assert store.worker_heartbeat("new", 30, [job.id, "av_other"]) == {job.id}
     assert store.get_avatar(job.id).lease_expires_at == clock() + 30
+    clock.advance(10)
+    assert store.worker_heartbeat("new", 30) == set()  # a job it no longer names is not extended
+    assert store.get_avatar(job.id).lease_expires_at == clock() + 20
 
 
 def test_claims_are_fair_between_accounts(store, clock):
@@ -730,3 +733,26 @@ def test_default_payload_hides_lease(store):
     (message,) = store.list_deliveries(acct.id)
     assert message.payload["avatar"]["status"] == "processing"
     assert not {"lease_token", "lease_owner", "lease_expires_at"} & set(message.payload["avatar"])
+
+
+def test_progress_and_link_epoch(store):
+    acct = store.create_account("pro", 10)
+    av = submit(store, acct.id)
+    assert store.watch_rows([av.id, "av_missing"]) == {av.id: ("queued", None)}
+    job = store.claim_jobs("w1", limit=1)[0]
+    assert store.set_progress("w1", {av.id: job.lease_token}, 3, 20) == 1
+    assert store.set_progress("w2", {av.id: job.lease_token}, 4, 20) == 0  # not the lease holder
+    assert store.set_progress("w1", {av.id: "stale"}, 4, 20) == 0
+    assert store.watch_rows([av.id]) == {av.id: ("processing", {"step": 3, "totalSteps": 20})}
+    assert store.get_avatar(av.id).progress == {"step": 3, "totalSteps": 20}
+    assert store.complete_job(av.id, job.lease_token, {"images": []})
+    assert store.set_progress("w1", {av.id: job.lease_token}, 5, 20) == 0  # finished: no more writes
+    # Leaving `public` bumps the link epoch (old links die); other edits and publishing do not.
+    assert store.get_avatar(av.id).link_epoch == 0
+    store.update_avatar(av.id, acct.id, title="t")
+    store.publish_avatar(av.id, acct.id)
+    assert store.get_avatar(av.id).link_epoch == 0
+    store.update_avatar(av.id, acct.id, visibility="unlisted")
+    assert store.get_avatar(av.id).link_epoch == 1
+    store.update_avatar(av.id, acct.id, visibility="private")  # not public before: unchanged
+    assert store.get_avatar(av.id).link_epoch == 1

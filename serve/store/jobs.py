@@ -29,7 +29,7 @@ _FINISH_HELD = update(A).where(A.c.id == bindparam("aid"), A.c.status == JobStat
                                A.c.lease_token == bindparam("token")).returning(*A.c)
 _LOCK_AVATAR = select(A).where(A.c.id == bindparam("aid")).with_for_update()
 _CLAIM = (update(A).where(A.c.id == bindparam("aid"), (A.c.status == JobStatus.QUEUED) | _EXPIRED)
-          .values(status=JobStatus.PROCESSING, attempts=A.c.attempts + 1).returning(*A.c))
+          .values(status=JobStatus.PROCESSING, attempts=A.c.attempts + 1, progress=None).returning(*A.c))
 _HEARTBEAT = update(A).where(A.c.id == bindparam("aid"), A.c.lease_token == bindparam("token"),
                              A.c.lease_owner == bindparam("owner"), A.c.status == JobStatus.PROCESSING)
 _REQUEUE = update(A).where(A.c.id == bindparam("aid"), A.c.status == JobStatus.PROCESSING,
@@ -37,9 +37,11 @@ _REQUEUE = update(A).where(A.c.id == bindparam("aid"), A.c.status == JobStatus.P
 _QUEUE_STATS = select(A.c.status, func.count()).where(_ACTIVE).group_by(A.c.status)
 # Worker instances: one statement extends every lease a live worker holds (whatever stage its
 # jobs are in); a dead worker's leases are expired (set to 0, "long ago") so they are claimable.
-_EXTEND_OWNED = (update(A).where(A.c.lease_owner == bindparam("owner"), A.c.status == JobStatus.PROCESSING)
+_EXTEND_OWNED = (update(A).where(A.c.lease_owner == bindparam("owner"), A.c.status == JobStatus.PROCESSING,
+                                 A.c.id.in_(bindparam("ids", expanding=True)))
                  .values(lease_expires_at=bindparam("expires")))
-_HELD = select(A.c.id).where(A.c.lease_owner == bindparam("owner"), A.c.status == JobStatus.PROCESSING)
+_HELD = select(A.c.id).where(A.c.lease_owner == bindparam("owner"), A.c.status == JobStatus.PROCESSING,
+                             A.c.id.in_(bindparam("ids", expanding=True)))
 _EXPIRE_OWNED = (update(A).where(A.c.lease_owner.in_(bindparam("owners", expanding=True)),
                                  A.c.status == JobStatus.PROCESSING)
                  .values(lease_expires_at=0.0).returning(A.c.id))
@@ -73,7 +75,7 @@ def to_avatar(r: Mapping[str, Any]) -> Avatar:
         error_message=r["error_message"], created_at=r["created_at"], updated_at=r["updated_at"],
         started_at=r["started_at"], completed_at=r["completed_at"], lease_owner=r["lease_owner"],
         lease_token=r["lease_token"], lease_expires_at=r["lease_expires_at"], attempts=int(r["attempts"]),
-        request_id=r["request_id"],
+        request_id=r["request_id"], progress=r.get("progress"), link_epoch=int(r.get("link_epoch") or 0),
     )
 
 
@@ -270,6 +272,27 @@ class JobsStore(StorePart):
 
         return self.db.run(work)
 
+    def set_progress(self, worker_id: str, leases: Mapping[str, str], step: int, total_steps: int) -> int:
+        """Record `{"step", "totalSteps"}` on the jobs {avatar_id: lease_token} this worker still
+        holds (one short transaction; the worker calls it throttled, never per denoising step).
+        Does not touch `updated_at` (progress is not an edit). Returns the rows updated."""
+        if not leases:
+            return 0
+        value = {"step": int(step), "totalSteps": int(total_steps)}
+        stmt = (update(A).where(A.c.id == bindparam("aid"), A.c.lease_token == bindparam("token"),
+                                A.c.lease_owner == worker_id, A.c.status == JobStatus.PROCESSING)
+                .values(progress=value))
+        return self.db.run(lambda c: sum(c.execute(stmt, {"aid": a, "token": t}).rowcount for a, t in leases.items()))
+
+    def watch_rows(self, avatar_ids: Sequence[str]) -> dict[str, tuple[str, dict | None]]:
+        """{avatar_id: (status, progress)} for the ids that still exist: the cheap read that
+        waiters (`Prefer: wait`, event streams) poll with, one short connection per call."""
+        ids = list(avatar_ids)
+        if not ids:
+            return {}
+        rows = self.db.read(lambda c: c.execute(select(A.c.id, A.c.status, A.c.progress).where(A.c.id.in_(ids))).all())
+        return {r.id: (r.status, r.progress) for r in rows}
+
     def job_statuses(self, avatar_ids: Sequence[str]) -> dict[str, str]:
         """{avatar_id: status} for the ids that still exist (deleted ids are absent)."""
         ids = list(avatar_ids)
@@ -328,19 +351,24 @@ class JobsStore(StorePart):
 
         self.db.run(work)
 
-    def worker_heartbeat(self, worker_id: str, lease_seconds: float, *, host: str = "", pid: int = 0,
-                         process_start: str | None = None) -> set[str]:
+    def worker_heartbeat(self, worker_id: str, lease_seconds: float, avatar_ids: Sequence[str] = (), *,
+                         host: str = "", pid: int = 0, process_start: str | None = None) -> set[str]:
         """The worker is alive: refresh its row (re-registering it if it was retired) and extend
-        the lease of every job it holds to now + `lease_seconds`, in one transaction. Returns
-        the ids it still holds; a job it thought it held but that is missing was cancelled,
-        deleted or reclaimed."""
+        the leases of the jobs `avatar_ids` it is working on (whatever their stage) to now +
+        `lease_seconds`, in one transaction. Returns those ids it still holds; one missing was
+        cancelled, deleted or reclaimed. Jobs it holds but no longer names (given up after an
+        error) are not extended: their leases run out and they are claimed again."""
+        ids = list(avatar_ids)
+
         def work(conn: Connection) -> set[str]:
             now = self._now()
             stmt = dialect_insert(conn, W).values(id=worker_id, host=host, pid=int(pid), process_start=process_start,
                                                   started_at=now, heartbeat_at=now)
             conn.execute(stmt.on_conflict_do_update(index_elements=[W.c.id], set_={"heartbeat_at": now}))
-            conn.execute(_EXTEND_OWNED, {"owner": worker_id, "expires": now + lease_seconds})
-            return set(conn.execute(_HELD, {"owner": worker_id}).scalars().all())
+            if not ids:
+                return set()
+            conn.execute(_EXTEND_OWNED, {"owner": worker_id, "expires": now + lease_seconds, "ids": ids})
+            return set(conn.execute(_HELD, {"owner": worker_id, "ids": ids}).scalars().all())
 
         return self.db.run(work)
 

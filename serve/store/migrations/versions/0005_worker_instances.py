@@ -1,8 +1,8 @@
 """Worker instances with heartbeats (a dead worker's jobs are reclaimed in seconds, not after a
 lease period) and per-avatar order of webhook messages (`subject_id`, `subject_seq`).
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-11-29
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
