@@ -601,6 +601,12 @@ class JobWorker:
     def running(self) -> bool:
         return self._loop.running
 
+    @property
+    def held_jobs(self) -> int:
+        """Jobs this worker holds leases on now (prefetched, generating or in post-processing):
+        a replica with none can be stopped without handing work back."""
+        return len(self._leases)
+
 
 def _jsonable(value: Any) -> Any:
     import json

@@ -1006,7 +1006,7 @@ def test_the_worker_loop_overlaps_post_processing_with_the_next_generation(db, t
     assert any(g0 < c < g1 for c in claims for g0, g1 in gens), (claims, gens)
     ledger = h.store.ledger(acct.id)
     assert all(sorted(e.kind for e in ledger if e.avatar_id == i) == ["charge", "reserve"] for i in ids)
-    assert h.store.list_workers() == []  # stop() unregistered
+    assert h.store.list_workers() == [] and h.worker.held_jobs == 0  # stop() unregistered, nothing held
 
 
 def test_cli_create_key_and_grant_credits(db, tmp_path, capsys):
