@@ -980,9 +980,10 @@ def test_the_worker_loop_overlaps_post_processing_with_the_next_generation(db, t
     claims: list[float] = []
 
     def claim_jobs(*args, **kwargs):
+        started = time.monotonic()
         got = store_claim(*args, **kwargs)
         if got:
-            claims.append(time.monotonic())
+            claims.append(started)
         return got
 
     h.store.claim_jobs = claim_jobs
@@ -1002,8 +1003,9 @@ def test_the_worker_loop_overlaps_post_processing_with_the_next_generation(db, t
     assert len(gens) == 4 and len(posts) == 4
     # Overlap: some generation started before the previous batch's post-processing ended.
     assert any(gens[k + 1][0] < posts[k][1] for k in range(3)), (gens, posts)
-    # Prefetch: some claim happened while a generation was running.
-    assert any(g0 < c < g1 for c in claims for g0, g1 in gens), (claims, gens)
+    # Prefetch: the claim of batch k+1 began before batch k's generation ended.
+    claims.sort()
+    assert len(claims) == 4 and any(claims[k + 1] < gens[k][1] for k in range(3)), (claims, gens)
     ledger = h.store.ledger(acct.id)
     assert all(sorted(e.kind for e in ledger if e.avatar_id == i) == ["charge", "reserve"] for i in ids)
     assert h.store.list_workers() == [] and h.worker.held_jobs == 0  # stop() unregistered, nothing held
