@@ -74,15 +74,22 @@ class AvatarModel:
             torch.set_num_threads(max(1, int(os.environ.get("AVATAR_TORCH_THREADS", "2"))))
         except Exception:  # noqa: BLE001
             pass
-        self.engine = AvatarEngine.from_config(models_yaml_path=s.models_yaml, profile_names=s.models or None,
-                                               device=s.device)
+        if s.benchmark_engine:  # benchmarks only: no model runs (serve/bench_engine.py)
+            from .bench_engine import make_engine
+
+            log.warning("BENCHMARK ENGINE %r: no model runs, images are noise", s.benchmark_engine)
+            self.engine = make_engine(s.benchmark_engine)
+        else:
+            self.engine = AvatarEngine.from_config(models_yaml_path=s.models_yaml, profile_names=s.models or None,
+                                                   device=s.device)
         models = served_models(self.engine, s)
         for name in models:  # load (and warm) before accepting jobs
             self.engine.load(name)
         self.description = EngineDescription.from_engine(self.engine, models)
         self.store = _open_store(s)
         self.metrics = WorkerMetrics(ray_mirror=True)
-        self.worker = JobWorker(self.store, self.engine, AssetStore.from_url(s.resolved_assets_url), s,
+        assets = AssetStore.from_url(s.resolved_assets_url, s.png_compress_level)
+        self.worker = JobWorker(self.store, self.engine, assets, s,
                                 policy=PolicyChecker(s.all_policy_words()), metrics=self.metrics, models=models)
         self.worker.start()
         log.info("AvatarModel ready: models=%s worker=%s", models, self.worker.worker_id)
@@ -164,7 +171,8 @@ class AvatarIngress:
     def __serve_build_asgi_app__(self):
         from .app import create_app
 
-        return create_app(self.settings, self.store, self.client)
+        # Serve's proxy sets x-request-id on every response: one header, its id (see errors.py).
+        return create_app(self.settings, self.store, self.client, proxy_request_id=True)
 
     def __del__(self):
         try:
