@@ -162,6 +162,7 @@ def test_two_nodes_postgres_s3_and_a_lost_model_node(tmp_path):
             _wait("a job in flight", lambda: "processing" in store.job_statuses(ids).values(), poll_s=0.05)
             model_node.remember()
             kill_tree([model_node.proc.pid, *sorted(model_node.seen)])  # the machine is gone
+            time.sleep(1.0)  # let a commit that was already on the wire land before reading
             statuses = store.job_statuses(ids)
             in_flight = [i for i, s in statuses.items() if s == "processing"]
             assert in_flight, statuses
