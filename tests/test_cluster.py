@@ -105,6 +105,7 @@ def test_two_nodes_postgres_s3_and_a_lost_model_node(tmp_path):
     fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint})
     dashboard = f"http://127.0.0.1:{dash_port}"
     env = ray_env(AVATAR_DB_URL=db_url, AVATAR_ASSETS_URL=f"s3://{BUCKET}/cluster", AWS_ENDPOINT_URL_S3=endpoint,
+                  AVATAR_URL_SIGNING_SECRET="cluster-test-signing-secret",  # one key for every ingress node
                   # Notice a dead node within seconds, not the default ~30 s.
                   RAY_health_check_period_ms="2000", RAY_health_check_failure_threshold="5", **S3_ENV)
     nodes: list[Tracked] = []
@@ -147,12 +148,16 @@ def test_two_nodes_postgres_s3_and_a_lost_model_node(tmp_path):
             done = _wait("first job", lambda: (lambda a: a if a["status"] in ("completed", "failed") else None)(
                 client.get(f"/v1/avatars/{first['id']}", headers=auth).json()), poll_s=0.5)
             assert done["status"] == "completed", done
-            via_api = client.get(done["images"][0]["url"], headers=auth)
-            assert via_api.status_code == 200 and via_api.headers["content-type"] == "image/png"
             from serve.assets import image_key
+            from serve.links import image_path
 
             direct = fs.cat_file(f"{BUCKET}/cluster/{image_key(first['id'], 0)}")
-            assert direct == via_api.content and direct[:8] == b"\x89PNG\r\n\x1a\n"
+            assert direct[:8] == b"\x89PNG\r\n\x1a\n"
+            via_api = client.get(image_path(first["id"], 0), headers=auth)  # the ingress reads the bucket
+            assert via_api.status_code == 200 and via_api.headers["content-type"] == "image/png"
+            assert via_api.content == direct
+            link = httpx.get(done["images"][0]["url"], timeout=30)  # the link handed out (presigned by s3fs)
+            assert link.status_code == 200 and link.content == direct, done["images"][0]["url"]
             metrics = client.get("/metrics").text
             assert 'avatar_jobs_total{kind="generate",outcome="completed"}' in metrics
 
