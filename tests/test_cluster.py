@@ -19,7 +19,7 @@ exactly once (one reserve + one charge in the ledger each).
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import time
 
 import pytest
@@ -109,6 +109,7 @@ def test_two_nodes_postgres_s3_and_a_lost_model_node(tmp_path):
                   # Notice a dead node within seconds, not the default ~30 s.
                   RAY_health_check_period_ms="2000", RAY_health_check_failure_threshold="5", **S3_ENV)
     nodes: list[Tracked] = []
+    ray_tmp = short_tmp("aeclu")
     try:
         with tracked([tool("moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], env=env) as s3:
             wait_http(endpoint + "/", 60, s3)
@@ -116,7 +117,7 @@ def test_two_nodes_postgres_s3_and_a_lost_model_node(tmp_path):
             # 1. The head node (GCS, dashboard, Serve controller, the HTTP proxy, the ingress).
             head = Tracked([tool("ray"), "start", "--head", f"--port={gcs_port}", "--include-dashboard=true",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-                            f"--ray-client-server-port={free_port()}", f"--temp-dir={short_tmp('aeclu')}",
+                            f"--ray-client-server-port={free_port()}", f"--temp-dir={ray_tmp}",
                             *_node_args(resources={"ingress_node": 1}, num_cpus=2)], env=env)
             nodes.append(head)
             wait_http(dashboard + "/api/version", LIMIT_S, head)
@@ -192,5 +193,6 @@ def test_two_nodes_postgres_s3_and_a_lost_model_node(tmp_path):
     finally:
         for node in reversed(nodes):
             node.stop(grace_s=15)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
         store.close()
         pg_support.drop_schemas([db_url])

@@ -7,6 +7,7 @@ in a temp directory so the YAML's relative `data_dir` lands there.
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import yaml
@@ -57,10 +58,14 @@ def test_serve_run_with_the_shipped_local_config(tmp_path):
     path = tmp_path / "serve_local.yaml"
     path.write_text(yaml.safe_dump(cfg))
     # RAY_ADDRESS=local: start a private Ray even if another instance runs on this machine.
-    env = ray_env(RAY_ADDRESS="local", RAY_TMPDIR=short_tmp("aecli"))
-    with tracked([tool("serve"), "run", str(path)], env=env, cwd=str(tmp_path)) as proc:
-        health = wait_http(f"http://127.0.0.1:{port}/v1/health", START_LIMIT_S, proc).json()
-        assert health["status"] == "ok" and health["defaultModel"] == "tiny-sd15", health
-        assert [m["name"] for m in health["models"]] == ["tiny-sd15"]
-        # The YAML's relative data_dir resolved where `serve run` ran: the SQLite db is there.
-        assert os.path.exists(tmp_path / ".avatar-engine" / "avatar.db")
+    ray_tmp = short_tmp("aecli")
+    env = ray_env(RAY_ADDRESS="local", RAY_TMPDIR=ray_tmp)
+    try:
+        with tracked([tool("serve"), "run", str(path)], env=env, cwd=str(tmp_path)) as proc:
+            health = wait_http(f"http://127.0.0.1:{port}/v1/health", START_LIMIT_S, proc).json()
+            assert health["status"] == "ok" and health["defaultModel"] == "tiny-sd15", health
+            assert [m["name"] for m in health["models"]] == ["tiny-sd15"]
+            # The YAML's relative data_dir resolved where `serve run` ran: the SQLite db is there.
+            assert os.path.exists(tmp_path / ".avatar-engine" / "avatar.db")
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
