@@ -81,7 +81,8 @@ def _replica_nodes(dashboard: str, deployment: str) -> set[str]:
     return {a.node_id for a in _alive_actors(dashboard) if (a.class_name or "").endswith(f":{deployment}")}
 
 
-def _wait(what: str, fn, limit_s: float = LIMIT_S, poll_s: float = 1.0):
+def _wait(what: str, fn, limit_s: float = LIMIT_S, poll_s: float = 1.0, context=None):
+    """Poll `fn` until it returns something truthy; on failure say what `context()` shows."""
     deadline = time.monotonic() + limit_s
     last = None
     while time.monotonic() < deadline:
@@ -89,9 +90,24 @@ def _wait(what: str, fn, limit_s: float = LIMIT_S, poll_s: float = 1.0):
         if last:
             return last
         time.sleep(poll_s)
-    pytest.fail(f"{what}: not after {limit_s}s (last: {last!r})")
+    extra = ""
+    if context is not None:
+        try:
+            extra = f"\n{context()}"
+        except Exception as exc:  # noqa: BLE001 - diagnostics only
+            extra = f"\n(context failed: {exc!r})"
+    pytest.fail(f"{what}: not after {limit_s}s (last: {last!r}){extra}")
 
 
+def _serve_status(env: dict, dashboard: str) -> str:
+    import subprocess
+
+    r = subprocess.run([tool("serve"), "status", "--address", dashboard], env=env, capture_output=True, text=True,
+                       timeout=60)
+    return r.stdout[-3000:] + r.stderr[-1000:]
+
+
+@pytest.mark.timeout(1500)  # several bounded steps, each generous for a loaded 2-core machine
 def test_two_nodes_postgres_s3_and_a_lost_model_node(tmp_path):
     pg_support.require_postgres()
     httpx = pytest.importorskip("httpx")
@@ -106,8 +122,7 @@ def test_two_nodes_postgres_s3_and_a_lost_model_node(tmp_path):
     dashboard = f"http://127.0.0.1:{dash_port}"
     env = ray_env(AVATAR_DB_URL=db_url, AVATAR_ASSETS_URL=f"s3://{BUCKET}/cluster", AWS_ENDPOINT_URL_S3=endpoint,
                   AVATAR_URL_SIGNING_SECRET="cluster-test-signing-secret",  # one key for every ingress node
-                  # Notice a dead node within seconds, not the default ~30 s.
-                  RAY_health_check_period_ms="2000", RAY_health_check_failure_threshold="5", **S3_ENV)
+                  **S3_ENV)
     nodes: list[Tracked] = []
     ray_tmp = short_tmp("aeclu")
     try:
@@ -147,7 +162,8 @@ def test_two_nodes_postgres_s3_and_a_lost_model_node(tmp_path):
             first = client.post("/v1/avatars/generate", headers=auth,
                                 json={"prompt": "portrait of an astronaut", "seed": 3, "steps": 4}).json()
             done = _wait("first job", lambda: (lambda a: a if a["status"] in ("completed", "failed") else None)(
-                client.get(f"/v1/avatars/{first['id']}", headers=auth).json()), poll_s=0.5)
+                client.get(f"/v1/avatars/{first['id']}", headers=auth).json()), poll_s=0.5,
+                context=lambda: _serve_status(env, dashboard))
             assert done["status"] == "completed", done
             from serve.assets import image_key
             from serve.links import image_path
@@ -177,7 +193,8 @@ def test_two_nodes_postgres_s3_and_a_lost_model_node(tmp_path):
             new_node = Tracked([tool("ray"), *join, *_node_args(resources={"model_node": 1}, num_cpus=1)], env=env)
             nodes.append(new_node)
             final = _wait("every job settled", lambda: (lambda st: st if all(
-                s in ("completed", "failed", "cancelled") for s in st.values()) else None)(store.job_statuses(ids)))
+                s in ("completed", "failed", "cancelled") for s in st.values()) else None)(store.job_statuses(ids)),
+                context=lambda: f"jobs: {store.job_statuses(ids)}\n{_serve_status(env, dashboard)}")
             assert set(final.values()) == {"completed"}, final
             second_model_nodes = _nodes_with(dashboard, "model_node")
             assert _replica_nodes(dashboard, "AvatarModel") <= second_model_nodes
