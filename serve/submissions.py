@@ -34,6 +34,7 @@ from .logctx import current_request_id, logger
 from . import schemas as S
 from .api.common import Services, call, dump, get_visible, json_response
 from .api.rendering import render_avatar
+from .api.textguard import FILE_PARTS
 from .assets import encode_png, upload_key
 from .auth import Principal
 from .destinations import FetchRefused, fetch_url
@@ -420,8 +421,7 @@ def _pydantic_to_fastapi(exc: ValidationError, prefix: tuple = ("body",)) -> Fas
     return FastAPIValidationError([{**e, "loc": prefix + tuple(e.get("loc", ()))} for e in exc.errors()])
 
 
-#: Form parts that are photos, also when sent without a filename (RFC 7578 makes it optional).
-_PHOTO_PART = re.compile(r"photo[0-9]*")
+_PHOTO_PART = FILE_PARTS  # photo parts, also without a filename (RFC 7578 makes it optional)
 
 
 def _part_bytes(text: str) -> bytes:

@@ -182,3 +182,15 @@ def test_multipart_forms_take_what_their_schema_says(hs):
     form = spec["paths"]["/v1/avatars/percify-yourself"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert form["schema"]["additionalProperties"] is False and form["schema"]["properties"]["tags"]["type"] == "string"
     assert json.dumps(form["schema"]["properties"]["visibility"]).count("unlisted") == 1  # enums kept from the model
+
+
+def test_unknown_query_parameters_and_nul_text_are_refused_as_the_schema_says(hs):
+    _, auth = hs.account()
+    err = assert_error(hs.client.get("/v1/avatars", params={"limt": 5}, headers=auth), 400, "invalid_request", "limt")
+    assert "limit" in err["message"]
+    assert hs.client.get("/v1/avatars", params={"limit": 5}, headers=auth).status_code == 200
+    assert_error(hs.client.post("/v1/avatars/generate", json={"prompt": "a\u0000b"}, headers=auth), 400,
+                 "invalid_request", "prompt")
+    spec = hs.client.get("/v1/openapi.json").json()
+    prompt = spec["components"]["schemas"]["GenerateRequest"]["properties"]["prompt"]
+    assert {"pattern": "^[^\\x00]*$"} in prompt["allOf"]

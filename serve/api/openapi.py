@@ -89,6 +89,7 @@ def install_openapi(app: FastAPI) -> None:
             schema = model.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
             comps.update(schema.pop("$defs", {}))
             comps[model.__name__] = schema
+        storable_text(spec)
         # Bearer auth on every operation but the public ones, so generated clients send the key.
         spec["components"]["securitySchemes"] = {"bearerAuth": {
             "type": "http", "scheme": "bearer", "description": "An API key: `Authorization: Bearer ak_live_…`"}}
@@ -106,6 +107,78 @@ def install_openapi(app: FastAPI) -> None:
     @app.get(url, include_in_schema=False)
     async def served_openapi(request: Request) -> JSONResponse:
         return JSONResponse(await served_document(request.app))
+
+
+#: Text any store keeps (PostgreSQL refuses NUL; `textguard` answers it with a 400).
+_NO_NUL = {"pattern": r"^[^\x00]*$"}
+_STORABLE_REF = {"$ref": "#/components/schemas/StorableJson"}
+_METADATA = {"type": "object", "propertyNames": _NO_NUL, "additionalProperties": _STORABLE_REF,
+             "description": "Free-form JSON object (≤ 16 KB of JSON; no NUL character in keys or strings)."}
+
+
+#: Request bodies whose strings the app takes (every one passes `textguard`).
+REQUEST_BODIES = ("GenerateRequest", "PercifyRequest", "CastRequest", "CastCharacterIn", "RemixRequest",
+                  "UpdateAvatarRequest", "CommentRequest", "WebhookCreateRequest")
+
+
+def _no_nul(schema: Any) -> None:
+    """Every free string in `schema` (recursively) states that it holds no NUL."""
+    if not isinstance(schema, dict):
+        return
+    if schema.get("type") == "string" and "enum" not in schema and "const" not in schema \
+            and schema.get("format") != "binary":
+        if "pattern" not in schema:
+            schema["pattern"] = _NO_NUL["pattern"]
+        elif schema["pattern"] != _NO_NUL["pattern"]:
+            schema.setdefault("allOf", []).append(dict(_NO_NUL))
+    for key in ("properties",):
+        for sub in (schema.get(key) or {}).values():
+            _no_nul(sub)
+    for key in ("items", "additionalProperties"):
+        _no_nul(schema.get(key))
+    for key in ("anyOf", "oneOf"):
+        for sub in schema.get(key) or []:
+            _no_nul(sub)
+
+
+def storable_text(spec: dict[str, Any]) -> None:
+    """What `textguard` refuses, stated in the schema: no NUL in request strings (bodies, form
+    fields, path and query parameters), and `metadata` any JSON object without NUL."""
+    storable_metadata(spec)
+    comps = spec["components"]["schemas"]
+    for name in REQUEST_BODIES:
+        _no_nul(comps.get(name))
+    for path in spec["paths"].values():
+        for op in path.values():
+            for param in op.get("parameters", []):
+                _no_nul(param.get("schema"))
+            form = op.get("requestBody", {}).get("content", {}).get("multipart/form-data", {}).get("schema", {})
+            _no_nul(form)
+
+
+def storable_metadata(spec: dict[str, Any]) -> None:
+    """`metadata` as what is accepted: any JSON object whose keys and strings hold no NUL."""
+    comps = spec["components"]["schemas"]
+    comps["StorableJson"] = {"description": "Any JSON value without NUL characters in its strings or keys.", "anyOf": [
+        {"type": "string", **_NO_NUL}, {"type": "number"}, {"type": "boolean"}, {"type": "null"},
+        {"type": "array", "items": _STORABLE_REF},
+        {"type": "object", "propertyNames": _NO_NUL, "additionalProperties": _STORABLE_REF}]}
+
+    def fix(props: dict[str, Any]) -> None:
+        meta = props.get("metadata")
+        if not isinstance(meta, dict):
+            return
+        if "anyOf" in meta:
+            meta["anyOf"] = [dict(_METADATA) if o.get("type") == "object" else o for o in meta["anyOf"]]
+        elif meta.get("type") == "object":
+            props["metadata"] = {**dict(_METADATA), **{k: v for k, v in meta.items() if k in ("title",)}}
+
+    for schema in comps.values():
+        fix(schema.get("properties", {}))
+    for path in spec["paths"].values():
+        for op in path.values():
+            form = op.get("requestBody", {}).get("content", {}).get("multipart/form-data", {}).get("schema", {})
+            fix(form.get("properties", {}))
 
 
 async def served_document(app: FastAPI) -> dict[str, Any]:
