@@ -27,6 +27,8 @@ Kind = KindName
 SortBy = SortFieldName
 SortOrder = SortOrderName
 
+IDENTITY_METHOD_DOC = ("Identity method: `faceid`, `faceid-plus-v2` or `instantid` (SDXL models); the model must offer "
+                      "it (GET /v1/health lists each model's `identityMethods`, the default first). Default: the model's.")
 MAX_TAGS = 20
 MAX_TAG_CHARS = 50
 MAX_TITLE_CHARS = 200
@@ -85,6 +87,7 @@ class PercifyRequest(GenerationFields):
     photos: list[str] = Field(..., min_length=1, max_length=MAX_REFERENCE_PHOTOS,
                               description="Base64 images (PNG/JPEG/WebP), optionally as data: URLs.")
     identity_strength: Optional[float] = Field(None, ge=IDENTITY_STRENGTH_RANGE[0], le=IDENTITY_STRENGTH_RANGE[1])
+    identity_method: Optional[str] = Field(None, max_length=40, description=IDENTITY_METHOD_DOC)
     batch_size: int = Field(1, ge=1, le=MAX_BATCH_SIZE)
 
 
@@ -105,6 +108,7 @@ class CastRequest(GenerationFields):
     layout: Optional[Literal["auto", "columns", "rows", "custom"]] = Field(
         None, description="Placement: `auto` (from the aspect ratio), `columns`, `rows`, or `custom` (every character has a box).")
     identity_strength: Optional[float] = Field(None, ge=IDENTITY_STRENGTH_RANGE[0], le=IDENTITY_STRENGTH_RANGE[1])
+    identity_method: Optional[str] = Field(None, max_length=40, description=IDENTITY_METHOD_DOC)
 
 
 class RemixRequest(AvatarMetaFields):
@@ -162,6 +166,7 @@ class Identity(_Out):
     similarity: Optional[float] = Field(None, description="Mean cosine similarity between the reference identity and the face in each output image.")
     per_image: Optional[list[Optional[float]]] = Field(None, description="Similarity per output image (null: no face found).")
     strength: Optional[float] = None
+    method: Optional[str] = Field(None, description="Identity method that produced the images.")
     notes: Optional[list[str]] = None
 
 

@@ -31,6 +31,7 @@ def _identity(value: Any) -> S.Identity | None:
     return S.Identity(faces=faces if isinstance(faces, int) else None,
                       similarity=round(sum(vals) / len(vals), 4) if vals else None, per_image=per_image,
                       strength=_num(value.get("strength")),
+                      method=value.get("method") if isinstance(value.get("method"), str) else None,
                       notes=[str(n) for n in notes] if isinstance(notes, list) else None)
 
 
