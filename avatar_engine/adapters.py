@@ -735,7 +735,7 @@ class IdentityAdapter:
         for faces in per_image_crops:
             row = []
             for crops in faces:
-                if not crops:
+                if crops is None or len(crops) == 0:
                     if blank is None:
                         px = self.feature_extractor(images=[np.zeros((8, 8, 3), np.uint8)], return_tensors="pt").pixel_values
                         blank = hidden(torch.zeros_like(px))[0]
