@@ -767,10 +767,13 @@ def _adapters(model) -> dict:
     return model.state.setdefault("identity_adapters", {})
 
 
-def resolve_method(profile, method: str | None) -> str:
+def resolve_method(profile, method: str | None) -> str | None:
     """The request's identity method, or the profile's default; a method the profile does not
-    offer is a RequestValidationError naming `identityMethod`."""
-    offered = profile.offered_identity_methods
+    offer is a RequestValidationError naming `identityMethod`. A profile-like object that says
+    nothing about identity methods (e.g. the service's profile summary) leaves it as asked."""
+    offered = getattr(profile, "offered_identity_methods", None)
+    if offered is None:
+        return method
     if not offered:
         raise RequestValidationError(
             f"model {profile.name!r} has no IP-Adapter configured (identity_methods / ip_adapter in models.yaml), "

@@ -184,7 +184,7 @@ class CastRequest(GenerationRequest):
 
         out = super().resolve(profile)
         method = None
-        if profile.identity_method or self.identity_method:  # a model without identity methods can still cast prompts
+        if getattr(profile, "identity_method", None) or self.identity_method:  # without methods: prompts only
             method = resolve_method(profile, self.identity_method)
             if method in NEEDS_PHOTOS:
                 self._require_photos(method)

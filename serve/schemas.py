@@ -212,6 +212,7 @@ class Avatar(_Out):
     credit_cost: int = 0
     error: Optional[ErrorInfo] = None
     timings: Timings = Field(default_factory=Timings)
+    identity_method: Optional[str] = Field(None, description="percify, cast with faces: the identity method that produced the images.")
     identity: Optional[Identity] = None
     characters: Optional[list[CastCharacterOut]] = None
     created_at: str
@@ -259,6 +260,7 @@ class ModelInfo(_Out):
     credit_cost: int
     resolution: Optional[int] = None
     kinds: list[str] = Field(default_factory=list)
+    identity_methods: list[str] = Field(default_factory=list, description="Identity methods `identityMethod` may name, the default first.")
     engine: Optional[dict[str, Any]] = Field(
         None, description="What runs on the loaded model, read back from its modules: dtype, attention kernel, "
                           "fused projections, compile scope/mode, batch buckets, identity adapter, warm-up.")

@@ -2,7 +2,9 @@
 answers, idempotent replays, rate limits) replayed through the app, its responses normalised
 (random ids → `av_#n` in order of appearance, timings → N) and compared line by line with
 `fixtures/wire_transcript.txt`, which the app before the serve/ refactor (b0cb314) produced
-(plus `"engine":null` in `/v1/health`'s models, which the engine-speed work added since).
+(plus `"engine":null` in `/v1/health`'s models, which the engine-speed work added since, and
+`"identityMethods":[]` there and `"identityMethod":null` on avatars, which selectable identity
+methods added).
 A change to any status, header or body byte of these answers fails here.
 
 Regenerate deliberately: `python tests/test_wire.py > tests/fixtures/wire_transcript.txt`.

@@ -16,7 +16,7 @@ PERCIFY_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["photo"], "properties": {
         "photo": {**_FILES, "minItems": 1, "maxItems": 5},
         "prompt": _STR, "stylePreset": _STR, "aspectRatio": _STR, "identityStrength": _NUM, "seed": _INT,
-        "model": _STR, "guidanceScale": _NUM, "steps": _INT, "batchSize": _INT, "negativePrompt": _STR,
+        "identityMethod": _STR, "model": _STR, "guidanceScale": _NUM, "steps": _INT, "batchSize": _INT, "negativePrompt": _STR,
         "title": _STR, "visibility": _STR,
     }}}}}}
 
@@ -26,6 +26,7 @@ CAST_BODY = {"requestBody": {"required": True, "content": {
         "prompt": _STR,
         "characters": {"type": "string", "description": "JSON list of {prompt, avatarId?} (no photos)"},
         "photo0": _FILES, "photo1": _FILES, "layout": _STR, "seed": _INT, "model": _STR,
+        "identityStrength": _NUM, "identityMethod": _STR,
     }}}}}}
 
 
