@@ -296,7 +296,8 @@ def tiny_method_files(method: str, unet) -> dict:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".build-", dir=target.parent)
         try:
-            _TINY_WRITERS[method](unet, tmp)
+            with torch.random.fork_rng():  # the writers seed torch; leave the process's RNG as it was
+                _TINY_WRITERS[method](unet, tmp)
             open(os.path.join(tmp, ".complete"), "w").close()
             try:
                 os.rename(tmp, target)

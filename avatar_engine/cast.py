@@ -8,9 +8,11 @@ afterwards.
 - Cost: one pass costs the same UNet steps as a plain image (the extra is K+1 small text
   attentions per cross-attention layer); compositing costs K+1 passes plus a blend pass.
 - Identity confinement: users of InstantID / IP-Adapter report that several faces given to one
-  adapter blend into one face or only one survives. Here each character's FaceID embedding
-  enters through its own IP-Adapter mask (diffusers `ip_adapter_masks`), so identity k is added
-  only inside region k; its prompt is applied only there too (regional cross-attention, see
+  adapter blend into one face or only one survives. Here each character's identity tokens (of the
+  request's identity method: FaceID, FaceID Plus v2 with that character's face crop, or InstantID)
+  enter under their own region mask, so identity k is added only inside region k (InstantID: its
+  IdentityNet also runs per character on that character's keypoints drawn in its region, with its
+  own tokens, and its residuals are multiplied by the region mask); its prompt is applied only there too (regional cross-attention, see
   regional.py), and the scene prompt fills the background. A character without photos is
   prompt-only: its identity mask is zero, which changes the output by exactly 0.0.
 

@@ -7,8 +7,13 @@ carries that 512-d identity as its conditioning, so percify requests batch with 
 (one row of `ip_adapter_image_embeds` per image) and a request's images are the same whether
 it ran alone or packed with others.
 
-Identity strength is the IP-Adapter scale of each image (and the FaceID LoRA's weight, capped
-at 1), passed as a per-image tensor, so requests of different strengths share a call (scaling
+Identity method (`identity_method`: faceid, faceid-plus-v2, instantid; adapters.py) is chosen per
+request among those the model offers (its default when none is named); requests batch per method.
+Plus v2 also encodes the reference face crops with CLIP; InstantID also draws the reference face's
+keypoints into the output frame for its IdentityNet ControlNet.
+
+Identity strength is the IP-Adapter scale of each image (and the FaceID LoRA's / InstantID
+ControlNet's weight, capped at 1), passed as a per-image tensor, so requests of different strengths share a call (scaling
 the embedding instead would not work: the FaceID projection ends in a LayerNorm, which undoes
 any scaling). Strength 0 reproduces the plain pipeline exactly.
 
