@@ -14,15 +14,20 @@ from .api.openapi import install_openapi
 from .api.rendering import event_renderer, render_avatar
 from .assets import AssetStore
 from .engine_client import EngineClient
+from .links import ImageLinks
 from .errors import RequestContextMiddleware, install_error_handlers, store_error
 from .metrics import IngressMetrics, MetricsMiddleware
 from .policy import PolicyChecker
 from .settings import ServiceSettings
 from .store import Store
+from .waiting import Waiters
 
 API_VERSION = getattr(avatar_engine, "__version__", "0.1.0")
 DESCRIPTION = ("Prompt → avatar, percify-yourself and cast. Submissions return **202** with the queued avatar; "
-               "poll `GET /v1/avatars/{avatarId}` until `status` is `completed` (or `failed`/`cancelled`). "
+               "poll `GET /v1/avatars/{avatarId}` until `status` is `completed` (or `failed`/`cancelled`), send "
+               "`Prefer: wait[=N]` (N ≤ 60) to get the finished avatar in the answer (201), or follow "
+               "`GET /v1/avatars/{avatarId}/events` (Server-Sent Events). Image URLs are absolute and open without a "
+               "header: stable for public avatars, signed and expiring (`expires`, `signature`) for the others. "
                'Every error has the shape `{"error": {"code", "message", "param", "requestId"}}`.')
 ROUTERS = (system, account, submissions, avatars, community, webhooks)
 
@@ -33,9 +38,10 @@ def create_app(settings: ServiceSettings, store: Store, engine_client: EngineCli
     """The HTTP app. Dependencies are injected so tests and Ray build the same thing."""
     app = FastAPI(title="Avatar API", version=API_VERSION, description=DESCRIPTION,
                   openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
-    svc = Services(settings=settings, store=store, engine=engine_client,
-                   assets=assets or AssetStore.from_url(settings.resolved_assets_url),
-                   policy=policy or PolicyChecker(settings.all_policy_words()), metrics=metrics or IngressMetrics())
+    assets = assets or AssetStore.from_url(settings.resolved_assets_url)
+    svc = Services(settings=settings, store=store, engine=engine_client, assets=assets,
+                   policy=policy or PolicyChecker(settings.all_policy_words()), metrics=metrics or IngressMetrics(),
+                   links=ImageLinks.from_settings(settings, assets), waiters=Waiters(settings))
     app.state.services = svc
     # Read by the auth dependency, the error handlers and the middleware:
     app.state.settings, app.state.store, app.state.metrics = settings, store, svc.metrics

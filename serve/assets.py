@@ -109,6 +109,15 @@ class FsspecBackend:
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
+    def presign(self, key: str, ttl_s: int) -> str | None:
+        """The object store's own presigned GET URL for `key` (s3fs, gcsfs implement fsspec's
+        `sign`), or None when this filesystem cannot sign (the service's signed route is used)."""
+        try:
+            url = self.fs.sign(self._path(key), expiration=int(ttl_s))
+        except (NotImplementedError, AttributeError):
+            return None
+        return str(url) if url else None
+
 
 @dataclass(frozen=True)
 class StoredImage:

@@ -37,7 +37,13 @@ def _open_store(settings: ServiceSettings):
 
     if settings.resolved_db_url.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(settings.resolved_db_url[len("sqlite:///"):]) or ".", exist_ok=True)
-    return open_store(settings.resolved_db_url, event_renderer=event_renderer(settings.public_base_url))
+    from .assets import AssetStore
+    from .links import ImageLinks
+
+    # Webhook payloads have no request to take a base URL from: public_base_url, else host:port.
+    base = settings.public_base_url.rstrip("/") or f"http://{settings.host}:{settings.port}"
+    links = ImageLinks.from_settings(settings, AssetStore.from_url(settings.resolved_assets_url))
+    return open_store(settings.resolved_db_url, event_renderer=event_renderer(base, links))
 
 
 def served_models(engine: Any, settings: ServiceSettings) -> list[str]:

@@ -1,4 +1,4 @@
-"""The SSRF guard for webhook destinations.
+"""The SSRF guard for webhook destinations and user-supplied photo URLs (`fetch_url`).
 
 `check_destination` resolves the URL's host and refuses it when ANY address is private,
 loopback, link-local, CGNAT, multicast, reserved or unspecified (IPv4 embedded in IPv6 — mapped,
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from typing import Any, Callable, Iterable, Sequence
 
 import httpx
@@ -144,3 +145,93 @@ def destination_error(url: str, settings: Any, *, resolver: Resolver | None = No
     except DestinationRefused as exc:
         return str(exc)
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Fetching a user-supplied URL (percify photos) under the same guard
+# --------------------------------------------------------------------------------------------
+class FetchRefused(ValueError):
+    """A user-supplied URL could not be fetched safely; the message says why (maps to a 400
+    naming the field)."""
+
+
+MAX_REDIRECTS = 3
+_PHOTO_HINT = "set photo_fetch_allow_private or add the host or its network to photo_fetch_allowlist"
+
+
+def fetch_url(url: str, *, max_bytes: int, timeout_s: float, allow_private: bool = False,
+              allowlist: Iterable[str] = (), resolver: Resolver | None = None,
+              accept: str = "image/jpeg, image/png, image/webp", user_agent: str = "avatar-engine-fetch/1.0",
+              max_redirects: int = MAX_REDIRECTS) -> bytes:
+    """GET `url` through the SSRF guard the webhooks use, and return its body.
+
+    Every hop is vetted by `check_destination` and connected to by vetted IP only (DNS pinning,
+    `Host` and TLS SNI keep the name); redirects are followed by hand, at most `max_redirects`,
+    each re-vetted (so a public URL cannot redirect to a private address); environment proxies
+    are ignored; `timeout_s` bounds the whole fetch, redirects and body included; the body is
+    refused past `max_bytes` (declared or streamed) and when its Content-Type is declared and
+    not an image. Raises FetchRefused."""
+    deadline = time.monotonic() + timeout_s
+    current = url
+    for _hop in range(max_redirects + 1):
+        try:
+            addrs = check_destination(current, allow_private=allow_private, allowlist=allowlist, resolver=resolver)
+        except DestinationRefused as exc:
+            raise FetchRefused(exc.message.replace(_HINT, _PHOTO_HINT)) from None
+        u = httpx.URL(current)
+        headers = {"host": u.netloc.decode("ascii"), "user-agent": user_agent, "accept": accept}
+        extensions = {"sni_hostname": u.raw_host.decode("ascii")} if u.scheme == "https" else {}
+        error = "no address tried"
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FetchRefused(f"timed out after {timeout_s:g} s")
+        with httpx.Client(timeout=remaining, follow_redirects=False, trust_env=False,
+                          limits=httpx.Limits(max_keepalive_connections=0)) as client:
+            for ip in addrs[:3]:
+                request = client.build_request("GET", u.copy_with(host=ip), headers=headers, extensions=extensions)
+                try:
+                    response = client.send(request, stream=True)
+                except httpx.ConnectError as exc:
+                    error = f"connection to {ip} failed: {exc or type(exc).__name__}"
+                    continue
+                except httpx.TimeoutException:
+                    raise FetchRefused(f"timed out after {timeout_s:g} s") from None
+                except (httpx.HTTPError, OSError) as exc:
+                    raise FetchRefused(f"{type(exc).__name__}: {exc}"[:300]) from None
+                try:
+                    if response.status_code in (301, 302, 303, 307, 308):
+                        location = response.headers.get("location")
+                        if not location:
+                            raise FetchRefused(f"HTTP {response.status_code} without a Location")
+                        current = str(u.join(location))
+                        break
+                    if response.status_code != 200:
+                        raise FetchRefused(f"HTTP {response.status_code}")
+                    return _read_body(response, max_bytes, deadline, timeout_s)
+                finally:
+                    response.close()
+            else:
+                raise FetchRefused(error)
+    raise FetchRefused(f"more than {max_redirects} redirects")
+
+
+def _read_body(response: httpx.Response, max_bytes: int, deadline: float, timeout_s: float) -> bytes:
+    ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
+        raise FetchRefused(f"Content-Type {ctype!r} is not an image")
+    declared = response.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise FetchRefused(f"the image is {int(declared)} bytes; the limit is {max_bytes}")
+    body = bytearray()
+    try:
+        for chunk in response.iter_raw():
+            body += chunk
+            if len(body) > max_bytes:
+                raise FetchRefused(f"the image is larger than the limit of {max_bytes} bytes")
+            if time.monotonic() > deadline:
+                raise FetchRefused(f"timed out after {timeout_s:g} s")
+    except httpx.TimeoutException:
+        raise FetchRefused(f"timed out after {timeout_s:g} s") from None
+    except httpx.HTTPError as exc:
+        raise FetchRefused(f"{type(exc).__name__}: {exc}"[:300]) from None
+    return bytes(body)

@@ -34,6 +34,7 @@ class ProfileInfo:
     kinds: tuple[str, ...] = ALL_KINDS
     identity_methods: tuple[str, ...] = ()  # what `identityMethod` may name, the default first
     engine: dict | None = None  # what runs, read back from the loaded model (kernels, compile, warm-up)
+    face_min_size: int = 32  # reference faces smaller than this (px) are refused
 
     @classmethod
     def from_profile(cls, p: Any) -> "ProfileInfo":
@@ -46,16 +47,19 @@ class ProfileInfo:
         return cls(name=p.name, credit_cost=None if cost is None else int(cost),
                    resolution=int(getattr(p, "resolution", 512)), size_multiple=int(getattr(p, "size_multiple", 8)),
                    steps=int(getattr(p, "steps", 25)), guidance_scale=float(getattr(p, "guidance_scale", 7.5)),
-                   kinds=tuple(kinds), identity_methods=tuple(getattr(p, "offered_identity_methods", ()) or ()))
+                   kinds=tuple(kinds), face_min_size=int(getattr(p, "face_min_size", 32)),
+                   identity_methods=tuple(getattr(p, "offered_identity_methods", ()) or ()))
 
 
 @dataclass(frozen=True)
 class EngineDescription:
     default_model: str
     profiles: dict[str, ProfileInfo] = field(default_factory=dict)
+    face: dict | None = None  # {"backend", "options"} of the engine's face analyzer (None: not known)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"default_model": self.default_model, "profiles": {k: asdict(v) for k, v in self.profiles.items()}}
+        return {"default_model": self.default_model, "profiles": {k: asdict(v) for k, v in self.profiles.items()},
+                "face": self.face}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EngineDescription":
@@ -65,7 +69,7 @@ class EngineDescription:
             v["kinds"] = tuple(v.get("kinds", ALL_KINDS))
             v["identity_methods"] = tuple(v.get("identity_methods", ()))
             profiles[k] = ProfileInfo(**v)
-        return cls(default_model=d["default_model"], profiles=profiles)
+        return cls(default_model=d["default_model"], profiles=profiles, face=d.get("face"))
 
     @classmethod
     def from_engine(cls, engine: Any, models: list[str] | None = None) -> "EngineDescription":
@@ -80,7 +84,35 @@ class EngineDescription:
                 info = replace(info, engine={**loaded.applied, "warmup": dict(loaded.warmup)})
             profiles[name] = info
         default = engine.default_model if engine.default_model in profiles else names[0]
-        return cls(default_model=default, profiles=profiles)
+        return cls(default_model=default, profiles=profiles, face=face_config(engine))
+
+
+def face_config(engine: Any) -> dict | None:
+    """How to build the same face analyzer as `engine` (the ingress checks photos with it)."""
+    config = getattr(engine, "config", None)
+    backend = getattr(config, "face_backend", None)
+    if not backend:
+        return None
+    options = {}
+    if backend == "insightface":
+        options = {"model_root": config.face_model_root, "name": config.face_model_name}
+    return {"backend": backend, "options": options}
+
+
+_ANALYZERS: dict[str, Any] = {}
+
+
+def face_analyzer_for(face: dict) -> Any:
+    """The process-wide analyzer for a description's `face` config (built once; detection is
+    stateless, so one instance serves every request)."""
+    import json
+
+    key = json.dumps(face, sort_keys=True)
+    if key not in _ANALYZERS:
+        from avatar_engine.faces import face_analyzer_from_config
+
+        _ANALYZERS[key] = face_analyzer_from_config(face["backend"], **(face.get("options") or {}))
+    return _ANALYZERS[key]
 
 
 class EngineClient(abc.ABC):

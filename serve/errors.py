@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from avatar_engine.errors import AvatarEngineError, ProfileError
 
+from .links import REQUEST_BASE_URL, request_base_url
 from .logctx import logger, reset_request_id, set_request_id
 from .store import (
     ConcurrencyLimitExceeded, InsufficientCredits, InvalidArgument, InvalidState, NotFound, PermissionDenied, StoreError,
@@ -260,6 +261,7 @@ class RequestContextMiddleware:
             return message
 
         token = set_request_id(rid)  # every log line of this request carries its id
+        base_token = REQUEST_BASE_URL.set(request_base_url(scope))  # absolute links' default prefix
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
         except BodyTooLarge:
@@ -274,6 +276,7 @@ class RequestContextMiddleware:
                     "internal_error", f"An internal error occurred; quote requestId {rid} when reporting it",
                     None, rid), rid)
         finally:
+            REQUEST_BASE_URL.reset(base_token)
             reset_request_id(token)
 
 

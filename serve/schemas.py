@@ -84,11 +84,25 @@ class PercifyRequest(GenerationFields):
     as a repeated `photo` file part."""
 
     prompt: str = Field("a portrait photo of a person", min_length=1, max_length=PROMPT_MAX_CHARS)
-    photos: list[str] = Field(..., min_length=1, max_length=MAX_REFERENCE_PHOTOS,
-                              description="Base64 images (PNG/JPEG/WebP), optionally as data: URLs.")
+    photos: Optional[list[str]] = Field(None, min_length=1, max_length=MAX_REFERENCE_PHOTOS,
+                                        description="Base64 images (PNG/JPEG/WebP), optionally as data: URLs, or "
+                                                    "http(s) URLs of such images (fetched by the service).")
+    photo_url: Optional[str] = Field(None, min_length=1, max_length=2000,
+                                     description="An http(s) URL of a photo of the person (Percify's field), "
+                                                 "fetched through the SSRF guard.")
+    photo_urls: Optional[list[str]] = Field(None, min_length=1, max_length=MAX_REFERENCE_PHOTOS,
+                                            description="Several photo URLs of the same person.")
     identity_strength: Optional[float] = Field(None, ge=IDENTITY_STRENGTH_RANGE[0], le=IDENTITY_STRENGTH_RANGE[1])
     identity_method: Optional[str] = Field(None, max_length=40, description=IDENTITY_METHOD_DOC)
     batch_size: int = Field(1, ge=1, le=MAX_BATCH_SIZE)
+
+    def photo_sources(self) -> list[tuple[str, str]]:
+        """(param, value) of every photo given, in order: `photos[i]`, `photoUrl`, `photoUrls[i]`."""
+        out = [(f"photos[{i}]", v) for i, v in enumerate(self.photos or [])]
+        if self.photo_url is not None:
+            out.append(("photoUrl", self.photo_url))
+        out += [(f"photoUrls[{i}]", v) for i, v in enumerate(self.photo_urls or [])]
+        return out
 
 
 class CastCharacterIn(_In):
@@ -96,7 +110,7 @@ class CastCharacterIn(_In):
     box: Optional[list[float]] = Field(None, min_length=4, max_length=4,
                                        description="Region [x0, y0, x1, y1] as fractions 0..1 of the frame.")
     photos: Optional[list[str]] = Field(None, min_length=1, max_length=MAX_REFERENCE_PHOTOS,
-                                        description="Base64 reference photos of this character.")
+                                        description="Base64 reference photos of this character, or http(s) URLs of them.")
     avatar_id: Optional[str] = Field(None, description="One of your completed avatars to use as this character's reference.")
 
 
@@ -179,6 +193,11 @@ class CastCharacterOut(_Out):
     similarity: Optional[float] = Field(None, description="Face similarity of this character's reference to the face found for it (mean over images).")
 
 
+class Progress(_Out):
+    step: int = Field(..., description="Denoising steps done so far (written by the worker at most once per `progress_interval_s`).")
+    total_steps: int
+
+
 class Avatar(_Out):
     id: str
     object: Literal["avatar"] = "avatar"
@@ -198,6 +217,7 @@ class Avatar(_Out):
     strength: Optional[float] = None
     images: list[AvatarImage] = Field(default_factory=list)
     thumbnail_url: Optional[str] = None
+    progress: Optional[Progress] = Field(None, description="While `processing`: steps done of the batch it runs in; null otherwise.")
     title: Optional[str] = None
     description: Optional[str] = None
     tags: list[str] = Field(default_factory=list)

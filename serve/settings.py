@@ -150,7 +150,22 @@ class ServiceSettings(BaseSettings):
     """Local directory or any fsspec URL (`s3://bucket/prefix`, `gs://...`, `memory://x`);
     default `<data_dir>/assets`."""
     public_base_url: str = ""
-    """Prefix for image URLs in responses (e.g. `https://api.example.com`); empty → relative URLs."""
+    """Scheme + host (+ path prefix) of the service as clients reach it (e.g.
+    `https://api.example.com`), used for the absolute image URLs in responses and webhook
+    payloads. Empty → each response uses its request's own base URL (scheme and `Host` as the
+    service sees them: behind a proxy that rewrites them, set this, or run uvicorn with
+    `--proxy-headers`); webhook payloads then fall back to `http://<host>:<port>`."""
+
+    # --- image links ---------------------------------------------------------------------
+    url_signing_secret: Optional[str] = None
+    """Key of the HMAC-SHA256 signatures on private image links. None → 32 random bytes created
+    once in `<data_dir>/url-signing.key` (0600) so links survive a restart; set it explicitly
+    when replicas do not share `data_dir` (several nodes). Changing it invalidates every link."""
+    signed_url_ttl_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
+    """Lifetime of a signed (or presigned) private image link, seconds."""
+    presign_asset_urls: bool = True
+    """When the asset store can presign URLs itself (fsspec `sign()`: s3fs, gcsfs), hand out its
+    presigned URLs for private images; otherwise (or when off) the service's own signed route."""
 
     # --- network -------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -187,6 +202,22 @@ class ServiceSettings(BaseSettings):
     """Most jobs one worker claims and runs through the engine at once."""
     max_attempts: int = Field(3, ge=1)
     """A job whose worker died this many times is failed instead of retried."""
+    progress_interval_s: float = Field(1.0, ge=0.0)
+    """Least time between two progress writes of a running batch (`progress` on the avatar;
+    the writes happen in a side thread, never on the engine's step)."""
+
+    # --- waiting (Prefer: wait, event streams) -------------------------------------------
+    max_wait_s: float = Field(60.0, ge=0.0, le=60.0)
+    """Longest `Prefer: wait=N` honoured (N above it is capped)."""
+    wait_poll_min_s: float = Field(0.1, gt=0.0)
+    wait_poll_max_s: float = Field(1.0, gt=0.0)
+    """Waiters poll the store (one short read, connection released) starting every
+    `wait_poll_min_s`, backing off ×1.5 to `wait_poll_max_s` while nothing changes."""
+    max_waiters: int = Field(64, ge=0)
+    """Most waiting requests (`Prefer: wait` + event streams) per ingress process; each account
+    may also hold at most its tier's concurrent-generations number of them."""
+    events_max_s: float = Field(600.0, gt=0.0)
+    """An event stream closes after this long even if the job has not ended (clients reconnect)."""
 
     # --- content policy ------------------------------------------------------------------
     policy_words: StrList = DEFAULT_POLICY_WORDS
@@ -197,6 +228,15 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(40 * 1024 * 1024, ge=1)
     max_photo_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_photo_pixels: int = 40_000_000
+    photo_fetch_timeout_s: float = Field(10.0, gt=0.0)
+    """Whole-download time cap of one photo given by URL (connect, redirects and body)."""
+    photo_fetch_allow_private: bool = False
+    """Allow photo URLs whose host is private/loopback (tests, private networks)."""
+    photo_fetch_allowlist: StrList = ()
+    """Host names or IPs/CIDRs allowed for photo URLs even though they are private."""
+    face_check_at_submit: bool = True
+    """Run the engine's face analyzer on percify photos in the ingress, so a photo without a
+    usable face is a 400 naming it before any credit is reserved."""
 
     # --- observability -------------------------------------------------------------------
     metrics_token: Optional[str] = None
@@ -208,7 +248,7 @@ class ServiceSettings(BaseSettings):
     """Webhook delivery (`webhook_<field>` / `AVATAR_WEBHOOK_<FIELD>` set single fields)."""
 
     # ------------------------------------------------------------------------------------
-    @field_validator("models", "policy_words", mode="before")
+    @field_validator("models", "policy_words", "photo_fetch_allowlist", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _string_list(value)

@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
+import threading
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError as FastAPIValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from avatar_engine import requests as ereq
+from avatar_engine.errors import AvatarEngineError
 from avatar_engine.protocol import COMMON_FIELDS, TASK_FIELDS, request_from_wire, request_to_wire, wire_fields
 from avatar_engine.requests import GenerationRequest
 
@@ -33,11 +36,13 @@ from .api.common import Services, call, dump, get_visible, json_response
 from .api.rendering import render_avatar
 from .assets import encode_png, upload_key
 from .auth import Principal
-from .engine_client import ProfileInfo
+from .destinations import FetchRefused, fetch_url
+from .engine_client import ProfileInfo, face_analyzer_for
 from .errors import ApiError, BodyTooLarge, content_policy_violation, invalid_request, unauthorized_access
 from .policy import PolicyChecker
 from .uploads import b64_to_bytes, decode_photo
-from .vocab import JobKind, JobStatus
+from .vocab import TERMINAL_STATUSES, JobKind, JobStatus
+from .waiting import parse_prefer_wait, wait_for_end
 
 log = logger("serve.submissions")
 
@@ -183,7 +188,33 @@ async def submit(svc: Services, principal: Principal, sub: Submission) -> JSONRe
     svc.metrics.submitted.labels(kind=sub.kind).inc()
     log.info("job %s accepted: %s, %d credits reserved, account %s", av.id, sub.kind, av.credit_cost, principal.id)
     await svc.engine.notify()
-    return json_response(render_avatar(av, svc.base_url), 202, headers={"Location": f"/v1/avatars/{av.id}"})
+    return json_response(render_avatar(av, svc.base_url, svc.links), 202, headers={"Location": f"/v1/avatars/{av.id}"})
+
+
+async def maybe_wait(svc: Services, principal: Principal, resp: Response, prefer: str | None) -> Response:
+    """`Prefer: wait[=N]` (RFC 7240, the Replicate pattern) on a create request: once the job is
+    persisted (and its response stored for the Idempotency-Key), hold the answer until the job
+    ends — 201 with the finished avatar (completed, failed or cancelled) — or N seconds pass —
+    202 with its current state. Waiting polls the store (`serve.waiting`); it holds no database
+    connection and no engine slot. Over the waiter bounds, the 202 is returned at once."""
+    seconds = parse_prefer_wait(prefer, svc.settings.max_wait_s)
+    if seconds is None or resp.status_code != 202:
+        return resp
+    try:
+        avatar_id = json.loads(bytes(resp.body))["id"]
+    except (ValueError, KeyError, TypeError):
+        return resp
+    headers = {k: v for k, v in resp.headers.items() if k.lower() in ("location", "idempotent-replayed")}
+    with svc.waiters.slot(principal.id, principal.limits.concurrent_jobs) as ok:
+        if not ok:
+            return resp
+        status = await wait_for_end(svc.store, avatar_id, svc.settings, seconds)
+    av = await call(svc.store.get_avatar, avatar_id)
+    if av is None or status is None:
+        return resp
+    applied = {"Preference-Applied": f"wait={int(seconds)}"}
+    code = 201 if av.status in TERMINAL_STATUSES else 202
+    return json_response(render_avatar(av, svc.base_url, svc.links), code, headers={**headers, **applied})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,6 +232,7 @@ class PhotoRequest:
     canonical: dict[str, Any]
     images: list[Any] = field(default_factory=list)  # percify: the person's photos
     refs: list[dict[str, Any]] = field(default_factory=list)  # cast: per character {images, src}
+    params: list[str] = field(default_factory=list)  # percify: how the request named each photo
 
 
 def _engine_fields(body: Any, kind: str) -> dict[str, Any]:
@@ -217,22 +249,85 @@ async def read_percify(request: Request, svc: Services) -> PhotoRequest:
             name = unexpected[0].split("[")[0]
             raise invalid_request(f"unexpected file part {name!r}; use 'photo'", name)
         photo_bytes = list(files.items())
+        if body.photo_url is not None or body.photo_urls:
+            photo_bytes += [(p, await photo_bytes_of(svc, v, p)) for p, v in body.photo_sources() if p.startswith("photoUrl")]
     else:
-        photo_bytes = [(f"photos[{i}]", b64_to_bytes(s, f"photos[{i}]")) for i, s in enumerate(body.photos)]
+        sources = body.photo_sources()
+        if not sources:
+            raise invalid_request("give at least one photo: photos (base64 or URLs), photoUrl or photoUrls", "photos")
+        if len(sources) > ereq.MAX_REFERENCE_PHOTOS:
+            raise invalid_request(f"at most {ereq.MAX_REFERENCE_PHOTOS} photos of one person", sources[-1][0])
+        photo_bytes = [(p, await photo_bytes_of(svc, v, p)) for p, v in sources]
     if len(photo_bytes) > ereq.MAX_REFERENCE_PHOTOS:
         raise invalid_request(f"at most {ereq.MAX_REFERENCE_PHOTOS} photos of one person", "photo")
     images = [await call(decode, svc, b, param) for param, b in photo_bytes]
-    canonical = {**{k: v for k, v in dump(body).items() if k != "photos"},
+    canonical = {**{k: v for k, v in dump(body).items() if k not in ("photos", "photoUrl", "photoUrls")},
                  "photos": [hashlib.sha256(b).hexdigest() for _, b in photo_bytes]}
-    return PhotoRequest(body, canonical, images=images)
+    return PhotoRequest(body, canonical, images=images, params=[p for p, _ in photo_bytes])
+
+
+async def photo_bytes_of(svc: Services, value: str, param: str) -> bytes:
+    """A photo given as base64 / data: URL, or as an http(s) URL fetched through the webhooks'
+    SSRF guard (`destinations.fetch_url`: DNS pinning, re-vetted redirects, size and time caps);
+    the bytes are then checked and decoded like an upload (`decode`)."""
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str) and text[:8].lower().startswith(("http://", "https://")):
+        s = svc.settings
+        try:
+            return await call(fetch_url, text, max_bytes=s.max_photo_bytes, timeout_s=s.photo_fetch_timeout_s,
+                              allow_private=s.photo_fetch_allow_private, allowlist=s.photo_fetch_allowlist)
+        except FetchRefused as exc:
+            raise invalid_request(f"{param}: the photo URL could not be fetched: {exc}", param) from None
+    return b64_to_bytes(value, param)
+
+
+_FACE_LOCK = threading.Lock()  # one detection at a time per process (the analyzer is shared)
+
+
+async def check_faces(svc: Services, profile: ProfileInfo, images: list[Any], params: list[str]) -> None:
+    """Refuse at submit — before any credit is reserved — a photo in which the engine's own face
+    analyzer (same backend and options, from the engine description) finds no usable face: a
+    400 invalid_request whose `param` names the photo as the request gave it."""
+    desc = await svc.engine.describe()
+    if not svc.settings.face_check_at_submit or not desc.face or not images:
+        return
+    from avatar_engine.errors import NoFaceError
+    from avatar_engine.faces import analyze_reference_photos
+
+    def run() -> None:
+        analyzer = face_analyzer_for(desc.face)
+        with _FACE_LOCK:
+            analyze_reference_photos(analyzer, images, param="photos", min_face_size=profile.face_min_size)
+
+    try:
+        await call(run)
+    except NoFaceError as exc:
+        index = int(exc.param.split("[", 1)[1].rstrip("]")) if exc.param and "[" in exc.param else 0
+        param = params[index] if index < len(params) else exc.param
+        message = exc.message.replace(f"(photos[{index}])", f"({param})")
+        raise invalid_request(message, param) from None
+
+
+def _photo_error(exc: AvatarEngineError, params: list[str]) -> Exception:
+    """An engine error naming `photos[i]` → the same error naming the photo as the request gave it
+    (`photoUrl`, `photoUrls[0]`, `photo[1]`...); other errors unchanged."""
+    match = re.fullmatch(r"photos\[(\d+)\]", exc.param or "")
+    if not match or int(match.group(1)) >= len(params) or params[int(match.group(1))] == exc.param:
+        return exc
+    param = params[int(match.group(1))]
+    status = 400 if exc.code in ("invalid_request", "content_policy_violation") else 500
+    return ApiError(status, exc.code, exc.message.replace(exc.param, param), param=param)
 
 
 async def percify(svc: Services, principal: Principal, form: PhotoRequest) -> JSONResponse:
     body = form.body
     sub = await prepare(svc, JobKind.PERCIFY, body)
     method = identity_method_for(sub.profile, body.identity_method)
-    request_from_wire({**_engine_fields(body, JobKind.PERCIFY), "photos": form.images},
-                      JobKind.PERCIFY).validate()  # the engine's own checks, same params
+    await check_faces(svc, sub.profile, form.images, form.params)
+    try:  # the engine's own checks (one person across the photos: IdentityMismatchError), same params
+        request_from_wire({**_engine_fields(body, JobKind.PERCIFY), "photos": form.images}, JobKind.PERCIFY).validate()
+    except AvatarEngineError as exc:
+        raise _photo_error(exc, form.params) from None
     sub.params["photos"] = [sub.add_upload(img) for img in form.images]
     if body.identity_strength is not None:
         sub.params["identityStrength"] = body.identity_strength
@@ -253,7 +348,7 @@ async def read_cast(request: Request, svc: Services, principal: Principal) -> Ph
     refs: list[dict[str, Any]] = []
     for i, c in enumerate(body.characters):
         if c.photos:
-            per_char[i] += [(f"characters[{i}].photos[{j}]", b64_to_bytes(s, f"characters[{i}].photos[{j}]"))
+            per_char[i] += [(f"characters[{i}].photos[{j}]", await photo_bytes_of(svc, s, f"characters[{i}].photos[{j}]"))
                             for j, s in enumerate(c.photos)]
         if len(per_char[i]) > ereq.MAX_REFERENCE_PHOTOS:
             raise invalid_request(f"at most {ereq.MAX_REFERENCE_PHOTOS} photos per character", f"characters[{i}].photos")
@@ -357,6 +452,8 @@ async def _read_form(request: Request) -> tuple[dict[str, Any], dict[str, bytes]
             files[f"{name}[{n}]"] = await value.read()
         elif name == "tags":
             data.setdefault("tags", []).extend(t for t in value.split(",") if t.strip())
+        elif name == "photoUrls":  # repeatable form field
+            data.setdefault("photoUrls", []).append(value)
         elif name in ("metadata", "characters"):
             try:
                 data[name] = json.loads(value)
@@ -389,7 +486,8 @@ async def read_photo_sources(request: Request, model_cls: type, file_field: str 
         raise ApiError(415, "invalid_request", "Content-Type must be application/json or multipart/form-data")
     if files and file_field is not None and file_field not in data:
         data[file_field] = ["<multipart>"] * len(files)
-    elif not files and file_field is not None and file_field not in data and ctype == "multipart/form-data":
+    elif not files and file_field is not None and file_field not in data and ctype == "multipart/form-data" \
+            and not {"photoUrl", "photoUrls"} & set(data):
         raise invalid_request("at least one 'photo' file part is required", "photo")
     try:
         return model_cls.model_validate(data), files

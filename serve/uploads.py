@@ -3,7 +3,8 @@
 Photos are validated here, before a job is accepted, so a bad image is a 400 naming the part
 (`photos[1]`, `photo[0]`), never a failed job later. Decoding is the engine's
 `avatar_engine.images.load_image` (bytes → upright RGB PIL, format sniffed, size-checked) with
-the service's limits. URLs are refused: the service never fetches user-supplied URLs.
+the service's limits. Photo URLs are fetched by `submissions.photo_bytes_of` (through the
+SSRF guard of `serve.destinations`) before they get here.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def b64_to_bytes(value: str, param: str) -> bytes:
         raise invalid_request(f"{param} must be a base64-encoded image", param)
     value = _DATA_URL.sub("", value.strip())
     if value.startswith(("http://", "https://")):
-        raise invalid_request(f"{param}: URLs are not fetched; send the image bytes (base64 or multipart)", param)
+        raise invalid_request(f"{param}: URLs are fetched only in a photo field; send the image bytes here", param)
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):

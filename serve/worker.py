@@ -98,6 +98,45 @@ class _Heartbeat:
             return avatar_id in self.lost
 
 
+class _ProgressWriter:
+    """Persists the running batch's progress off the engine's thread: the engine's per-step
+    callback only records the latest (step, total) in memory; this loop writes it to the store
+    (`set_progress`, one short transaction) at most once per `interval`, and only when it
+    changed. A slow or failing write never stalls the GPU."""
+
+    def __init__(self, store: Store, worker_id: str, leases: dict[str, str], interval: float, hb: "_Heartbeat"):
+        self.store, self.worker_id, self.leases, self.hb = store, worker_id, dict(leases), hb
+        self._latest: tuple[int, int] | None = None
+        self._written: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+        self._loop = BackgroundLoop("job-progress", self.flush, max(0.05, interval))
+        self.writes = 0
+
+    def __enter__(self) -> "_ProgressWriter":
+        self._loop.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.stop(timeout=5)
+
+    def report(self, step: int, total: int) -> None:
+        with self._lock:
+            self._latest = (int(step), int(total))
+
+    def flush(self) -> None:
+        with self._lock:
+            latest = self._latest
+        if latest is None or latest == self._written:
+            return
+        live = {k: v for k, v in self.leases.items() if not self.hb.is_lost(k)}
+        try:
+            self.store.set_progress(self.worker_id, live, *latest)
+            self._written = latest
+            self.writes += 1
+        except Exception:  # noqa: BLE001 - progress is best effort
+            log.debug("progress write failed", exc_info=True)
+
+
 @dataclass
 class BatchReport:
     claimed: int = 0
@@ -180,13 +219,18 @@ class JobWorker:
         t0 = time.perf_counter()
         ids = [job.id for job, _ in runnable]
 
+        writer = _ProgressWriter(self.store, self.worker_id, {job.id: job.lease_token for job, _ in runnable},
+                                 self.settings.progress_interval_s, hb)
+
         def progress(done: int, total: int) -> None:
             # Every job of this call was cancelled/deleted/reclaimed: stop spending the GPU on it.
             if all(hb.is_lost(i) for i in ids):
                 raise _BatchAbandoned()
+            writer.report(done, total)  # in memory; the writer thread persists it, throttled
 
         try:
-            results = self.engine.generate([r for _, r in runnable], progress=progress)
+            with writer:
+                results = self.engine.generate([r for _, r in runnable], progress=progress)
             if len(results) != len(runnable):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(runnable)} requests")
         except _BatchAbandoned:

@@ -160,7 +160,7 @@ def test_generate_persists_before_responding_then_completes_and_serves_png(h):
     assert pil.format == "PNG" and pil.size == (64, 64) and pil.getpixel((0, 0))[0] == 43
     thumb = h.client.get(got["thumbnailUrl"], headers=auth)
     assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).format == "WEBP"
-    webp = h.client.get(got["images"][0]["url"] + "?format=webp", headers=auth)
+    webp = h.client.get(got["images"][0]["url"] + "&format=webp", headers=auth)  # signed link + a format
     assert Image.open(io.BytesIO(webp.content)).format == "WEBP"
     # Charged once: balance stays at the reserved amount, ledger has one charge.
     assert h.client.get("/v1/account", headers=auth).json()["credits"] == 96
@@ -471,7 +471,7 @@ def test_photos_of_two_people_are_refused_at_submit(hs):
     other = group.crop((850, 0, 1070, 260))
     files = [("photo", (f"{i}.jpg", _photo_bytes(img), "image/jpeg")) for i, img in enumerate([me, other])]
     r = hs.client.post("/v1/avatars/percify-yourself", files=files, data={"prompt": "me"}, headers=auth)
-    assert_error(r, 400, "invalid_request", "photos[1]")
+    assert_error(r, 400, "invalid_request", "photo[1]")  # named as the request gave it (the second `photo` part)
     assert "does not show the same person" in r.json()["error"]["message"]
     same = [("photo", (f"{i}.jpg", _photo_bytes(img), "image/jpeg")) for i, img in enumerate([me, me.resize((300, 300))])]
     assert hs.client.post("/v1/avatars/percify-yourself", files=same, data={"prompt": "me"}, headers=auth).status_code == 202

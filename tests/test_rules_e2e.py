@@ -120,6 +120,9 @@ def svc(request, ray_serve, tmp_path_factory):
         "model_costs": {"tiny-sd15": COST},
         "webhook_allowlist": ["127.0.0.1"], "webhook_base_backoff_s": 0.2, "webhook_max_backoff_s": 0.5,
         "webhook_lease_seconds": 3.0, "webhook_poll_seconds": 0.2, "webhook_timeout_s": 10.0,
+        # These tests need jobs that fail in the worker (refunds, avatar.failed): a photo without a
+        # face does, once the ingress does not refuse it at submit (tests/test_photo_intake.py does).
+        "face_check_at_submit": False,
     }
     run_config(config, overrides)
     store = open_store(db_url, event_renderer=event_renderer())
@@ -139,7 +142,8 @@ def svc(request, ray_serve, tmp_path_factory):
 
 
 def no_face_png() -> str:
-    """A valid photo without a face: percify accepts it, the engine then fails the job."""
+    """A valid photo without a face: with `face_check_at_submit` off, percify accepts it and the
+    engine then fails the job."""
     buf = io.BytesIO()
     Image.new("RGB", (160, 160), (128, 128, 128)).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()

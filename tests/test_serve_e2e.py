@@ -27,7 +27,7 @@ def service(tmp_path_factory):
 
     data = tmp_path_factory.mktemp("svc")
     overrides = {"data_dir": str(data), "models": ["tiny-sd15"], "device": "cpu", "lease_seconds": 3.0,
-                 "poll_seconds": 0.2, "max_batch": 2}
+                 "poll_seconds": 0.2, "max_batch": 2, "progress_interval_s": 0.05, "wait_poll_max_s": 0.1}
     with ray_serve_session() as port:
         config = default_config_path("serve_local.yaml")
         run_config(config, overrides)
@@ -142,3 +142,49 @@ def test_percify_and_cast_through_serve(service):
     for av in (p, k):
         png = c.get(av["images"][0]["url"], headers=auth)
         assert Image.open(io.BytesIO(png.content)).size == (av["width"], av["height"])
+
+
+def _sse_events(lines) -> list[tuple[str, dict]]:
+    import json
+
+    events, fields = [], {}
+    for line in lines:
+        if not line:
+            if "event" in fields:
+                events.append((fields["event"], json.loads(fields["data"])))
+            fields = {}
+        elif not line.startswith(":"):
+            key, _, value = line.partition(": ")
+            fields[key] = value
+    return events
+
+
+def test_prefer_wait_and_event_stream_through_serve(service):
+    c = service.client
+    _, auth = _auth(service.store)
+    # Prefer: wait returns the completed avatar of a tiny-model job in the create response...
+    r = c.post("/v1/avatars/generate", headers={**auth, "Prefer": "wait=60"},
+               json={"prompt": "portrait of an astronaut", "seed": 11, "steps": 4}, timeout=120)
+    assert r.status_code in (201, 202), r.text
+    av = r.json()
+    if r.status_code == 202:  # the 60 s passed on a very busy machine: say so rather than hang
+        pytest.fail(f"Prefer: wait=60 ended with the job still {av['status']}")
+    assert r.headers["preference-applied"] == "wait=60"
+    assert av["status"] == "completed" and av["progress"] is None and len(av["images"]) == 1
+    # ...whose image link opens with a plain GET, no header (a signed link of a private avatar).
+    url = av["images"][0]["url"]
+    assert url.startswith(str(c.base_url).rstrip("/") + "/v1/avatars/") and "signature=" in url
+    png = httpx.get(url, timeout=60)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    # The event stream of a longer job shows its progress, then ends with the completed status.
+    job = c.post("/v1/avatars/generate", headers=auth, json={"prompt": "a castle", "seed": 3, "steps": 150}).json()
+    with c.stream("GET", f"/v1/avatars/{job['id']}/events", headers=auth, timeout=POLL_LIMIT_S) as stream:
+        assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+        events = _sse_events(stream.iter_lines())
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "status", kinds
+    steps = [d["step"] for k, d in events if k == "progress"]
+    totals = {d["totalSteps"] for k, d in events if k == "progress"}
+    assert steps and len(totals) == 1 and all(0 < s <= min(totals) for s in steps) and steps == sorted(steps), events
+    assert kinds.index("progress") < len(kinds) - 1
+    assert events[-1][0] == "status" and events[-1][1]["status"] == "completed"

@@ -81,7 +81,7 @@ def run_job(store, avatar_id: str, result: dict | None = None) -> None:
 # --------------------------------------------------------------------------------------------
 def test_migrations_are_versioned_and_idempotent(store, backend, clock):
     head = Database.head_revision()
-    assert head == "0003" and store.schema_revision() == head
+    assert head == "0004" and store.schema_revision() == head
     acct = store.create_account("pro", 5)
     assert store.migrate() == head
     again = open_store(backend, clock=clock)
@@ -649,3 +649,26 @@ def test_default_payload_hides_lease(store):
     (message,) = store.list_deliveries(acct.id)
     assert message.payload["avatar"]["status"] == "processing"
     assert not {"lease_token", "lease_owner", "lease_expires_at"} & set(message.payload["avatar"])
+
+
+def test_progress_and_link_epoch(store):
+    acct = store.create_account("pro", 10)
+    av = submit(store, acct.id)
+    assert store.watch_rows([av.id, "av_missing"]) == {av.id: ("queued", None)}
+    job = store.claim_jobs("w1", limit=1)[0]
+    assert store.set_progress("w1", {av.id: job.lease_token}, 3, 20) == 1
+    assert store.set_progress("w2", {av.id: job.lease_token}, 4, 20) == 0  # not the lease holder
+    assert store.set_progress("w1", {av.id: "stale"}, 4, 20) == 0
+    assert store.watch_rows([av.id]) == {av.id: ("processing", {"step": 3, "totalSteps": 20})}
+    assert store.get_avatar(av.id).progress == {"step": 3, "totalSteps": 20}
+    assert store.complete_job(av.id, job.lease_token, {"images": []})
+    assert store.set_progress("w1", {av.id: job.lease_token}, 5, 20) == 0  # finished: no more writes
+    # Leaving `public` bumps the link epoch (old links die); other edits and publishing do not.
+    assert store.get_avatar(av.id).link_epoch == 0
+    store.update_avatar(av.id, acct.id, title="t")
+    store.publish_avatar(av.id, acct.id)
+    assert store.get_avatar(av.id).link_epoch == 0
+    store.update_avatar(av.id, acct.id, visibility="unlisted")
+    assert store.get_avatar(av.id).link_epoch == 1
+    store.update_avatar(av.id, acct.id, visibility="private")  # not public before: unchanged
+    assert store.get_avatar(av.id).link_epoch == 1

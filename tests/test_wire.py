@@ -2,9 +2,11 @@
 answers, idempotent replays, rate limits) replayed through the app, its responses normalised
 (random ids → `av_#n` in order of appearance, timings → N) and compared line by line with
 `fixtures/wire_transcript.txt`, which the app before the serve/ refactor (b0cb314) produced
-(plus `"engine":null` in `/v1/health`'s models, which the engine-speed work added since, and
-`"identityMethods":[]` there and `"identityMethod":null` on avatars, which selectable identity
-methods added).
+(plus `"engine":null` in `/v1/health`'s models, which the engine-speed work added since), and
+which issue 11 changed on purpose: absolute image URLs, signed for private avatars (normalised
+to `expires=E&signature=S`), `progress` on the Avatar, image GETs without a header, the event
+stream and `Prefer: wait`; selectable identity methods added `"identityMethods":[]` to
+`/v1/health`'s models and `"identityMethod":null` to avatars (so also 22 bytes to the event stream's avatar).
 A change to any status, header or body byte of these answers fails here.
 
 Regenerate deliberately: `python tests/test_wire.py > tests/fixtures/wire_transcript.txt`.
@@ -23,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 GOLDEN = HERE / "fixtures" / "wire_transcript.txt"
 _HEADERS = ("content-type", "location", "retry-after", "ratelimit", "ratelimit-policy", "idempotent-replayed",
-            "cache-control", "etag", "www-authenticate", "allow")
+            "cache-control", "etag", "www-authenticate", "allow", "preference-applied")
 
 
 def _png(color=(10, 20, 30)) -> bytes:
@@ -53,6 +55,7 @@ def transcript(tmp: Path) -> list[str]:
                       lambda m: ids.setdefault(m.group(0), f"{m.group(1)}_#{len(ids)}"), text)
         text = re.sub(r'"(generationMs|queuedMs)":\d+', r'"\1":N', text)
         text = re.sub(r"whsec_[A-Za-z0-9+/=]+", "whsec_S", text)
+        text = re.sub(r"expires=\d+&signature=[0-9a-f]{64}", "expires=E&signature=S", text)  # signed image links
         return re.sub(r'"nextCursor":"[^"]+"', '"nextCursor":"C"', text)
 
     def rec(label, r):
@@ -78,6 +81,10 @@ def transcript(tmp: Path) -> list[str]:
     rec("image", c.get(f"/v1/avatars/{av}/images/0", headers=alice))
     rec("image-webp", c.get(f"/v1/avatars/{av}/images/1?format=webp", headers=alice))
     rec("image-404", c.get(f"/v1/avatars/{av}/images/9", headers=alice))
+    signed = c.get(f"/v1/avatars/{av}", headers=alice).json()["images"][0]["url"].replace("http://testserver", "")
+    rec("image-signed-no-header", c.get(signed))
+    rec("image-no-header", c.get(f"/v1/avatars/{av}/images/0"))
+    rec("events-completed", c.get(f"/v1/avatars/{av}/events", headers=alice))
     rec("thumbnail", c.get(f"/v1/avatars/{av}/thumbnail", headers=alice))
     rec("other-get", c.get(f"/v1/avatars/{av}", headers=bob))
     rec("other-patch", c.patch(f"/v1/avatars/{av}", json={"title": "t"}, headers=bob))
@@ -90,6 +97,7 @@ def transcript(tmp: Path) -> list[str]:
     rec("patch-unknown", c.patch(f"/v1/avatars/{av}", json={"prompt": "y"}, headers=alice))
     rec("publish", c.post(f"/v1/avatars/{av}/publish", headers={**alice, "Idempotency-Key": "p1"}))
     rec("publish-replay", c.post(f"/v1/avatars/{av}/publish", headers={**alice, "Idempotency-Key": "p1"}))
+    rec("image-public-no-header", c.get(f"/v1/avatars/{av}/images/0"))
     rec("like", c.post(f"/v1/avatars/{av}/like", headers=bob))
     rec("like-again", c.post(f"/v1/avatars/{av}/like", headers=bob))
     rec("comment", c.post(f"/v1/avatars/{av}/comment", json={"text": "nice"}, headers=bob))
@@ -128,7 +136,10 @@ def transcript(tmp: Path) -> list[str]:
     rec("404", c.get("/v1/nope", headers=alice))
     for i in range(4):
         rec(f"free-{i}", c.get("/v1/account", headers=free))
+    rec("generate-wait-1s", c.post("/v1/avatars/generate", json={"prompt": "w", "seed": 8},
+                                   headers={**alice, "Prefer": "wait=1"}))
     rec("delete", c.delete(f"/v1/avatars/{av}", headers=alice))
+    rec("image-after-delete", c.get(signed))
     rec("deleted", c.get(f"/v1/avatars/{av}", headers=alice))
     h.store.close()
     return out

@@ -13,10 +13,12 @@ from ..assets import AssetStore
 from ..auth import Principal, authenticate
 from ..engine_client import EngineClient
 from ..errors import avatar_not_found, unauthorized_access
+from ..links import REQUEST_BASE_URL, ImageLinks
 from ..metrics import IngressMetrics
 from ..policy import PolicyChecker
 from ..settings import ServiceSettings
 from ..store import Avatar, Store
+from ..waiting import Waiters
 from ..vocab import Visibility
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -45,10 +47,13 @@ class Services:
     assets: AssetStore
     policy: PolicyChecker
     metrics: IngressMetrics
+    links: ImageLinks
+    waiters: Waiters  # bounds on waiting requests (Prefer: wait, event streams)
 
     @property
     def base_url(self) -> str:
-        return self.settings.public_base_url
+        """Prefix of absolute URLs: `public_base_url`, else the current request's base URL."""
+        return self.settings.public_base_url.rstrip("/") or REQUEST_BASE_URL.get()
 
 
 def services(request: Request) -> Services:

@@ -22,7 +22,7 @@ async def publish(avatar_id: str = AvatarId, principal: Principal = Auth, svc: S
                   idem: Idempotency = Idem):
     async def produce():
         av = await call(svc.store.publish_avatar, avatar_id, principal.id)  # the owner's only
-        return json_response(render_avatar(av, svc.base_url))
+        return json_response(render_avatar(av, svc.base_url, svc.links))
 
     return await idem.run({"publish": avatar_id}, produce)
 
@@ -70,4 +70,4 @@ async def feed(principal: Principal = Auth, svc: Services = Svc, limit: int = Qu
                cursor: Optional[str] = Query(None, max_length=512), sort: Literal["newest", "mostLiked"] = "newest"):
     order = FeedSort.MOST_LIKED if sort == "mostLiked" else FeedSort.NEWEST
     page = await call(svc.store.feed, limit=limit, cursor=cursor, sort=order)
-    return json_response(render_avatars(page.items, page.next_cursor, svc.base_url))
+    return json_response(render_avatars(page.items, page.next_cursor, svc.base_url, svc.links))

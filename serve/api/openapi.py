@@ -13,8 +13,10 @@ _FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
 
 PERCIFY_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/PercifyRequest"}},
-    "multipart/form-data": {"schema": {"type": "object", "required": ["photo"], "properties": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
         "photo": {**_FILES, "minItems": 1, "maxItems": 5},
+        "photoUrl": {**_STR, "description": "An http(s) photo URL (instead of or besides file parts)"},
+        "photoUrls": {"type": "array", "items": _STR, "maxItems": 5},
         "prompt": _STR, "stylePreset": _STR, "aspectRatio": _STR, "identityStrength": _NUM, "seed": _INT,
         "identityMethod": _STR, "model": _STR, "guidanceScale": _NUM, "steps": _INT, "batchSize": _INT, "negativePrompt": _STR,
         "title": _STR, "visibility": _STR,

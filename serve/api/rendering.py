@@ -8,8 +8,9 @@ from pydantic.alias_generators import to_camel
 
 from .. import schemas as S
 from ..schemas import iso
+from ..links import ImageLinks, image_path, thumbnail_path
 from ..store import Avatar, Comment, WebhookEndpoint
-from ..vocab import JobKind
+from ..vocab import JobKind, JobStatus
 from .common import dump
 
 
@@ -47,10 +48,27 @@ def _characters(p: dict, r: dict) -> list[S.CastCharacterOut]:
     return out
 
 
-def render_avatar(av: Avatar, base_url: str = "") -> S.Avatar:
-    """Store record → the API's Avatar object."""
+def image_url(av: Avatar, index: int, base_url: str = "", links: ImageLinks | None = None) -> str:
+    """The URL of image `index` of `av` as every response and webhook shows it (`serve.links`:
+    public, signed or presigned); without `links`, the authenticated route."""
+    return links.image_url(av, index, base_url) if links else f"{base_url}{image_path(av.id, index)}"
+
+
+def thumbnail_url(av: Avatar, base_url: str = "", links: ImageLinks | None = None) -> str:
+    return links.thumbnail_url(av, base_url) if links else f"{base_url}{thumbnail_path(av.id)}"
+
+
+def _progress(av: Avatar) -> S.Progress | None:
+    p = av.progress if av.status == JobStatus.PROCESSING else None
+    if not isinstance(p, dict) or not isinstance(p.get("totalSteps"), int):
+        return None
+    return S.Progress(step=int(p.get("step", 0)), total_steps=int(p["totalSteps"]))
+
+
+def render_avatar(av: Avatar, base_url: str = "", links: ImageLinks | None = None) -> S.Avatar:
+    """Store record → the API's Avatar object (image URLs through `image_url`)."""
     p, r = av.params or {}, av.result or {}
-    images = [S.AvatarImage(url=f"{base_url}/v1/avatars/{av.id}/images/{i}", width=int(img["width"]),
+    images = [S.AvatarImage(url=image_url(av, i, base_url, links), width=int(img["width"]),
                             height=int(img["height"]), seed=img.get("seed"))
               for i, img in enumerate(r.get("images") or [])]
     queued_ms = None
@@ -62,7 +80,7 @@ def render_avatar(av: Avatar, base_url: str = "") -> S.Avatar:
         width=p.get("width"), height=p.get("height"), aspect_ratio=p.get("aspectRatio"),
         guidance_scale=p.get("guidanceScale"), steps=p.get("steps"), seed=p.get("seed"),
         batch_size=int(p.get("batchSize", 1)), strength=p.get("strength"), images=images,
-        thumbnail_url=f"{base_url}/v1/avatars/{av.id}/thumbnail" if images else None,
+        thumbnail_url=thumbnail_url(av, base_url, links) if images else None, progress=_progress(av),
         title=av.title, description=av.description, tags=list(av.tags or []), metadata=dict(av.metadata or {}),
         visibility=av.visibility, published=bool(av.published), published_at=iso(av.published_at),
         likes=av.likes, comments=av.comments, remixes=av.remixes, remixed_from=av.remixed_from,
@@ -76,8 +94,9 @@ def render_avatar(av: Avatar, base_url: str = "") -> S.Avatar:
     )
 
 
-def render_avatars(items: list[Avatar], next_cursor: str | None, base_url: str) -> S.AvatarList:
-    return S.AvatarList(data=[render_avatar(a, base_url) for a in items], has_more=next_cursor is not None,
+def render_avatars(items: list[Avatar], next_cursor: str | None, base_url: str,
+                   links: ImageLinks | None = None) -> S.AvatarList:
+    return S.AvatarList(data=[render_avatar(a, base_url, links) for a in items], has_more=next_cursor is not None,
                         next_cursor=next_cursor)
 
 
@@ -104,11 +123,12 @@ def _event_extra(avatar_id: str, extra: dict) -> dict:
     return out
 
 
-def event_renderer(base_url: str = "") -> Callable[..., dict]:
-    """Webhook payloads carry the same Avatar object as the API (pass to `open_store`)."""
+def event_renderer(base_url: str = "", links: ImageLinks | None = None) -> Callable[..., dict]:
+    """Webhook payloads carry the same Avatar object as the API (pass to `open_store`), with
+    image links signed by `links` (valid for its ttl from when the event was written)."""
 
     def render(event_type: str, avatar: Avatar, extra: dict) -> dict:
         return {"type": event_type,
-                "data": {"object": dump(render_avatar(avatar, base_url)), **_event_extra(avatar.id, extra)}}
+                "data": {"object": dump(render_avatar(avatar, base_url, links)), **_event_extra(avatar.id, extra)}}
 
     return render

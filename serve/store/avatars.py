@@ -102,8 +102,12 @@ class AvatarsStore(StorePart):
             row = self.owned_row(conn, avatar_id, account_id)
             if not changes:
                 return to_avatar(row)
+            extra = {}
+            if changes.get("visibility", Visibility.PUBLIC) != Visibility.PUBLIC and row["visibility"] == Visibility.PUBLIC:
+                extra["link_epoch"] = A.c.link_epoch + 1  # its public (and older signed) links stop working
             return to_avatar(conn.execute(update(A).where(A.c.id == avatar_id)
-                                          .values(**changes, updated_at=self._now()).returning(*A.c)).mappings().one())
+                                          .values(**changes, **extra, updated_at=self._now())
+                                          .returning(*A.c)).mappings().one())
 
         return self.db.run(work)
 

@@ -27,7 +27,7 @@ _FINISH_HELD = update(A).where(A.c.id == bindparam("aid"), A.c.status == JobStat
                                A.c.lease_token == bindparam("token")).returning(*A.c)
 _LOCK_AVATAR = select(A).where(A.c.id == bindparam("aid")).with_for_update()
 _CLAIM = (update(A).where(A.c.id == bindparam("aid"), (A.c.status == JobStatus.QUEUED) | _EXPIRED)
-          .values(status=JobStatus.PROCESSING, attempts=A.c.attempts + 1).returning(*A.c))
+          .values(status=JobStatus.PROCESSING, attempts=A.c.attempts + 1, progress=None).returning(*A.c))
 _HEARTBEAT = update(A).where(A.c.id == bindparam("aid"), A.c.lease_token == bindparam("token"),
                              A.c.lease_owner == bindparam("owner"), A.c.status == JobStatus.PROCESSING)
 _REQUEUE = update(A).where(A.c.id == bindparam("aid"), A.c.status == JobStatus.PROCESSING,
@@ -46,7 +46,7 @@ def to_avatar(r: Mapping[str, Any]) -> Avatar:
         error_message=r["error_message"], created_at=r["created_at"], updated_at=r["updated_at"],
         started_at=r["started_at"], completed_at=r["completed_at"], lease_owner=r["lease_owner"],
         lease_token=r["lease_token"], lease_expires_at=r["lease_expires_at"], attempts=int(r["attempts"]),
-        request_id=r["request_id"],
+        request_id=r["request_id"], progress=r.get("progress"), link_epoch=int(r.get("link_epoch") or 0),
     )
 
 
@@ -234,6 +234,27 @@ class JobsStore(StorePart):
                 "aid": avatar_id, "token": token, "owner": worker_id, "lease_expires_at": expires}).rowcount}
 
         return self.db.run(work)
+
+    def set_progress(self, worker_id: str, leases: Mapping[str, str], step: int, total_steps: int) -> int:
+        """Record `{"step", "totalSteps"}` on the jobs {avatar_id: lease_token} this worker still
+        holds (one short transaction; the worker calls it throttled, never per denoising step).
+        Does not touch `updated_at` (progress is not an edit). Returns the rows updated."""
+        if not leases:
+            return 0
+        value = {"step": int(step), "totalSteps": int(total_steps)}
+        stmt = (update(A).where(A.c.id == bindparam("aid"), A.c.lease_token == bindparam("token"),
+                                A.c.lease_owner == worker_id, A.c.status == JobStatus.PROCESSING)
+                .values(progress=value))
+        return self.db.run(lambda c: sum(c.execute(stmt, {"aid": a, "token": t}).rowcount for a, t in leases.items()))
+
+    def watch_rows(self, avatar_ids: Sequence[str]) -> dict[str, tuple[str, dict | None]]:
+        """{avatar_id: (status, progress)} for the ids that still exist: the cheap read that
+        waiters (`Prefer: wait`, event streams) poll with, one short connection per call."""
+        ids = list(avatar_ids)
+        if not ids:
+            return {}
+        rows = self.db.read(lambda c: c.execute(select(A.c.id, A.c.status, A.c.progress).where(A.c.id.in_(ids))).all())
+        return {r.id: (r.status, r.progress) for r in rows}
 
     def job_statuses(self, avatar_ids: Sequence[str]) -> dict[str, str]:
         """{avatar_id: status} for the ids that still exist (deleted ids are absent)."""

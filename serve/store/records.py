@@ -194,6 +194,8 @@ class Avatar:
     lease_expires_at: float | None
     attempts: int  # how many times it was claimed
     request_id: str | None = None  # the HTTP request that submitted it (log correlation)
+    progress: dict[str, int] | None = None  # {"step", "totalSteps"} of a processing job (throttled)
+    link_epoch: int = 0  # part of signed image links; bumped when the avatar stops being public
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (snake_case, Python values) e.g. for default webhook payloads."""

@@ -103,6 +103,8 @@ avatars = Table(
     Column("lease_expires_at", Timestamp),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("request_id", Text),  # the submitting request (log correlation)
+    Column("progress", JSONText),  # {"step", "totalSteps"} while processing (throttled worker writes)
+    Column("link_epoch", Integer, nullable=False, server_default=text("0")),  # bumped when it stops being public
     Index("ix_avatars_account_status", "account_id", "status"),
     Index("ix_avatars_account_created", "account_id", "created_at", "id"),
     Index("ix_avatars_queue", "status", "created_at", "id"),
