@@ -139,7 +139,8 @@ def probe_memory(engine, model):
     res = model.profile.resolution
 
     def runner(kind):
-        return lambda n: run_variant(engine, model, variant_requests(model, kind, n, steps=1))
+        method = model.profile.identity_method if kind == "cast" else None  # cast with a face, as served
+        return lambda n: run_variant(engine, model, variant_requests(model, kind, n, steps=1, method=method))
 
     with torch.inference_mode():
         fixed, per = fit_line(measure_peaks(runner("generate"), model.device, PROBE_BATCHES))
