@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: install demo test test-ray bench serve
+.PHONY: install demo test test-ray test-cluster bench serve
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: install
 # The end-to-end tests against a real Ray Serve app on 127.0.0.1 (marker `ray`).
 test-ray: install
 	$(BIN)/python -m pytest -q -m ray
+
+# The multi-node test (marker `cluster`): `ray start` head + worker nodes with custom resources,
+# `serve deploy`, PostgreSQL and an S3-compatible store (moto) on 127.0.0.1, a node killed.
+test-cluster: install
+	$(BIN)/python -m pytest -q -m cluster
 
 bench: install
 	$(BIN)/python benchmarks/engine_throughput.py

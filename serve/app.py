@@ -4,7 +4,7 @@ The same app runs under TestClient with an in-process engine (`LocalEngineClient
 the Ray Serve ingress (`RayEngineClient`)."""
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 import avatar_engine
 
@@ -12,6 +12,7 @@ from .api import account, avatars, community, submissions, system, webhooks
 from .api.common import Services
 from .api.openapi import install_openapi
 from .api.rendering import event_renderer, render_avatar
+from .api.textguard import reject_unstorable_text
 from .assets import AssetStore
 from .engine_client import EngineClient
 from .links import ImageLinks
@@ -34,10 +35,14 @@ ROUTERS = (system, account, submissions, avatars, community, webhooks)
 
 def create_app(settings: ServiceSettings, store: Store, engine_client: EngineClient, *,
                assets: AssetStore | None = None, policy: PolicyChecker | None = None,
-               metrics: IngressMetrics | None = None) -> FastAPI:
-    """The HTTP app. Dependencies are injected so tests and Ray build the same thing."""
+               metrics: IngressMetrics | None = None, proxy_request_id: bool = False) -> FastAPI:
+    """The HTTP app. Dependencies are injected so tests and Ray build the same thing.
+    `proxy_request_id`: behind Ray Serve, whose proxy assigns each request's `x-request-id`
+    and adds that header to every response: adopt its id instead of adding a second header."""
     app = FastAPI(title="Avatar API", version=API_VERSION, description=DESCRIPTION,
-                  openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
+                  openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
+                  # One check for text no store keeps (NUL, lone surrogates), before any handler.
+                  dependencies=[Depends(reject_unstorable_text)])
     assets = assets or AssetStore.from_url(settings.resolved_assets_url)
     svc = Services(settings=settings, store=store, engine=engine_client, assets=assets,
                    policy=policy or PolicyChecker(settings.all_policy_words()), metrics=metrics or IngressMetrics(),
@@ -48,7 +53,8 @@ def create_app(settings: ServiceSettings, store: Store, engine_client: EngineCli
     app.state.max_body_bytes = settings.max_body_bytes
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,
+                       proxy_request_id=proxy_request_id)
     for module in ROUTERS:
         app.include_router(module.router)
     install_openapi(app)

@@ -8,7 +8,8 @@
 
 `run` starts a private single-machine Ray (no dashboard, no usage stats, auth token off),
 Serve on 127.0.0.1 and the app from `serve/config/serve_local.yaml` (tiny-sd15, SQLite, local
-files) unless told otherwise.
+files) unless told otherwise. The config goes through Serve's own config path, exactly as with
+`serve run <config>`: the builder gets `args` (plus the flags here), Serve applies `deployments:`.
 """
 from __future__ import annotations
 

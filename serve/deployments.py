@@ -5,17 +5,20 @@ submission as a `queued` job, then nudges the model deployment. `AvatarModel` (o
 replica) holds the warm engine and runs the `JobWorker` loop in a background thread: it claims
 up to `max_batch` jobs at once from the store — which is the durable queue — so batching comes
 from the claim, and a replica crash loses nothing (leases expire, jobs are claimed again).
-The ingress never waits for a generation; clients poll (or use webhooks).
+The ingress never waits for a generation; clients poll (or use webhooks). `AvatarModel` reports
+the queue depth and its own leases to Serve's autoscaler (`serve.autoscale`).
 
 `build_app(args)` is the application builder named by `serve/config/serve_*.yaml`
-(`import_path: serve.deployments:build_app`); `serve deploy`/`serve run` pass the YAML's
-`args`. `run_config(path, overrides)` is what `avatar-serve run` and the tests use to start the
-same YAML on an already running Ray with public APIs only.
+(`import_path: serve.deployments:build_app`). It follows Ray's builder contract: one dict (the
+YAML's `args`); Ray itself applies the YAML's `deployments:` options on top. `run_config(path,
+overrides)` — what `avatar-serve run` and the tests use — hands the same YAML to Serve's config
+path (the one `serve run <config>` takes), so every way of starting the app is the same.
 """
 from __future__ import annotations
 
-import importlib
+import asyncio
 import os
+import time
 from typing import Any, Mapping
 
 import yaml
@@ -74,15 +77,22 @@ class AvatarModel:
             torch.set_num_threads(max(1, int(os.environ.get("AVATAR_TORCH_THREADS", "2"))))
         except Exception:  # noqa: BLE001
             pass
-        self.engine = AvatarEngine.from_config(models_yaml_path=s.models_yaml, profile_names=s.models or None,
-                                               device=s.device)
+        if s.benchmark_engine:  # benchmarks only: no model runs (serve/bench_engine.py)
+            from .bench_engine import make_engine
+
+            log.warning("BENCHMARK ENGINE %r: no model runs, images are noise", s.benchmark_engine)
+            self.engine = make_engine(s.benchmark_engine)
+        else:
+            self.engine = AvatarEngine.from_config(models_yaml_path=s.models_yaml, profile_names=s.models or None,
+                                                   device=s.device)
         models = served_models(self.engine, s)
         for name in models:  # load (and warm) before accepting jobs
             self.engine.load(name)
         self.description = EngineDescription.from_engine(self.engine, models)
         self.store = _open_store(s)
         self.metrics = WorkerMetrics(ray_mirror=True)
-        self.worker = JobWorker(self.store, self.engine, AssetStore.from_url(s.resolved_assets_url), s,
+        assets = AssetStore.from_url(s.resolved_assets_url, s.png_compress_level)
+        self.worker = JobWorker(self.store, self.engine, assets, s,
                                 policy=PolicyChecker(s.all_policy_words()), metrics=self.metrics, models=models)
         self.worker.start()
         log.info("AvatarModel ready: models=%s worker=%s", models, self.worker.worker_id)
@@ -100,6 +110,14 @@ class AvatarModel:
     def replica_info(self) -> dict[str, Any]:
         """Process id and worker id (operators' debugging; tests use the pid to simulate a crash)."""
         return {"pid": os.getpid(), "worker_id": self.worker.worker_id, "batches": self.worker.batches_run}
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom autoscaling metrics (`serve.autoscale.QueueDepthPolicy`): the queue depth and
+        the jobs this replica holds. Serve calls this periodically on the replica."""
+        from .store.capacity import worker_load
+
+        load = await asyncio.to_thread(worker_load, self.store, self.worker.worker_id)
+        return load.to_metrics()
 
     def check_health(self) -> None:
         """Serve restarts the replica if the worker loop died."""
@@ -164,7 +182,8 @@ class AvatarIngress:
     def __serve_build_asgi_app__(self):
         from .app import create_app
 
-        return create_app(self.settings, self.store, self.client)
+        # Serve's proxy sets x-request-id on every response: one header, its id (see errors.py).
+        return create_app(self.settings, self.store, self.client, proxy_request_id=True)
 
     def __del__(self):
         try:
@@ -174,33 +193,21 @@ class AvatarIngress:
             pass
 
 
-def build_app(args: Mapping[str, Any] | ServiceSettings | None = None, *,
-              deployment_options: Mapping[str, Mapping[str, Any]] | None = None):
-    """Serve application builder. `args` are ServiceSettings fields (over `AVATAR_*` env);
-    `deployment_options` maps a deployment name to `.options(...)` (what the YAML's
-    `deployments:` section holds) for callers that start the app without Serve's config path."""
-    settings = args if isinstance(args, ServiceSettings) else ServiceSettings.from_dict(dict(args or {}))
-    opts = {k: dict(v) for k, v in (deployment_options or {}).items()}
-    unknown = set(opts) - {INGRESS_NAME, MODEL_NAME}
-    if unknown:
-        raise ValueError(f"unknown deployment(s) in options: {sorted(unknown)}")
-    # Resolve paths here (the driver's cwd), not in replicas whose cwd may differ.
+def build_app(args: Mapping[str, Any] | None = None):
+    """Serve application builder (Ray's contract: exactly one dict argument). `args` are
+    ServiceSettings fields over `AVATAR_*` env; per-deployment options (replicas, resources,
+    autoscaling) come from the config's `deployments:` section, which Serve applies itself."""
+    settings = ServiceSettings.from_dict(dict(args or {}))
+    # Resolve paths here (where the builder runs), not in replicas whose cwd may differ.
     settings = settings.replace(data_dir=os.path.abspath(settings.data_dir), db_url=settings.resolved_db_url,
                                 assets_url=settings.resolved_assets_url)
     d = settings.to_dict()
-    model = AvatarModel.options(**opts.get(MODEL_NAME, {})).bind(d)
-    return AvatarIngress.options(**opts.get(INGRESS_NAME, {})).bind(model, d)
+    return AvatarIngress.bind(AvatarModel.bind(d), d)
 
 
 # ---------------------------------------------------------------------------------------------
 # Starting a Serve config YAML on a running Ray (CLI and tests)
 # ---------------------------------------------------------------------------------------------
-_DEPLOYMENT_KEYS = {"num_replicas", "max_ongoing_requests", "max_queued_requests", "autoscaling_config",
-                    "ray_actor_options", "health_check_period_s", "health_check_timeout_s",
-                    "graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s", "user_config",
-                    "placement_group_bundles", "placement_group_strategy", "max_replicas_per_node"}
-
-
 def load_config(path: str) -> dict[str, Any]:
     with open(path, encoding="utf-8") as fh:
         return yaml.safe_load(fh)
@@ -210,23 +217,51 @@ def default_config_path(name: str = "serve_local.yaml") -> str:
     return os.path.join(os.path.dirname(__file__), "config", name)
 
 
+def with_args(config: Mapping[str, Any] | str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The config (YAML path or parsed dict) with `overrides` merged into every application's
+    `args` (a copy; the input is not changed)."""
+    import copy
+
+    cfg = copy.deepcopy(load_config(config) if isinstance(config, str) else dict(config))
+    for app_cfg in cfg["applications"]:
+        app_cfg["args"] = {**(app_cfg.get("args") or {}), **(overrides or {})}
+    return cfg
+
+
 def run_config(config: Mapping[str, Any] | str, overrides: Mapping[str, Any] | None = None, *,
-               app_name: str | None = None, blocking: bool = False):
-    """Deploy the first application of a Serve config (YAML path or parsed dict) with
-    `serve.run`, calling the builder its `import_path` names with `args` + `overrides` and the
-    YAML's per-deployment options. Serve must already be started (`serve.start`). Returns the
-    ingress DeploymentHandle."""
-    cfg = load_config(config) if isinstance(config, str) else dict(config)
-    app_cfg = cfg["applications"][0]
-    module_name, _, attr = app_cfg["import_path"].replace(":", ".").rpartition(".")
-    builder = getattr(importlib.import_module(module_name), attr)
-    args = {**(app_cfg.get("args") or {}), **(overrides or {})}
-    dep_opts = {}
-    for d in app_cfg.get("deployments") or []:
-        bad = set(d) - _DEPLOYMENT_KEYS - {"name"}
-        if bad:
-            raise ValueError(f"deployment {d.get('name')!r}: unsupported keys {sorted(bad)}")
-        dep_opts[d["name"]] = {k: v for k, v in d.items() if k != "name"}
-    app = builder(args, deployment_options=dep_opts)
-    return serve.run(app, name=app_name or app_cfg.get("name", "avatar"),
-                     route_prefix=app_cfg.get("route_prefix", "/"), blocking=blocking)
+               timeout_s: float = 900.0):
+    """Deploy a Serve config (YAML path or parsed dict; `overrides` merged into its `args`) on
+    the running Serve instance through Serve's own config path — the one `serve run <config>`
+    and `serve deploy` take: Serve validates the schema, calls the builder with `args` and
+    applies the `deployments:` options. Serve must already be started (`serve.start`; its HTTP
+    options win over the file's). Waits until every application runs (a failed deploy raises
+    RuntimeError with Serve's message); returns the first application's ingress handle."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = with_args(config, overrides)
+    schema = ServeDeploySchema.model_validate(cfg)
+    names = [a.name for a in schema.applications]
+    # Same call as `serve run <config>` (ray/serve/scripts.py): the controller builds the apps.
+    _get_global_client().deploy_apps(schema)
+    wait_running(names, timeout_s)
+    return serve.get_app_handle(names[0])
+
+
+def wait_running(names: list[str], timeout_s: float) -> None:
+    """Block until the named applications are RUNNING; DEPLOY_FAILED raises RuntimeError."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        last = {n: str(apps[n].status) if n in apps else "NOT_STARTED" for n in names}
+        failed = [n for n in names if n in apps and apps[n].status == "DEPLOY_FAILED"]
+        if failed:
+            raise RuntimeError(f"application {failed[0]!r} failed to deploy: {apps[failed[0]].message}")
+        if all(apps.get(n) is not None and apps[n].status == "RUNNING" for n in names):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"applications not running after {timeout_s:.0f}s: {last}")

@@ -9,6 +9,7 @@ request id; the traceback goes to the log under that id, never to the client.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from typing import Any, Iterable
 
@@ -212,19 +213,38 @@ def _too_large(request: Request) -> JSONResponse:
     return error_response(request, 413, "request_too_large", msg)
 
 
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def proxy_request_id(scope: Scope) -> str | None:
+    """The `x-request-id` a proxy put on the request (Ray Serve's: the client's own header if it
+    sent one, else a UUID), when it is a plain token fit for logs."""
+    for key, value in scope.get("headers", []):
+        if key == REQUEST_ID_HEADER.encode():
+            text = value.decode("latin-1")
+            return text if _SAFE_REQUEST_ID.fullmatch(text) else None
+    return None
+
+
 class RequestContextMiddleware:
     """Outermost ASGI layer: assigns the request id, enforces the body size limit (declared and
-    streamed), and turns any uncaught exception into a logged 500 with the error shape."""
+    streamed), and turns any uncaught exception into a logged 500 with the error shape.
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int):
+    Every response carries exactly one `x-request-id`. Standalone, the id is ours (`req_…`)
+    and this layer sets the header. Behind Ray Serve (`proxy_request_id=True`) the proxy
+    already gives every request an id and appends it to every response as `X-Request-ID`, so
+    the app adopts that id (in bodies and logs) and leaves the header to the proxy."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, proxy_request_id: bool = False):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.proxy_request_id = proxy_request_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = new_request_id()
+        rid = (proxy_request_id(scope) if self.proxy_request_id else None) or new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
         started = False
 
@@ -234,7 +254,10 @@ class RequestContextMiddleware:
                 started = True
                 headers = list(message.get("headers", []))
                 present = {k.lower() for k, _ in headers}
-                if REQUEST_ID_HEADER.encode() not in present:
+                if self.proxy_request_id:
+                    # The proxy appends its own; drop any a handler set so there is one.
+                    headers = [(k, v) for k, v in headers if k.lower() != REQUEST_ID_HEADER.encode()]
+                elif REQUEST_ID_HEADER.encode() not in present:
                     headers.append((REQUEST_ID_HEADER.encode(), rid.encode()))
                 for k, v in scope.get("state", {}).get("extra_headers", {}).items():
                     if k.lower().encode() not in present:
@@ -244,7 +267,7 @@ class RequestContextMiddleware:
 
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
-            await _send_json(send, 413, error_body(
+            await _send_json(send_wrapper, 413, error_body(
                 "request_too_large", f"The request body is larger than the limit of {self.max_body_bytes} bytes",
                 None, rid), rid)
             return
@@ -266,13 +289,13 @@ class RequestContextMiddleware:
             await self.app(scope, receive_wrapper, send_wrapper)
         except BodyTooLarge:
             if not started:
-                await _send_json(send, 413, error_body(
+                await _send_json(send_wrapper, 413, error_body(
                     "request_too_large", f"The request body is larger than the limit of {self.max_body_bytes} bytes",
                     None, rid), rid)
         except Exception:  # noqa: BLE001 - the last line of defence
             log.exception("unhandled error (requestId=%s) on %s %s", rid, scope.get("method"), scope.get("path"))
             if not started:
-                await _send_json(send, 500, error_body(
+                await _send_json(send_wrapper, 500, error_body(
                     "internal_error", f"An internal error occurred; quote requestId {rid} when reporting it",
                     None, rid), rid)
         finally:

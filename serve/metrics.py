@@ -9,6 +9,8 @@ per replica with no extra wiring.
 
 Series: `avatar_queue_depth` (jobs queued, sampled by the worker), `avatar_batch_size`,
 `avatar_generation_seconds`, `avatar_queue_wait_seconds`, `avatar_jobs_total{kind,outcome}`,
+`avatar_image_encode_seconds{size}` (PNG + thumbnail encoding per image, e.g. size="512x512"),
+`avatar_postprocess_seconds` (per job: policy check, encoding, upload, completion),
 `avatar_http_requests_total{method,route,status}`, `avatar_jobs_submitted_total{kind}`.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ log = logger("serve.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
+_ENCODE_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
 
 
 class WorkerMetrics:
@@ -37,6 +40,10 @@ class WorkerMetrics:
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.jobs = Counter("avatar_jobs_total", "Finished job attempts by outcome", ["kind", "outcome"], registry=r)
         self.queue_depth = Gauge("avatar_queue_depth", "Queued jobs, as last sampled", registry=r)
+        self.encode = Histogram("avatar_image_encode_seconds", "PNG (+ thumbnail) encoding time per image", ["size"],
+                                buckets=_ENCODE_BUCKETS, registry=r)
+        self.postprocess = Histogram("avatar_postprocess_seconds", "Post-processing time per job (encode, upload, "
+                                     "complete)", buckets=_ENCODE_BUCKETS + (2, 5), registry=r)
         self._ray: dict[str, Any] | None = None
         if ray_mirror:
             try:
@@ -61,6 +68,12 @@ class WorkerMetrics:
         self.generation.labels(model=model).observe(seconds)
         if self._ray:
             self._ray["gen"].observe(seconds, tags={"model": model})
+
+    def observe_encode(self, seconds: float, width: int, height: int) -> None:
+        self.encode.labels(size=f"{width}x{height}").observe(seconds)
+
+    def observe_postprocess(self, seconds: float) -> None:
+        self.postprocess.observe(seconds)
 
     def observe_queue_wait(self, seconds: float) -> None:
         self.queue_wait.observe(seconds)

@@ -178,6 +178,10 @@ class ServiceSettings(BaseSettings):
     """Profile names to load; None → the engine's default selection."""
     device: Optional[str] = None
     """`cpu`, `cuda`, `cuda:1`...; None → the engine picks."""
+    benchmark_engine: Optional[str] = None
+    """BENCHMARKS ONLY (`serve/bench_engine.py`): `null` (noise images, no generation cost) or
+    `sleep:<ms>` (sleeps that long per 512² image) instead of the real engine; its profiles are
+    named `bench-…`. Never set in production: no model runs."""
 
     # --- accounts, limits, costs ---------------------------------------------------------
     tiers: dict[str, TierLimits] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
@@ -192,10 +196,29 @@ class ServiceSettings(BaseSettings):
     remix cost per-image cost × batchSize)."""
 
     # --- jobs ----------------------------------------------------------------------------
-    lease_seconds: float = Field(60.0, ge=0.1)
-    """How long a claimed job stays owned without a heartbeat before another worker may take it."""
-    heartbeat_seconds: Optional[float] = None
-    """Heartbeat interval while a batch runs; default lease_seconds / 3."""
+    lease_seconds: float = Field(30.0, ge=0.1)
+    """How long a claimed job stays owned without a heartbeat before another worker may take it
+    (the fallback; a registered worker's death is noticed sooner, see `worker_dead_after_seconds`)."""
+    heartbeat_seconds: Optional[float] = Field(None, gt=0)
+    """How often a worker proves it is alive and extends the leases of the jobs it works on
+    (claimed, generating or in post-processing); default min(1 s, lease_seconds / 3)."""
+    worker_dead_after_seconds: float = Field(5.0, gt=0)
+    """A registered worker whose heartbeat is older than this is dead: the next claim by any
+    worker expires its leases and takes its jobs. A worker on the same host whose process is
+    gone is dead at once (a restarted replica reclaims its predecessor's jobs on start)."""
+    prefetch: bool = True
+    """Claim the next batch while the current one generates, so the engine never waits for the
+    database between batches."""
+    post_workers: int = Field(0, ge=0)
+    """Threads that encode, upload and complete finished jobs while the engine runs the next
+    batch; 0 = min(4, CPU count)."""
+    post_queue_batches: int = Field(2, ge=1)
+    """Most finished batches waiting for or in post-processing; generation waits beyond it
+    (backpressure)."""
+    png_compress_level: int = Field(1, ge=0, le=9)
+    """zlib level of the stored PNGs. 1 (default) encodes a 512² generated image 1.6-5x faster
+    than Pillow's default 6 for files ~7-10 % larger (measured, README benchmarks); raise it when
+    storage matters more than encoding CPU."""
     poll_seconds: float = Field(1.0, ge=0.01)
     """Idle worker poll interval; an ingress nudge wakes it sooner."""
     max_batch: int = Field(8, ge=1)
@@ -267,6 +290,15 @@ class ServiceSettings(BaseSettings):
         rest = {k: v for k, v in data.items() if not k.startswith(WEBHOOK_PREFIX)}
         return {**rest, "webhooks": {**nested, **flat}}
 
+    @field_validator("benchmark_engine")
+    @classmethod
+    def _bench(cls, value: Optional[str]) -> Optional[str]:
+        if value:
+            from .bench_engine import parse_spec
+
+            parse_spec(value)
+        return value or None
+
     @field_validator("tiers", mode="before")
     @classmethod
     def _tiers(cls, value: Any) -> Any:
@@ -311,7 +343,11 @@ class ServiceSettings(BaseSettings):
 
     @property
     def resolved_heartbeat_seconds(self) -> float:
-        return self.heartbeat_seconds or max(0.05, self.lease_seconds / 3)
+        return self.heartbeat_seconds or max(0.05, min(1.0, self.lease_seconds / 3))
+
+    @property
+    def resolved_post_workers(self) -> int:
+        return self.post_workers or max(1, min(4, os.cpu_count() or 1))
 
     def all_policy_words(self) -> tuple[str, ...]:
         words = list(self.policy_words)

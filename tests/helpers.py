@@ -104,7 +104,9 @@ def assert_error(resp: Any, status: int, code: str, param: str | None = None) ->
     err = body["error"]
     assert set(err) == {"code", "message", "param", "requestId"}
     assert err["code"] == code, err
-    assert err["requestId"].startswith("req_")
+    # One x-request-id per response, the id in the body (ours, `req_…`, or Ray Serve's proxy's).
+    assert isinstance(err["requestId"], str) and err["requestId"]
+    assert resp.headers.get_list("x-request-id") == [err["requestId"]], resp.headers
     assert err["message"]
     if param is not None:
         assert err["param"] == param, err

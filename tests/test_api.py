@@ -640,6 +640,49 @@ def test_metrics_endpoint_reports_jobs_and_batches(hs):
     assert 'avatar_jobs_submitted_total{kind="generate"} 1.0' in text
 
 
+def test_text_no_store_can_keep_is_invalid_request_on_every_store(h):
+    """NUL (PostgreSQL's text refuses it) and unpaired surrogates (not UTF-8 at all): one
+    check at the edge gives the same 400 naming the parameter on SQLite and PostgreSQL, in
+    bodies, form fields, query parameters and path ids — and stores nothing."""
+    acct, auth = h.account(credits=100)
+    av = h.client.post("/v1/avatars/generate", json={"prompt": "a fox"}, headers=auth).json()
+    h.worker.run_once()
+    hook = h.client.post("/v1/webhooks", json={"url": "https://example.com/hook"}, headers=auth)
+    before = h.store.get_account(acct.id).credits
+
+    def raw(method, url, text):
+        return h.client.request(method, url, content=text.encode(), headers={**auth, "content-type": "application/json"})
+
+    cases = [
+        (raw("POST", "/v1/avatars/generate", '{"prompt": "a\\\\u0000fox"}'), None),  # an escaped backslash: fine
+        (raw("POST", "/v1/avatars/generate", '{"prompt": "a\\u0000fox"}'), "prompt"),
+        (raw("POST", "/v1/avatars/generate", '{"prompt": "a\\ud800fox"}'), "prompt"),
+        (raw("POST", "/v1/avatars/generate", '{"prompt": "ok", "metadata": {"k": "v\\u0000"}}'), "metadata.k"),
+        (raw("POST", "/v1/avatars/cast", '{"prompt": "two", "characters": [{"prompt": "a"}, {"prompt": "\\u0000"}]}'),
+         "characters[1].prompt"),
+        (raw("PATCH", f"/v1/avatars/{av['id']}", '{"title": "t\\u0000"}'), "title"),
+        (raw("PATCH", f"/v1/avatars/{av['id']}", '{"description": "\\udfff"}'), "description"),
+        (raw("POST", f"/v1/avatars/{av['id']}/comment", '{"text": "hi\\u0000"}'), "text"),
+        (raw("POST", "/v1/webhooks", '{"url": "https://example.com/h", "description": "\\u0000"}'), "description"),
+        (h.client.get("/v1/avatars", params={"search": "fox\x00"}, headers=auth), "search"),
+        (h.client.get("/v1/avatars", params={"model": "\x00"}, headers=auth), "model"),
+        (h.client.get("/v1/avatars/av_%00x", headers=auth), "avatarId"),
+        (h.client.delete("/v1/avatars/av_%00x", headers=auth), "avatarId"),
+        (h.client.get("/v1/webhooks/wh_%00", headers=auth), "webhookId"),
+        (h.client.post("/v1/avatars/percify-yourself", data={"prompt": "me\x00"},
+                       files=[("photo", ("a.png", png_bytes(), "image/png"))], headers=auth), "prompt"),
+    ]
+    first, *bad = cases
+    assert first[0].status_code == 202, first[0].text  # a literal backslash-u is ordinary text
+    for resp, param in bad:
+        body = assert_error(resp, 400, "invalid_request", param)
+        assert "cannot be stored" in body["message"]
+    assert h.store.get_account(acct.id).credits == before - first[0].json()["creditCost"]
+    got = h.client.get(f"/v1/avatars/{av['id']}", headers=auth).json()
+    assert got["title"] is None and got["comments"] == 0
+    assert len(h.client.get("/v1/webhooks", headers=auth).json()["data"]) == (1 if hook.status_code == 201 else 0)
+
+
 def test_settings_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AVATAR_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("AVATAR_PORT", "9001")
@@ -675,6 +718,15 @@ def test_cost_and_webhook_delivery_settings_reach_the_dispatcher(monkeypatch, tm
     assert ServiceSettings().webhooks.max_attempts == 8
     monkeypatch.setenv("AVATAR_WEBHOOK_ALLOWLIST", '["10.0.0.0/8"]')  # JSON lists work too
     assert ServiceSettings.from_env().webhooks.allowlist == ("10.0.0.0/8",)
+    # The README's form, through the same path as the Serve builder (env → args → replicas).
+    monkeypatch.setenv("AVATAR_WEBHOOK_ALLOWLIST", '["127.0.0.1"]')
+    monkeypatch.setenv("AVATAR_MODELS", '["tiny-sd15", "sdxl"]')
+    monkeypatch.setenv("AVATAR_POLICY_WORDS", ' ["foo", "bar baz"] ')
+    replica = ServiceSettings.from_dict(ServiceSettings.from_dict({"data_dir": str(tmp_path)}).to_dict(), env=False)
+    assert replica.webhooks.allowlist == ("127.0.0.1",) and replica.models == ("tiny-sd15", "sdxl")
+    assert replica.policy_words == ("foo", "bar baz")
+    monkeypatch.setenv("AVATAR_WEBHOOK_ALLOWLIST", "127.0.0.1")
+    assert ServiceSettings.from_env().webhooks.allowlist == ("127.0.0.1",)
     with pytest.raises(ValueError, match=r"model_costs\['sdxl'\]"):
         ServiceSettings(model_costs={"sdxl": -1})
     with pytest.raises(ValueError, match=r"webhooks\.lease_seconds"):
@@ -863,6 +915,100 @@ def test_without_heartbeats_an_overrunning_job_is_reclaimed(db, tmp_path):
     h.engine.before_return = slow
     report = h.worker.run_once()
     assert [j.id for j in stolen] == [av["id"]] and report.dropped == [av["id"]] and report.completed == []
+
+
+def test_a_restarted_worker_reclaims_its_dead_predecessors_jobs_at_once(db, tmp_path):
+    """The previous process on this host (same data) died holding jobs with long leases: the
+    new worker sees on registering that the process is gone and takes the jobs immediately;
+    each is completed and charged once."""
+    import socket
+    import subprocess
+    import sys
+
+    h = db.harness(tmp_path)
+    acct, auth = h.account(credits=100)
+    ids = [h.client.post("/v1/avatars/generate", json={"prompt": f"p{i}"}, headers=auth).json()["id"]
+           for i in range(2)]
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    h.store.register_worker("previous-run", socket.gethostname(), gone.pid, "1")
+    held = h.store.claim_jobs("previous-run", limit=2, lease_seconds=3600, models=["fake"])
+    assert sorted(j.id for j in held) == sorted(ids)
+    report = h.worker.run_once()
+    assert sorted(report.completed) == sorted(ids)
+    assert all(h.store.get_avatar(i).attempts == 2 for i in ids)
+    assert not any(h.store.complete_job(j.id, j.lease_token, {"images": []}) for j in held)
+    ledger = h.store.ledger(acct.id)
+    assert all(sorted(e.kind for e in ledger if e.avatar_id == i) == ["charge", "reserve"] for i in ids)
+    assert h.store.list_workers() == []  # run_once unregisters when it is done
+
+
+class _SlowAssets:
+    """The real asset store, with encoding/upload made slow and recorded."""
+
+    def __init__(self, inner, delay, log):
+        self._inner, self._delay, self._log = inner, delay, log
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def put_image(self, avatar_id, index, image):
+        t0 = time.monotonic()
+        time.sleep(self._delay)
+        info = self._inner.put_image(avatar_id, index, image)
+        self._log.append(("post", avatar_id, t0, time.monotonic()))
+        return info
+
+
+def test_the_worker_loop_overlaps_post_processing_with_the_next_generation(db, tmp_path):
+    """Batch k's post-processing runs while batch k+1 generates, and the next claim is made
+    while a generation is still running; every job is completed and charged exactly once."""
+    h = db.harness(tmp_path, max_batch=1, poll_seconds=0.05)
+    events: list[tuple] = []
+    h.worker.assets = _SlowAssets(h.assets, 0.3, events)
+    engine_generate = h.engine.generate
+
+    def generate(requests, progress=None):
+        t0 = time.monotonic()
+        time.sleep(0.3)
+        out = engine_generate(requests, progress)
+        events.append(("gen", None, t0, time.monotonic()))
+        return out
+
+    h.engine.generate = generate
+    store_claim = h.store.claim_jobs
+    claims: list[float] = []
+
+    def claim_jobs(*args, **kwargs):
+        started = time.monotonic()
+        got = store_claim(*args, **kwargs)
+        if got:
+            claims.append(started)
+        return got
+
+    h.store.claim_jobs = claim_jobs
+    acct, auth = h.account(tier="enterprise", credits=100)
+    ids = [h.client.post("/v1/avatars/generate", json={"prompt": f"job {i}"}, headers=auth).json()["id"]
+           for i in range(4)]
+    h.worker.start()
+    try:
+        deadline = time.monotonic() + 60  # bound for a starved box, never asserted
+        while time.monotonic() < deadline and set(h.store.job_statuses(ids).values()) != {"completed"}:
+            time.sleep(0.05)
+    finally:
+        h.worker.stop()
+    assert set(h.store.job_statuses(ids).values()) == {"completed"}
+    gens = sorted((t0, t1) for kind, _, t0, t1 in events if kind == "gen")
+    posts = sorted((t0, t1) for kind, _, t0, t1 in events if kind == "post")
+    assert len(gens) == 4 and len(posts) == 4
+    # Overlap: some generation started before the previous batch's post-processing ended.
+    assert any(gens[k + 1][0] < posts[k][1] for k in range(3)), (gens, posts)
+    # Prefetch: the claim of batch k+1 began before batch k's generation ended.
+    claims.sort()
+    assert len(claims) == 4 and any(claims[k + 1] < gens[k][1] for k in range(3)), (claims, gens)
+    ledger = h.store.ledger(acct.id)
+    assert all(sorted(e.kind for e in ledger if e.avatar_id == i) == ["charge", "reserve"] for i in ids)
+    assert h.store.list_workers() == [] and h.worker.held_jobs == 0  # stop() unregistered, nothing held
 
 
 def test_cli_create_key_and_grant_credits(db, tmp_path, capsys):

@@ -81,7 +81,7 @@ def run_job(store, avatar_id: str, result: dict | None = None) -> None:
 # --------------------------------------------------------------------------------------------
 def test_migrations_are_versioned_and_idempotent(store, backend, clock):
     head = Database.head_revision()
-    assert head == "0004" and store.schema_revision() == head
+    assert head == "0005" and store.schema_revision() == head
     acct = store.create_account("pro", 5)
     assert store.migrate() == head
     again = open_store(backend, clock=clock)
@@ -223,6 +223,90 @@ def test_lease_heartbeat_expiry_and_reclaim(store, clock):
     assert store.complete_job(job.id, held.lease_token, {"images": []}) is False
     assert store.complete_job(job.id, again.lease_token, {"images": [{"seed": 1}]}) is True
     assert store.get_avatar(job.id).result == {"images": [{"seed": 1}]}
+
+
+def test_a_dead_worker_instances_jobs_are_reclaimed_without_waiting_for_the_lease(store, clock):
+    """A registered worker that stops beating is dead after `dead_after` seconds: the next claim
+    expires its leases and takes its jobs (long before their 60 s lease would end); its late
+    completion is refused, so each job is completed and charged once."""
+    acct = store.create_account("pro", 100)
+    jobs = [submit(store, acct.id, cost=2) for _ in range(3)]
+    store.register_worker("gpu-a", "host-1", 111, "t0")
+    store.register_worker("gpu-b", "host-2", 222, None)
+    held = store.claim_jobs("gpu-a", limit=2, lease_seconds=60, dead_after=5)
+    assert len(held) == 2
+    clock.advance(3)
+    assert store.worker_heartbeat("gpu-b", 60) == set()  # b beats, a has gone silent
+    assert store.worker_heartbeat("gpu-a", 60, [j.id for j in held]) == {j.id for j in held}  # alive at 3 s
+    clock.advance(4)
+    store.worker_heartbeat("gpu-b", 60)
+    # 4 s after a's last beat: alive still, so b only gets the queued job.
+    queued = {j.id for j in jobs} - {j.id for j in held}
+    assert {j.id for j in store.claim_jobs("gpu-b", limit=3, lease_seconds=60, dead_after=5.0)} == queued
+    clock.advance(3)  # a's last beat was 7 s ago: dead
+    store.worker_heartbeat("gpu-b", 60)
+    again = store.claim_jobs("gpu-b", limit=3, lease_seconds=60, dead_after=5.0)
+    assert {j.id for j in again} == {j.id for j in held} and all(j.attempts == 2 for j in again)
+    assert [w.id for w in store.list_workers()] == ["gpu-b"]
+    # gpu-a comes back (a long pause, not a death): its leases are gone, its result is refused.
+    assert store.worker_heartbeat("gpu-a", 60, [j.id for j in held]) == set()
+    assert not any(store.complete_job(j.id, j.lease_token, {"images": []}) for j in held)
+    assert all(store.complete_job(j.id, j.lease_token, {"images": []}) for j in again)
+    ledger = store.ledger(acct.id)
+    for j in held:
+        assert sorted(e.kind for e in ledger if e.avatar_id == j.id) == ["charge", "reserve"]
+    assert {w.id for w in store.list_workers()} == {"gpu-a", "gpu-b"}  # re-registered by its beat
+
+
+def test_retire_workers_releases_their_jobs_at_once(store, clock):
+    acct = store.create_account("pro", 100)
+    job = submit(store, acct.id)
+    store.register_worker("old", "h", 1)
+    (held,) = store.claim_jobs("old", lease_seconds=60)
+    assert store.claim_jobs("new", lease_seconds=60) == []
+    assert store.retire_workers(["old"]) == [job.id]
+    (again,) = store.claim_jobs("new", lease_seconds=60)
+    assert again.id == job.id and again.lease_token != held.lease_token
+    assert store.list_workers() == []
+    assert store.worker_heartbeat("new", 30, [job.id, "av_other"]) == {job.id}
+    assert store.get_avatar(job.id).lease_expires_at == clock() + 30
+    clock.advance(10)
+    assert store.worker_heartbeat("new", 30) == set()  # a job it no longer names is not extended
+    assert store.get_avatar(job.id).lease_expires_at == clock() + 20
+
+
+def test_claims_are_fair_between_accounts(store, clock):
+    """Round-robin over accounts (jobs an account already has processing count as its earlier
+    turns), higher tiers first within a round, oldest first within an account."""
+    heavy = store.create_account("pro", 1000)
+    light = store.create_account("free", 100)
+    big = store.create_account("enterprise", 100)
+    heavy_jobs = []
+    for _ in range(20):
+        heavy_jobs.append(submit(store, heavy.id, cost=1, max_concurrent=50))
+        clock.advance(1)
+    single = submit(store, light.id, cost=1)
+    clock.advance(1)
+    rich = [submit(store, big.id, cost=1), None]
+    clock.advance(1)
+    rich[1] = submit(store, big.id, cost=1)
+    first = store.claim_jobs("w", limit=4)
+    # Round 1: enterprise, pro, free (tier order); round 2 starts with the enterprise's second.
+    assert [j.id for j in first] == [rich[0].id, heavy_jobs[0].id, single.id, rich[1].id]
+    # heavy now has one processing: its next queued job counts as its 2nd turn, so a newly
+    # submitted job of another account still goes first.
+    newcomer = store.create_account("free", 10)
+    late = submit(store, newcomer.id, cost=1)
+    assert [j.id for j in store.claim_jobs("w", limit=2)] == [late.id, heavy_jobs[1].id]
+    assert [j.id for j in store.claim_jobs("w", limit=30)] == [j.id for j in heavy_jobs[2:]]
+    # A reclaimed job (its worker died) goes before everything queued.
+    redo = submit(store, light.id, cost=1)
+    store.register_worker("dead", "h", 1)
+    (lost,) = [j for j in store.claim_jobs("dead", limit=1)]
+    assert lost.id == redo.id
+    again = submit(store, newcomer.id, cost=1)
+    store.retire_workers(["dead"])
+    assert [j.id for j in store.claim_jobs("w", limit=2)] == [redo.id, again.id]
 
 
 def test_jobs_out_of_attempts_fail_with_refund(store, clock):

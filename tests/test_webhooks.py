@@ -364,7 +364,8 @@ def test_data_comes_from_the_stores_renderer(tmp_path, clock, receiver):
         bodies = {json.loads(render_body(d))["type"]: json.loads(render_body(d)) for d in s.list_deliveries(account.id)}
         assert bodies["avatar.completed"]["data"]["object"] == {"id": av.id, "status": "completed"}
         assert bodies["avatar.commented"]["data"]["object"]["id"] == av.id
-        assert WebhookDispatcher(s, _options(), clock=clock).run_once() == 2
+        # Two events of one avatar: sent one after the other, in order (one per pass).
+        assert WebhookDispatcher(s, _options(), clock=clock).drain() == 2
         assert {e["data"]["object"]["id"] for e in receiver.processed.values()} == {av.id}
     finally:
         s.drop_all()
@@ -617,22 +618,25 @@ def test_service_restart_mid_delivery_loses_nothing_and_receiver_dedupes(store, 
     assert sorted(d.event_type for d in messages) == sorted(
         ["avatar.completed", "avatar.published", "avatar.liked", "avatar.commented", "avatar.failed"])
 
-    # Dispatcher A claims two messages and is killed before sending anything.
-    claimed_by_dead = store.claim_deliveries("dead-before-send", 2, lease_seconds=30.0)
-    assert len(claimed_by_dead) == 2
     # Dispatcher B sends one message and is killed before recording that it was delivered.
     dying = WebhookDispatcher(DiesBeforeMarking(store), _options(worker_id="dies", batch_size=1,
                                                                  lease_seconds=30.0), clock=clock)
     with pytest.raises(ProcessDied):
         dying.run_once()
     assert len(receiver.processed) == 1
+    # Dispatcher A claims what is due now and is killed before sending anything: only the first
+    # event of each avatar is due (an avatar's later events wait for its earlier ones).
+    claimed_by_dead = store.claim_deliveries("dead-before-send", 5, lease_seconds=30.0)
+    assert len(claimed_by_dead) == 1
+    leased = {d.event_type for d in store.list_deliveries(owner.id) if d.lease_token}
+    assert leased == {"avatar.completed", "avatar.failed"}
 
-    # After the restart, C finds only the 2 never-claimed messages until the leases expire…
+    # After the restart, C finds nothing due until the leases expire (the rest waits in order)…
     fresh = WebhookDispatcher(store, _options(worker_id="after-restart"), clock=clock)
-    assert fresh.drain() == 2
+    assert fresh.drain() == 0
     clock.advance(31.0)
-    # …then it picks up the 3 abandoned ones, re-sending B's under the same webhook-id.
-    assert fresh.drain() == 3
+    # …then it sends all 5, re-sending B's under the same webhook-id, each avatar's in order.
+    assert fresh.drain() == 5
     assert {d.status for d in store.list_deliveries(owner.id)} == {"delivered"}
 
     ids = [r["headers"]["webhook-id"] for r in receiver.requests]
@@ -642,6 +646,32 @@ def test_service_restart_mid_delivery_loses_nothing_and_receiver_dedupes(store, 
         ["avatar.completed", "avatar.published", "avatar.liked", "avatar.commented", "avatar.failed"])
     assert set(receiver.processed) == {d.id for d in messages}  # every event processed exactly once
     assert all(r["verified"] for r in receiver.requests)
+
+
+def test_events_of_one_avatar_are_delivered_in_the_order_they_happened(store, receiver, clock):
+    """avatar.published waits while the same avatar's avatar.completed is being retried; other
+    avatars' events are not held up by it."""
+    owner, _ = _endpoint(store, receiver)
+    done = _completed_avatar(store, owner.id, "first")       # avatar.completed (oldest message)
+    clock.advance(1.0)
+    store.publish_avatar(done.id, owner.id)                  # avatar.published
+    clock.advance(1.0)
+    other = _completed_avatar(store, owner.id, "second")     # another avatar's avatar.completed
+    receiver.plan = [500]  # the first request (the oldest message: done's completed) fails
+    disp = WebhookDispatcher(store, _options(batch_size=1, concurrency=1, retry_schedule=(10.0,)), clock=clock)
+    assert disp.run_once() == 1 and disp.last_results[0].outcome == "retry"
+    assert disp.drain() == 1  # only the other avatar's event: done's publication waits
+    by_type = {(d.event_type, json.loads(render_body(d))["data"]["avatar"]["id"]): d
+               for d in store.list_deliveries(owner.id)}
+    assert by_type[("avatar.completed", other.id)].status == "delivered"
+    assert by_type[("avatar.published", done.id)].status == "pending"
+    assert by_type[("avatar.published", done.id)].attempts == 0
+    clock.advance(10.0)
+    assert disp.drain() == 2  # the retry, then (only after it was delivered) the publication
+    sent = [(json.loads(r["body"])["type"], json.loads(r["body"])["data"]["avatar"]["id"]) for r in receiver.requests]
+    assert [t for t, avatar_id in sent if avatar_id == done.id] == [
+        "avatar.completed", "avatar.completed", "avatar.published"]
+    assert {d.status for d in store.list_deliveries(owner.id)} == {"delivered"}
 
 
 def test_late_mark_after_lease_expiry_is_ignored(store, receiver, clock):

@@ -26,7 +26,7 @@ from .accounts import AccountsStore
 from .avatars import AvatarsStore
 from .community import CommunityStore
 from .db import Database
-from .jobs import JobsStore
+from .jobs import JobsStore, WorkerInstance
 from .limits import LimitsStore
 from .outbox import WebhooksStore, default_payload
 from .records import (
@@ -85,5 +85,6 @@ __all__ = [
     "Account", "AccountNotFound", "ApiKey", "Avatar", "AvatarNotFound", "Comment", "ConcurrencyLimitExceeded",
     "Database", "Delivery", "EndpointNotFound", "IdempotencyResult", "IdempotencyState", "InsufficientCredits",
     "InvalidArgument", "InvalidCursor", "InvalidState", "LedgerEntry", "LikeResult", "NotFound", "Page",
-    "PermissionDenied", "RateLimitDecision", "Store", "StoreError", "StoredResponse", "WebhookEndpoint", "open_store",
+    "PermissionDenied", "RateLimitDecision", "Store", "StoreError", "StoredResponse", "WebhookEndpoint", "WorkerInstance",
+    "open_store",
 ]

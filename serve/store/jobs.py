@@ -2,9 +2,10 @@
 complete on the workers), with the credit reservation and its settlement in the same transactions."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from sqlalchemy import Connection, bindparam, false, func, insert, or_, select, update
+from sqlalchemy import Connection, bindparam, case, delete, false, func, insert, or_, select, update
 
 from ..vocab import ACTIVE_STATUSES, JOB_KINDS, VISIBILITIES, EventType, JobStatus, LedgerKind
 from .base import StorePart, check_choice, check_limit, new_id, new_token
@@ -12,7 +13,8 @@ from .records import (
     DEFAULT_MAX_ATTEMPTS, WORKER_LOST_CODE, AccountNotFound, Avatar, AvatarNotFound, ConcurrencyLimitExceeded,
     InsufficientCredits, InvalidArgument, PermissionDenied,
 )
-from .schema import accounts, avatars as A
+from .base import dialect_insert
+from .schema import accounts, avatars as A, worker_instances as W
 
 _ACTIVE = A.c.status.in_(ACTIVE_STATUSES)
 _EXPIRED = (A.c.status == JobStatus.PROCESSING) & (A.c.lease_expires_at < bindparam("now"))
@@ -33,6 +35,33 @@ _HEARTBEAT = update(A).where(A.c.id == bindparam("aid"), A.c.lease_token == bind
 _REQUEUE = update(A).where(A.c.id == bindparam("aid"), A.c.status == JobStatus.PROCESSING,
                            A.c.lease_token == bindparam("token"))
 _QUEUE_STATS = select(A.c.status, func.count()).where(_ACTIVE).group_by(A.c.status)
+# Worker instances: one statement extends every lease a live worker holds (whatever stage its
+# jobs are in); a dead worker's leases are expired (set to 0, "long ago") so they are claimable.
+_EXTEND_OWNED = (update(A).where(A.c.lease_owner == bindparam("owner"), A.c.status == JobStatus.PROCESSING,
+                                 A.c.id.in_(bindparam("ids", expanding=True)))
+                 .values(lease_expires_at=bindparam("expires")))
+_HELD = select(A.c.id).where(A.c.lease_owner == bindparam("owner"), A.c.status == JobStatus.PROCESSING,
+                             A.c.id.in_(bindparam("ids", expanding=True)))
+_EXPIRE_OWNED = (update(A).where(A.c.lease_owner.in_(bindparam("owners", expanding=True)),
+                                 A.c.status == JobStatus.PROCESSING)
+                 .values(lease_expires_at=0.0).returning(A.c.id))
+_DROP_INSTANCES = delete(W).where(W.c.id.in_(bindparam("owners", expanding=True)))
+_STALE_INSTANCES = select(W.c.id).where(W.c.heartbeat_at < bindparam("before"))
+
+#: Claim order between accounts of one round: higher tiers first.
+TIER_PRIORITY = {"enterprise": 0, "pro": 1}
+
+
+@dataclass(frozen=True)
+class WorkerInstance:
+    """A registered job worker (`worker_instances` row)."""
+
+    id: str
+    host: str
+    pid: int
+    process_start: str | None
+    started_at: float
+    heartbeat_at: float
 
 
 def to_avatar(r: Mapping[str, Any]) -> Avatar:
@@ -182,10 +211,16 @@ class JobsStore(StorePart):
 
     def claim_jobs(self, worker_id: str, limit: int = 1, lease_seconds: float = 60.0, *,
                    kinds: Sequence[str] | None = None, models: Sequence[str | None] | None = None,
-                   max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[Avatar]:
-        """Move up to `limit` jobs to processing for `worker_id`, oldest first: queued ones and
-        processing ones whose lease expired (a dead worker's; `attempts` is incremented on every
-        claim). Each claimed job gets a fresh `lease_token` that later calls must present.
+                   max_attempts: int = DEFAULT_MAX_ATTEMPTS, dead_after: float | None = None) -> list[Avatar]:
+        """Move up to `limit` jobs to processing for `worker_id`: queued ones and processing
+        ones whose lease expired (a dead worker's; `attempts` is incremented on every claim).
+        Each claimed job gets a fresh `lease_token` that later calls must present.
+        Order is fair between accounts: reclaimed jobs first, then round-robin over accounts
+        (an account's n-th queued job counts its jobs already processing as earlier turns), higher
+        tiers first within a round, oldest first within an account — one account's long
+        queue does not hold back another account's single job by more than about one batch.
+        With `dead_after`, registered worker instances whose heartbeat is older than that
+        many seconds are retired first (their leases expire, so their jobs are claimable now).
         Expired jobs that already had `max_attempts` claims are failed with code
         `worker_lost` and refunded instead. `kinds` / `models` restrict what is claimed
         (a `models` filter also matches jobs whose model is None only if None is listed)."""
@@ -197,6 +232,9 @@ class JobsStore(StorePart):
 
         def work(conn: Connection) -> list[Avatar]:
             now = self._now()
+            if dead_after is not None:
+                stale = conn.execute(_STALE_INSTANCES, {"before": now - dead_after}).scalars().all()
+                self._retire(conn, [w for w in stale if w != worker_id])
             self._reap(conn, now, max_attempts)
             if (kinds is not None and not kinds) or (models is not None and not models):
                 return []
@@ -207,8 +245,7 @@ class JobsStore(StorePart):
                 named = [m for m in models if m is not None]
                 where.append(or_(A.c.model.in_(named) if named else false(),
                                  A.c.model.is_(None) if len(named) < len(models) else false()))
-            ids = conn.execute(select(A.c.id).where(*where).order_by(A.c.created_at, A.c.id).limit(limit)
-                               .with_for_update(skip_locked=True), {"now": now}).scalars().all()
+            ids = conn.execute(_fair_order(where, limit), {"now": now}).scalars().all()
             claimed = []
             for avatar_id in ids:
                 row = conn.execute(_CLAIM, {
@@ -295,3 +332,76 @@ class JobsStore(StorePart):
         return self.db.run(lambda c: c.execute(_REQUEUE, {
             "aid": avatar_id, "token": lease_token, "status": JobStatus.QUEUED, "lease_owner": None,
             "lease_token": None, "lease_expires_at": None, "updated_at": self._now()}).rowcount > 0)
+
+    # ---- worker instances ----------------------------------------------------------------
+    def _retire(self, conn: Connection, worker_ids: Sequence[str]) -> list[str]:
+        if not worker_ids:
+            return []
+        released = conn.execute(_EXPIRE_OWNED, {"owners": list(worker_ids)}).scalars().all()
+        conn.execute(_DROP_INSTANCES, {"owners": list(worker_ids)})
+        return list(released)
+
+    def register_worker(self, worker_id: str, host: str, pid: int, process_start: str | None = None) -> None:
+        """Announce a live job worker (or refresh it): `worker_heartbeat` keeps it alive."""
+        def work(conn: Connection) -> None:
+            now = self._now()
+            stmt = dialect_insert(conn, W).values(id=worker_id, host=host, pid=int(pid), process_start=process_start,
+                                                  started_at=now, heartbeat_at=now)
+            conn.execute(stmt.on_conflict_do_update(index_elements=[W.c.id], set_={"heartbeat_at": now}))
+
+        self.db.run(work)
+
+    def worker_heartbeat(self, worker_id: str, lease_seconds: float, avatar_ids: Sequence[str] = (), *,
+                         host: str = "", pid: int = 0, process_start: str | None = None) -> set[str]:
+        """The worker is alive: refresh its row (re-registering it if it was retired) and extend
+        the leases of the jobs `avatar_ids` it is working on (whatever their stage) to now +
+        `lease_seconds`, in one transaction. Returns those ids it still holds; one missing was
+        cancelled, deleted or reclaimed. Jobs it holds but no longer names (given up after an
+        error) are not extended: their leases run out and they are claimed again."""
+        ids = list(avatar_ids)
+
+        def work(conn: Connection) -> set[str]:
+            now = self._now()
+            stmt = dialect_insert(conn, W).values(id=worker_id, host=host, pid=int(pid), process_start=process_start,
+                                                  started_at=now, heartbeat_at=now)
+            conn.execute(stmt.on_conflict_do_update(index_elements=[W.c.id], set_={"heartbeat_at": now}))
+            if not ids:
+                return set()
+            conn.execute(_EXTEND_OWNED, {"owner": worker_id, "expires": now + lease_seconds, "ids": ids})
+            return set(conn.execute(_HELD, {"owner": worker_id, "ids": ids}).scalars().all())
+
+        return self.db.run(work)
+
+    def list_workers(self) -> list[WorkerInstance]:
+        """Registered worker instances, oldest first."""
+        rows = self.db.read(lambda c: c.execute(select(W).order_by(W.c.started_at, W.c.id)).mappings().all())
+        return [WorkerInstance(id=r["id"], host=r["host"], pid=int(r["pid"]), process_start=r["process_start"],
+                               started_at=r["started_at"], heartbeat_at=r["heartbeat_at"]) for r in rows]
+
+    def retire_workers(self, worker_ids: Sequence[str]) -> list[str]:
+        """Workers known to be dead (a process gone, a stale heartbeat): expire the leases they
+        hold so any worker can claim those jobs at once (a claim then issues a new lease token, so
+        a late result of the dead worker can no longer complete them) and drop their rows.
+        Returns the ids of the jobs released."""
+        ids = [w for w in worker_ids]
+        return self.db.run(lambda c: self._retire(c, ids)) if ids else []
+
+    def unregister_worker(self, worker_id: str) -> None:
+        """A worker stopping cleanly (after handing its jobs back)."""
+        self.db.run(lambda c: c.execute(_DROP_INSTANCES, {"owners": [worker_id]}))
+
+
+def _fair_order(where: list, limit: int):
+    """The ids to claim, in fair order, locked (PostgreSQL: FOR UPDATE OF avatars SKIP LOCKED)."""
+    turn = func.row_number().over(partition_by=A.c.account_id, order_by=(A.c.created_at, A.c.id))
+    cand = select(A.c.id, A.c.account_id, A.c.status, A.c.created_at, turn.label("turn")).where(*where).subquery("cand")
+    busy = (select(A.c.account_id, func.count().label("n"))
+            .where(A.c.status == JobStatus.PROCESSING, A.c.lease_expires_at >= bindparam("now"))
+            .group_by(A.c.account_id).subquery("busy"))
+    tier = case(*[(accounts.c.tier == t, p) for t, p in TIER_PRIORITY.items()], else_=len(TIER_PRIORITY))
+    return (select(A.c.id)
+            .select_from(A.join(cand, cand.c.id == A.c.id).join(accounts, accounts.c.id == cand.c.account_id)
+                         .outerjoin(busy, busy.c.account_id == cand.c.account_id))
+            .order_by(case((cand.c.status == JobStatus.PROCESSING, 0), else_=1),
+                      cand.c.turn + func.coalesce(busy.c.n, 0), tier, cand.c.created_at, cand.c.id)
+            .limit(limit).with_for_update(skip_locked=True, of=A))

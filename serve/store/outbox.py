@@ -6,7 +6,7 @@ import base64
 import secrets
 from typing import Any, Mapping, Sequence
 
-from sqlalchemy import Connection, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, exists, func, insert, select, update
 
 from ..vocab import ALL_EVENTS, EVENT_TYPES, EventType, OutboxStatus
 from .base import StorePart, check_limit, new_id, new_token
@@ -19,6 +19,9 @@ _DELIVERY_COLUMNS = (*O.c, E.c.url, E.c.secret, E.c.consecutive_failures)
 _SUBSCRIBERS = (select(E.c.id, E.c.events).where(E.c.account_id == bindparam("acct"), E.c.disabled.is_(False))
                 .order_by(E.c.created_at, E.c.id))
 _ADD_MESSAGES = insert(O)
+# The avatar's last message number: the emitting transaction changed (and so locked) the avatar
+# row, so two transactions about one avatar cannot pick the same next number.
+_LAST_SEQ = select(func.max(O.c.subject_seq)).where(O.c.subject_id == bindparam("subject"))
 
 
 def to_endpoint(r: Mapping[str, Any]) -> WebhookEndpoint:
@@ -62,10 +65,12 @@ class WebhooksStore(StorePart):
         now = self._now()
         payload = self._render(str(event_type), avatar, dict(extra or {}))
         event_id = new_id("evt")
+        seq = int(conn.execute(_LAST_SEQ, {"subject": avatar.id}).scalar() or 0) + 1
         conn.execute(_ADD_MESSAGES, [
             {"id": new_id("msg"), "event_id": event_id, "endpoint_id": endpoint_id, "account_id": avatar.account_id,
              "event_type": str(event_type), "payload": payload, "status": OutboxStatus.PENDING, "attempts": 0,
-             "next_attempt_at": now, "created_at": now, "updated_at": now, "request_id": avatar.request_id}
+             "next_attempt_at": now, "created_at": now, "updated_at": now, "request_id": avatar.request_id,
+             "subject_id": avatar.id, "subject_seq": seq}
             for endpoint_id in targets])
         return len(targets)
 
@@ -134,7 +139,10 @@ class WebhooksStore(StorePart):
 
     def claim_deliveries(self, worker_id: str, limit: int = 10, lease_seconds: float = 30.0) -> list[Delivery]:
         """Lease up to `limit` due pending messages (next_attempt_at <= now, no live lease),
-        oldest first. Messages of disabled endpoints are marked failed instead of claimed."""
+        oldest first. Messages of disabled endpoints are marked failed instead of claimed.
+        Events of one avatar reach an endpoint in the order they happened: a message waits
+        while an earlier message of the same avatar to the same endpoint is still pending
+        (being sent or waiting for a retry); one given up (failed) no longer holds it back."""
         check_limit(limit, "limit", 1000)
 
         def work(conn: Connection) -> list[Delivery]:
@@ -143,7 +151,12 @@ class WebhooksStore(StorePart):
                          .where(O.c.status == OutboxStatus.PENDING, O.c.next_attempt_at <= now,
                                 O.c.endpoint_id.in_(select(E.c.id).where(E.c.disabled.is_(True)))))
             free = (O.c.lease_expires_at.is_(None)) | (O.c.lease_expires_at < now)
-            ids = conn.execute(select(O.c.id).where(O.c.status == OutboxStatus.PENDING, O.c.next_attempt_at <= now, free)
+            earlier = O.alias("earlier")
+            first_of_subject = ~exists().where(
+                earlier.c.subject_id == O.c.subject_id, earlier.c.endpoint_id == O.c.endpoint_id,
+                earlier.c.subject_seq < O.c.subject_seq, earlier.c.status == OutboxStatus.PENDING)
+            ids = conn.execute(select(O.c.id).where(O.c.status == OutboxStatus.PENDING, O.c.next_attempt_at <= now, free,
+                                                    O.c.subject_id.is_(None) | first_of_subject)
                                .order_by(O.c.next_attempt_at, O.c.created_at, O.c.id).limit(limit)
                                .with_for_update(skip_locked=True)).scalars().all()
             claimed = []

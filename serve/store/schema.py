@@ -206,7 +206,26 @@ webhook_outbox = Table(
     Column("updated_at", Timestamp, nullable=False),
     Column("delivered_at", Timestamp),
     Column("request_id", Text),  # the request that started the job whose event this is
+    # Per-subject order: messages of one avatar to one endpoint go out in `subject_seq` order
+    # (avatar.completed before avatar.published). NULL on rows older than revision 0004.
+    Column("subject_id", Text),
+    Column("subject_seq", Integer),
     Index("ix_outbox_due", "status", "next_attempt_at"),
     Index("ix_outbox_account", "account_id", "created_at"),
     Index("ix_outbox_endpoint", "endpoint_id"),
+    Index("ix_outbox_subject", "subject_id", "endpoint_id", "subject_seq"),
+)
+
+# Job workers alive now: each registers and beats every second or so; a worker whose beat is
+# stale (or, on the same host, whose process is gone) is dead, and the leases it held are
+# expired at once so another worker reclaims its jobs within seconds instead of a lease period.
+worker_instances = Table(
+    "worker_instances", metadata,
+    Column("id", Text, primary_key=True),  # the lease owner name the worker claims with
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("process_start", Text),  # /proc start time: tells a reused pid from the registered process
+    Column("started_at", Timestamp, nullable=False),
+    Column("heartbeat_at", Timestamp, nullable=False),
+    Index("ix_worker_instances_heartbeat", "heartbeat_at"),
 )
