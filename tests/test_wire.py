@@ -5,7 +5,8 @@ answers, idempotent replays, rate limits) replayed through the app, its response
 (plus `"engine":null` in `/v1/health`'s models, which the engine-speed work added since), and
 which issue 11 changed on purpose: absolute image URLs, signed for private avatars (normalised
 to `expires=E&signature=S`), `progress` on the Avatar, image GETs without a header, the event
-stream and `Prefer: wait`.
+stream and `Prefer: wait`; selectable identity methods added `"identityMethods":[]` to
+`/v1/health`'s models and `"identityMethod":null` to avatars (so also 22 bytes to the event stream's avatar).
 A change to any status, header or body byte of these answers fails here.
 
 Regenerate deliberately: `python tests/test_wire.py > tests/fixtures/wire_transcript.txt`.

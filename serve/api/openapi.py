@@ -18,7 +18,7 @@ PERCIFY_BODY = {"requestBody": {"required": True, "content": {
         "photoUrl": {**_STR, "description": "An http(s) photo URL (instead of or besides file parts)"},
         "photoUrls": {"type": "array", "items": _STR, "maxItems": 5},
         "prompt": _STR, "stylePreset": _STR, "aspectRatio": _STR, "identityStrength": _NUM, "seed": _INT,
-        "model": _STR, "guidanceScale": _NUM, "steps": _INT, "batchSize": _INT, "negativePrompt": _STR,
+        "identityMethod": _STR, "model": _STR, "guidanceScale": _NUM, "steps": _INT, "batchSize": _INT, "negativePrompt": _STR,
         "title": _STR, "visibility": _STR,
     }}}}}}
 
@@ -28,6 +28,7 @@ CAST_BODY = {"requestBody": {"required": True, "content": {
         "prompt": _STR,
         "characters": {"type": "string", "description": "JSON list of {prompt, avatarId?} (no photos)"},
         "photo0": _FILES, "photo1": _FILES, "layout": _STR, "seed": _INT, "model": _STR,
+        "identityStrength": _NUM, "identityMethod": _STR,
     }}}}}}
 
 
