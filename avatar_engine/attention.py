@@ -7,7 +7,9 @@ dynamo's recompile limit, crashed (`FailOnRecompileLimitHit`), plain requests in
 peft had wrapped the UNet. Here every attention layer keeps one `AvatarAttnProcessor` for the
 model's lifetime; what changes per call is data in the UNet's `CallConditioning`:
 
-- `mode` picks one of three fixed code paths (a small, known set of graphs):
+- `mode` picks one of three fixed code paths (a small, known set of graphs), and `method` the
+  identity method whose weights the identity and regional paths read (faceid, faceid-plus-v2,
+  instantid: each attached once at load under its name; one graph per mode and method):
   `plain` (text cross-attention only), `identity` (percify: + one FaceID identity per image and
   the FaceID LoRA) and `regional` (cast: 1 + MAX_CHARACTERS text prompts blended by region
   weights, + MAX_CHARACTERS masked identities). Cast always pads to MAX_CHARACTERS, so 2, 3 or
@@ -49,6 +51,7 @@ class CallConditioning:
     B counts the unconditional half under classifier-free guidance."""
 
     mode: str = "plain"
+    method: Optional[str] = None  # identity method whose weights the identity/regional paths use
     faces: Optional[torch.Tensor] = None
     face_scale: Optional[torch.Tensor] = None
     lora_weight: Optional[torch.Tensor] = None
@@ -56,7 +59,7 @@ class CallConditioning:
     face_masks: tuple = ()
 
     def reset(self) -> None:
-        self.mode, self.faces, self.face_scale, self.lora_weight = "plain", None, None, None
+        self.mode, self.method, self.faces, self.face_scale, self.lora_weight = "plain", None, None, None, None
         self.region_weights, self.face_masks = (), ()
 
 
@@ -106,7 +109,29 @@ class AvatarAttnProcessor(nn.Module):
         self.level = level
         self.cross = cross
         self.kernel = kernel
-        self.identity: IdentityWeights | None = None
+        # Per identity method (faceid, faceid-plus-v2, instantid): attached at load, picked per
+        # call by `cond.method` (a guard value: one graph per method, none per request).
+        self.identities = nn.ModuleDict()
+
+    @property
+    def identity(self) -> IdentityWeights | None:
+        """Weights of the method the current call uses; outside a call, the first attached
+        (None when no identity method is attached)."""
+        method = self.cond.method
+        if method is not None and method in self.identities:
+            return self.identities[method]
+        return next(iter(self.identities.values()), None)
+
+    def __setattr__(self, name: str, value) -> None:
+        # `proc.identity = weights` (single-method callers): attach under the current method
+        # (default "faceid"); None detaches every method. nn.Module would register it as a child.
+        if name == "identity":
+            if value is None:
+                self.identities.clear()
+            else:
+                self.identities[self.cond.method or "faceid"] = value
+            return
+        super().__setattr__(name, value)
 
     # ---- kernels -------------------------------------------------------------------------
     def _attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -132,9 +157,19 @@ class AvatarAttnProcessor(nn.Module):
         return out.view(batch, groups, heads, seq, -1).permute(0, 1, 3, 2, 4).reshape(batch, groups, seq, inner)
 
     # ---- projections -----------------------------------------------------------------------
+    def _weights(self) -> IdentityWeights | None:
+        """The current call's identity weights (None in plain calls)."""
+        if self.cond.mode == "plain":
+            return None
+        method = self.cond.method
+        if method is None:  # a caller that names no method: the one attached first
+            return next(iter(self.identities.values()), None)
+        return self.identities[method] if method in self.identities else None
+
     def _lora(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        lora = self.identity.lora if self.identity is not None else None
-        if lora is None or self.cond.mode == "plain":
+        ident = self._weights()
+        lora = ident.lora if ident is not None else None
+        if lora is None:
             return y
         return y + self.cond.lora_weight * lora[name](x)
 
@@ -161,7 +196,7 @@ class AvatarAttnProcessor(nn.Module):
         return (out * weights).sum(dim=1)
 
     def _identities(self, attn, q: torch.Tensor) -> torch.Tensor:
-        cond, ident = self.cond, self.identity
+        cond, ident = self.cond, self._weights()
         faces = cond.faces  # [B, F, T, D]
         batch, n_faces = faces.shape[0], faces.shape[1]
         flat = faces.reshape(batch, -1, faces.shape[-1])  # [B, F·T, D]
@@ -196,7 +231,8 @@ class AvatarAttnProcessor(nn.Module):
             out = self._regional_text(attn, q, k, v)
         else:
             out = self._attend(attn, q, k, v)
-        if context is not None and mode != "plain" and self.identity is not None and self.identity.to_k_ip is not None:
+        ident = self._weights()
+        if context is not None and ident is not None and ident.to_k_ip is not None:
             out = out + self._identities(attn, q)
 
         out = self._lora("out", out, attn.to_out[0](out))

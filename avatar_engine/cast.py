@@ -8,9 +8,11 @@ afterwards.
 - Cost: one pass costs the same UNet steps as a plain image (the extra is K+1 small text
   attentions per cross-attention layer); compositing costs K+1 passes plus a blend pass.
 - Identity confinement: users of InstantID / IP-Adapter report that several faces given to one
-  adapter blend into one face or only one survives. Here each character's FaceID embedding
-  enters through its own IP-Adapter mask (diffusers `ip_adapter_masks`), so identity k is added
-  only inside region k; its prompt is applied only there too (regional cross-attention, see
+  adapter blend into one face or only one survives. Here each character's identity tokens (of the
+  request's identity method: FaceID, FaceID Plus v2 with that character's face crop, or InstantID)
+  enter under their own region mask, so identity k is added only inside region k (InstantID: its
+  IdentityNet also runs per character on that character's keypoints drawn in its region, with its
+  own tokens, and its residuals are multiplied by the region mask); its prompt is applied only there too (regional cross-attention, see
   regional.py), and the scene prompt fills the background. A character without photos is
   prompt-only: its identity mask is zero, which changes the output by exactly 0.0.
 
@@ -26,6 +28,7 @@ character's region, or the similarity is low / null.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -37,7 +40,8 @@ import torch
 from .adapters import FACEID_EMBED_DIM as EMBEDDING_DIM
 from .engine import LoadedModel, Task, WorkItem
 from .errors import RequestValidationError
-from .identity import analyze_references, check_photo_types, load_photo, normed_embedding, refuse_other_people
+from .identity import (NEEDS_PHOTOS, analyze_references, check_identity_method, check_photo_types, load_photo,
+                       normed_embedding, refuse_other_people)
 from .prompts import BuiltPrompt
 from .attention import MAX_CHARACTERS, conditioned
 from .regional import LAYOUTS, Box, auto_layout, box_overlap, pixel_box, region_masks, regional_conditioning
@@ -123,6 +127,7 @@ class CastRequest(GenerationRequest):
     characters: list = field(default_factory=list)
     layout: str = "auto"
     identity_strength: float = DEFAULT_IDENTITY_STRENGTH
+    identity_method: str | None = None  # faceid | faceid-plus-v2 | instantid; None: the profile's default
 
     kind = "cast"
 
@@ -162,6 +167,30 @@ class CastRequest(GenerationRequest):
             raise _fail("identityStrength", f"identityStrength must be a number between {lo_s:g} and {hi_s:g}")
         if self.init_image is not None:
             raise _fail("initImage", "cast does not take an init image")
+        check_identity_method(self.identity_method)
+        if self.identity_method in NEEDS_PHOTOS:
+            self._require_photos(self.identity_method)
+
+    def _require_photos(self, method: str) -> None:
+        for i, c in enumerate(self.characters):
+            if c.identity_embedding is not None:
+                raise _fail(f"characters[{i}].identityEmbedding",
+                            f"identityMethod {method} reads each face's reference photo: characters[{i}] needs photos, "
+                            f"not only an identityEmbedding")
+
+    def resolve(self, profile) -> "CastRequest":
+        """Also fixes the identity method (the profile's default when none is named)."""
+        import dataclasses
+
+        from .adapters import resolve_method
+
+        out = super().resolve(profile)
+        method = None
+        if getattr(profile, "identity_method", None) or self.identity_method:  # without methods: prompts only
+            method = resolve_method(profile, self.identity_method)
+            if method in NEEDS_PHOTOS:
+                self._require_photos(method)
+        return dataclasses.replace(out, identity_method=method)
 
     def region_boxes(self) -> tuple[str, list[Box]]:
         """(layout used, one normalised box per character). Needs width/height (resolve first)."""
@@ -279,7 +308,8 @@ class CastTask(Task):
             if c.photos:
                 images = [load_photo(ph, f"characters[{i}].photos[{j}]") for j, ph in enumerate(c.photos)]
                 ref = analyze_references(self.engine, images, model.profile.face_min_size,
-                                         param=f"characters[{i}].photos")
+                                         param=f"characters[{i}].photos",
+                                         crops=request.identity_method in NEEDS_PHOTOS)
                 embeddings.append(np.asarray(ref.embedding, np.float32))
                 sources.append("photos")
                 references.append(ref)
@@ -294,11 +324,7 @@ class CastTask(Task):
         if request.uses_identity:
             from .adapters import identity_adapter
 
-            adapter = identity_adapter(model)  # loads once; fails here, before any pipeline call, if none configured
-            if adapter.variant != "faceid":
-                raise RequestValidationError(
-                    f"model {model.profile.name!r} uses a {adapter.variant} adapter; cast needs a plain FaceID adapter "
-                    f"(several faces per image through ip_adapter_masks)", param="model")
+            identity_adapter(model, request.identity_method)  # loaded at load; fails here, before any call, if none
         builder = model.prompt_builder
         scene = builder.build(request.prompt, request.style_preset, request.negative_prompt)
         # A region's prompt is the character followed by the scene: the person keeps the scene's
@@ -313,8 +339,11 @@ class CastTask(Task):
         # The scene prompt was built in prepare(); do not tokenize it again.
         return [WorkItem(index, i, seed, plan.scene, plan) for i, seed in enumerate(request.image_seeds())]
 
-    # group_key: the base key. Every cast runs the same padded layout (MAX_CHARACTERS slots,
-    # identity strength per image), so casts of 2-4 characters, with or without faces, share calls.
+    def group_key(self, request: GenerationRequest) -> tuple:
+        """The base key plus the identity method. Every cast runs the same padded layout
+        (MAX_CHARACTERS slots, identity strength per image), so casts of 2-4 characters, with or
+        without faces, share calls."""
+        return super().group_key(request) + (request.identity_method,)
 
     def run(self, model: LoadedModel, requests: Sequence[GenerationRequest], items: Sequence[WorkItem],
             callback: Callable | None) -> list:
@@ -352,17 +381,51 @@ class CastTask(Task):
         scale = getattr(pipe, "vae_scale_factor", 8)
         values = regional_conditioning(both(masks), both(has_face), (first.height // scale, first.width // scale),
                                        len(pipe.unet.down_blocks), model.device, model.dtype)
-        adapter = model.state.get("ip_adapter")
-        if adapter is not None and adapter.loaded:  # faces always present in the layout; zero where absent
+        adapter = None
+        if first.identity_method is not None:
+            from .adapters import identity_adapter
+
+            adapter = identity_adapter(model, first.identity_method)
+        control = contextlib.nullcontext()
+        if adapter is not None:  # faces always present in the layout; zero where absent
             zeros = np.zeros(EMBEDDING_DIM, np.float32)
+            clip = None
+            if adapter.needs_crops:  # Plus v2: each character's face crops through CLIP (blank where none)
+                clip = adapter.clip_embeds([[ref.crops if ref is not None else None for ref in plan.references]
+                                            + [None] * (MAX_CHARACTERS - len(plan.references)) for plan in plans], cfg)
             values["faces"] = adapter.tokens([np.stack([e if e is not None else zeros for e in embs])
-                                              for embs in embeddings], cfg)
+                                              for embs in embeddings], cfg, clip_embeds=clip)
             strengths = [requests[it.request_index].identity_strength if plan.has_identity else 0.0
                          for it, plan in zip(items, plans)]
             values.update(adapter.weights(strengths, cfg))
+            values["method"] = adapter.method
+            if adapter.identitynet is not None:  # InstantID: each face's keypoints in its region, residuals masked
+                control = adapter.identitynet.applied(
+                    pipe.unet, values["faces"], self._keypoints(plans, first, model, cfg),
+                    adapter.control_weights([requests[it.request_index].identity_strength for it in items], cfg),
+                    masks=both(masks * has_face[:, :, None, None]).to(model.device),
+                    active=[bool(has_face[:, k].any()) for k in range(MAX_CHARACTERS)])
         set_vae_slicing(pipe, len(items), model.profile.speed)
-        with conditioned(pipe.unet, mode="regional", **values):
+        with conditioned(pipe.unet, mode="regional", **values), control:
             return pipe(**kwargs).images
+
+    @staticmethod
+    def _keypoints(plans: Sequence[CastPlan], first: CastRequest, model: LoadedModel, cfg: bool) -> torch.Tensor:
+        """[N, MAX_CHARACTERS, 3, H, W]: character k's face keypoints (its reference photo's, or
+        a frontal face) drawn inside its region, one image per character slot."""
+        from .adapters import keypoint_images, kps_in_box
+
+        per_image = []
+        for plan in plans:
+            row = []
+            for k in range(MAX_CHARACTERS):
+                if k >= len(plan.embeddings) or plan.embeddings[k] is None:
+                    row.append(None)
+                    continue
+                ref = plan.references[k]
+                row.append(kps_in_box(ref.kps if ref is not None else None, plan.boxes[k], first.width, first.height))
+            per_image.append(row)
+        return keypoint_images(per_image, first.width, first.height, model.device, model.dtype, cfg)
 
     def finalize(self, model: LoadedModel, result: GenerationResult, plan: CastPlan) -> None:
         from .identity import face_scorer, scoring_reference
@@ -402,6 +465,7 @@ class CastTask(Task):
         result.extra["scorer"] = scorer.info()
         result.extra["layout"] = plan.layout
         result.extra["identityStrength"] = request.identity_strength
+        result.extra["identityMethod"] = request.identity_method if plan.has_identity else None
         if counts:
             result.extra["facesDetected"] = counts
 
@@ -442,7 +506,8 @@ def request_from_args(args) -> CastRequest:
         except ValueError:
             raise RequestValidationError(f"--box {value!r}: expected four numbers x0,y0,x1,y1", param="--box") from None
     return CastRequest(prompt=args.scene, characters=characters, layout=args.layout,
-                       identity_strength=args.identity_strength, **generation_kwargs(args))
+                       identity_strength=args.identity_strength, identity_method=args.identity_method,
+                       **generation_kwargs(args))
 
 
 def cmd_cast(args) -> None:
@@ -473,6 +538,8 @@ def add_cli(subparsers) -> None:
                    help="auto: columns for landscape/square, rows for portrait with 3-4 characters")
     p.add_argument("--identity-strength", type=float, default=DEFAULT_IDENTITY_STRENGTH,
                    help=f"IP-Adapter FaceID scale {IDENTITY_STRENGTH_RANGE[0]:g}..{IDENTITY_STRENGTH_RANGE[1]:g}")
+    p.add_argument("--identity-method", choices=("faceid", "faceid-plus-v2", "instantid"), default=None,
+                   help="identity method for every face (default: the model's); the model must offer it")
     add_generation_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_cast)

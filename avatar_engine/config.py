@@ -69,15 +69,21 @@ class SpeedOptions:
                 raise ProfileError(f"speed.{name} must be an integer >= {low}", param=f"speed.{name}")
 
 
+IDENTITY_METHODS = ("faceid", "faceid-plus-v2", "instantid")
+_METHOD_ALIASES = {"faceid-plusv2": "faceid-plus-v2", "faceid_plus_v2": "faceid-plus-v2"}
+
+
 @dataclass
 class IPAdapterSource:
-    """Where a profile's IP-Adapter FaceID weights come from.
+    """Where one identity method's weights come from (README "Identity methods").
 
-    `tiny: true` builds seeded random weights of the real key layout in-process (tests, the
-    embedded default, full-size random-weight benchmark profiles).
-    Otherwise `repo_id` (hub) or `local_path` (a directory) + `weight_name` are passed to
-    diffusers' `load_ip_adapter`. `variant` is `faceid` or `faceid-plusv2` (Plus v2 also needs a
-    CLIP image encoder, `image_encoder`)."""
+    `variant` is the method: `faceid` (IP-Adapter FaceID), `faceid-plus-v2` (FaceID Plus v2:
+    the ArcFace identity plus CLIP hidden states of the aligned face crop, with the "v2"
+    shortcut; needs `image_encoder`) or `instantid` (InstantID on SDXL: IP-Adapter with a
+    Resampler projection + the IdentityNet ControlNet on face keypoints; `controlnet` names the
+    ControlNet folder). `tiny: true` builds seeded random weights of the real layout (written to
+    disk and loaded back through the real loading code for plus-v2 and instantid). Otherwise
+    `repo_id` (hub) or `local_path` (a directory) + `weight_name`."""
 
     variant: str = "faceid"
     tiny: bool = False
@@ -85,9 +91,19 @@ class IPAdapterSource:
     local_path: str | None = None
     subfolder: str | None = None
     weight_name: str | None = None
-    image_encoder: str | None = None
+    image_encoder: str | None = None  # faceid-plus-v2: CLIP vision model (hub id or local folder)
+    image_encoder_subfolder: str | None = None
+    controlnet: str | None = None  # instantid: IdentityNet folder inside the repo / local_path (ControlNetModel)
+    controlnet_scale: float = 0.8  # instantid: ControlNet residual scale at identity strength >= 1
+    shortcut_scale: float = 1.0  # faceid-plus-v2: weight of the CLIP branch on top of the identity tokens
     lora_scale: float = 0.6  # FaceID checkpoints carry a LoRA; its weight at identity strength >= 1
     lora_rank: int | None = None  # tiny/random weights only: LoRA rank (None: 4; 128 = the released files)
+
+    def __post_init__(self) -> None:
+        self.variant = _METHOD_ALIASES.get(self.variant, self.variant)
+        if self.variant not in IDENTITY_METHODS:
+            raise ProfileError(f"identity method (ip_adapter.variant) must be one of {IDENTITY_METHODS}, got "
+                               f"{self.variant!r}", param="variant")
 
 
 @dataclass
@@ -112,7 +128,9 @@ class ModelProfile:
     guidance_scale: float = 7.0
     credit_cost: int = 2  # credits per image
     max_batch_size: int | None = None  # images per pipeline call; None: engine's memory-aware default
-    ip_adapter: IPAdapterSource | None = None
+    ip_adapter: IPAdapterSource | None = None  # the default identity method's weights (shorthand)
+    identity_methods: dict = field(default_factory=dict)  # method name -> IPAdapterSource: what requests may pick
+    identity_method: str | None = None  # default method (None: ip_adapter's, else the first listed)
     face_min_size: int = 32  # faces smaller than this (pixels) are refused as references
     safety_checker: str | None = None  # dotted path "module:callable(images)->list[bool]" run on outputs
     speed: SpeedOptions = field(default_factory=SpeedOptions)
@@ -134,6 +152,42 @@ class ModelProfile:
         if isinstance(self.aliases, str) or not all(isinstance(a, str) and a.strip() for a in self.aliases):
             raise bad("aliases", "must be a list of non-empty names")
         self.aliases = list(self.aliases)
+        self._resolve_identity_methods(bad)
+
+    def _resolve_identity_methods(self, bad) -> None:
+        """`identity_methods` keyed by canonical method name; an explicit `ip_adapter` wins for its
+        method; afterwards `ip_adapter` is always the default method's source (None: no identity)."""
+        methods: dict[str, IPAdapterSource] = {}
+        for key, src in (self.identity_methods or {}).items():
+            if isinstance(src, dict):
+                src = IPAdapterSource(**{"variant": key, **src})
+            key = _METHOD_ALIASES.get(key, key)
+            if key not in IDENTITY_METHODS:
+                raise bad("identity_methods", f"keys must be among {IDENTITY_METHODS}, got {key!r}")
+            if src.variant != key:
+                src = dataclasses.replace(src, variant=key)
+            methods[key] = src
+        if self.ip_adapter is not None:
+            methods = {self.ip_adapter.variant: self.ip_adapter,
+                       **{k: v for k, v in methods.items() if k != self.ip_adapter.variant}}
+        if "instantid" in methods and self.architecture != "sdxl":
+            raise bad("identity_methods", "instantid needs an sdxl profile (IdentityNet is an SDXL ControlNet)")
+        default = _METHOD_ALIASES.get(self.identity_method, self.identity_method)
+        if default is None and methods:
+            default = self.ip_adapter.variant if self.ip_adapter is not None else next(iter(methods))
+        if default is not None and default not in methods:
+            raise bad("identity_method", f"{default!r} is not among the profile's identity_methods "
+                                         f"({', '.join(methods) or 'none'})")
+        self.identity_methods = methods
+        self.identity_method = default
+        self.ip_adapter = methods.get(default) if default else None
+
+    @property
+    def offered_identity_methods(self) -> tuple[str, ...]:
+        """Methods a request may name, the default first."""
+        if not self.identity_method:
+            return ()
+        return (self.identity_method, *[m for m in self.identity_methods if m != self.identity_method])
 
     @property
     def source(self) -> str:
@@ -158,6 +212,11 @@ def parse_profiles(doc: dict[str, Any], where: str = "models.yaml") -> dict[str,
         body = dict(body or {})
         if isinstance(body.get("ip_adapter"), dict):
             body["ip_adapter"] = _build(IPAdapterSource, body["ip_adapter"], f"{where} {name}.ip_adapter")
+        if isinstance(body.get("identity_methods"), dict):
+            body["identity_methods"] = {
+                method: _build(IPAdapterSource, {"variant": method, **(src or {})},
+                               f"{where} {name}.identity_methods.{method}")
+                for method, src in body["identity_methods"].items()}
         if isinstance(body.get("speed"), dict):
             body["speed"] = _build(SpeedOptions, body["speed"], f"{where} {name}.speed")
         profiles[name] = _build(ModelProfile, {"name": name, **body}, f"{where} {name}")

@@ -273,10 +273,19 @@ class AvatarEngine:
             builder = PromptBuilder([getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)])
             model = LoadedModel(profile, pipe, self.device, dtype, builder,
                                 prompts=PromptEncoder(pipe, profile.speed.prompt_cache))
-            if profile.ip_adapter is not None:
+            if profile.identity_method:
                 from .adapters import identity_adapter
 
-                identity_adapter(model)  # attached before compiling: identity graphs exist from the start
+                # Every offered identity method is attached before compiling, so its graphs exist
+                # from the start and warm-up covers it. The default must load; another method whose
+                # files are missing is logged and loaded (or refused, naming the files) on first use.
+                for method in profile.offered_identity_methods:
+                    try:
+                        identity_adapter(model, method)
+                    except ProfileError as exc:
+                        if method == profile.identity_method:
+                            raise
+                        log.warning("%s: identity method %s not loaded at load: %s", profile.name, method, exc.message)
             if self.device.type == "cuda" and not (self.config.max_batch_size or profile.max_batch_size):
                 from .warmup import probe_memory
 

@@ -7,8 +7,13 @@ carries that 512-d identity as its conditioning, so percify requests batch with 
 (one row of `ip_adapter_image_embeds` per image) and a request's images are the same whether
 it ran alone or packed with others.
 
-Identity strength is the IP-Adapter scale of each image (and the FaceID LoRA's weight, capped
-at 1), passed as a per-image tensor, so requests of different strengths share a call (scaling
+Identity method (`identity_method`: faceid, faceid-plus-v2, instantid; adapters.py) is chosen per
+request among those the model offers (its default when none is named); requests batch per method.
+Plus v2 also encodes the reference face crops with CLIP; InstantID also draws the reference face's
+keypoints into the output frame for its IdentityNet ControlNet.
+
+Identity strength is the IP-Adapter scale of each image (and the FaceID LoRA's / InstantID
+ControlNet's weight, capped at 1), passed as a per-image tensor, so requests of different strengths share a call (scaling
 the embedding instead would not work: the FaceID projection ends in a LayerNorm, which undoes
 any scaling). Strength 0 reproduces the plain pipeline exactly.
 
@@ -26,6 +31,7 @@ verdict) for the largest face the scorer finds in the output (null when it finds
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -38,15 +44,26 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .adapters import FACEID_EMBED_DIM, identity_adapter
+from .adapters import FACEID_EMBED_DIM, identity_adapter, keypoint_images, kps_in_frame, resolve_method
 from .attention import conditioned
 from .engine import LoadedModel, Task, WorkItem
 from .errors import RequestValidationError
+from .config import IDENTITY_METHODS
 from .faces.scoring import MISMATCH_POLICIES
 from .requests import IDENTITY_STRENGTH_RANGE, GenerationRequest, GenerationResult, check_photos
 
 PHOTOS_PARAM = "photos"
 REFERENCE_CACHE_SIZE = 32
+NEEDS_PHOTOS = ("faceid-plus-v2",)  # methods that read the reference face crop, not only the embedding
+
+
+def check_identity_method(value: Any, param: str = "identityMethod") -> None:
+    """A known identity method name or None (the profile decides which it offers, at resolve).
+    Shared by percify and cast."""
+    from .config import IDENTITY_METHODS
+
+    if value is not None and value not in IDENTITY_METHODS:
+        raise RequestValidationError(f"{param} must be one of {', '.join(IDENTITY_METHODS)}", param=param)
 
 
 def _photo_param(i: int, param: str = PHOTOS_PARAM) -> str:
@@ -125,6 +142,7 @@ class PercifyRequest(GenerationRequest):
     identity_embedding: Any = None
     score_outputs: bool = True  # face-analyse every output for the similarity report (CPU time per image)
     mismatched_photos: str = "refuse"
+    identity_method: str | None = None  # faceid | faceid-plus-v2 | instantid; None: the profile's default
 
     kind = "percify"
 
@@ -139,9 +157,13 @@ class PercifyRequest(GenerationRequest):
         if self.mismatched_photos not in MISMATCH_POLICIES:
             raise RequestValidationError(f"mismatchedPhotos must be one of {', '.join(MISMATCH_POLICIES)}",
                                          param="mismatchedPhotos")
+        check_identity_method(self.identity_method)
         if self.identity_embedding is not None:
             if self.photos:
                 raise RequestValidationError("pass photos or identityEmbedding, not both", param="identityEmbedding")
+            if self.identity_method in NEEDS_PHOTOS:
+                raise RequestValidationError(f"identityMethod {self.identity_method} reads the face crop of a reference "
+                                             f"photo: send photos, not only an identityEmbedding", param="identityEmbedding")
             normed_embedding(self.identity_embedding)
             return
         check_photos(self.photos, PHOTOS_PARAM)
@@ -154,8 +176,13 @@ class PercifyRequest(GenerationRequest):
         out = super().resolve(profile)
         photos = [load_photo(p, _photo_param(i)) for i, p in enumerate(self.photos)]
         emb = None if self.identity_embedding is None else normed_embedding(self.identity_embedding)
+        method = resolve_method(profile, self.identity_method)
+        if emb is not None and method in NEEDS_PHOTOS:
+            raise RequestValidationError(f"model {profile.name!r} uses identityMethod {method}, which reads the face "
+                                         f"crop of a reference photo: send photos, not only an identityEmbedding",
+                                         param="identityEmbedding")
         return dataclasses.replace(out, photos=photos, identity_strength=float(self.identity_strength),
-                                   identity_embedding=emb)
+                                   identity_embedding=emb, identity_method=method)
 
 
 @dataclass
@@ -167,7 +194,9 @@ class IdentityConditioning:
     faces: list[dict] = field(default_factory=list)  # per reference photo
     notes: list[str] = field(default_factory=list)
     consistency: float | None = None  # lowest leave-one-out cosine similarity of the scorer's descriptors
-    crops: list = field(default_factory=list)  # aligned 224 px face crops (faceid-plusv2 only)
+    crops: list = field(default_factory=list)  # aligned 224 px face crops (faceid-plus-v2 only)
+    kps: np.ndarray | None = None  # 5 keypoints of the first kept photo's face, in its pixels (instantid)
+    photo_size: tuple[int, int] | None = None  # (width, height) of that photo
     score_reference: np.ndarray | None = None  # scorer centroid of the kept photos (None: nothing to score against)
     check: dict | None = None  # the reference-photo check, as reported
 
@@ -300,6 +329,9 @@ def analyze_references(engine, photos: Sequence, min_face_size: int, *, param: s
     cond = IdentityConditioning(embedding=np.asarray(embedding, np.float32), source="photos", faces=faces,
                                 notes=list(ref.notes) + check.notes, consistency=round(float(check.consistency), 4),
                                 score_reference=check.reference, check=_check_json(check, param))
+    if kept:
+        cond.kps = np.asarray(ref.used_faces[kept[0]].kps, np.float64)
+        cond.photo_size = tuple(photos[kept[0]].size)
     if crops:
         from .faces import align_face
 
@@ -317,22 +349,21 @@ class PercifyTask(Task):
 
     # ---- per request ----------------------------------------------------------------------
     def prepare(self, model: LoadedModel, request: PercifyRequest) -> IdentityConditioning:
-        adapter = identity_adapter(model)  # loads once; fails early on a profile without one
+        adapter = identity_adapter(model, request.identity_method)  # loaded at load; fails early without one
         if request.identity_embedding is not None:
-            if adapter.variant == "faceid-plusv2":
-                raise RequestValidationError("this model's FaceID Plus adapter needs reference photos, not only an "
-                                             "identityEmbedding", param="photos")
             return IdentityConditioning(embedding=np.asarray(request.identity_embedding, np.float32),
                                         source="embedding")
-        return self.analyze(request.photos, model.profile.face_min_size, crops=adapter.variant == "faceid-plusv2",
+        return self.analyze(request.photos, model.profile.face_min_size, crops=adapter.needs_crops,
                             mismatched=request.mismatched_photos)
 
     def analyze(self, photos: Sequence, min_face_size: int, crops: bool = False,
                 mismatched: str = "refuse") -> IdentityConditioning:
         return analyze_references(self.engine, photos, min_face_size, crops=crops, mismatched=mismatched)
 
-    # group_key: the base key. Strength is a per-image tensor (adapter.weights), so requests
-    # of any strength share calls.
+    def group_key(self, request: GenerationRequest) -> tuple:
+        """The base key plus the identity method (one method per call: it picks the weights).
+        Strength is a per-image tensor (adapter.weights), so requests of any strength share calls."""
+        return super().group_key(request) + (request.identity_method,)
 
     # ---- per pipeline call ------------------------------------------------------------------
     @staticmethod
@@ -343,19 +374,27 @@ class PercifyTask(Task):
     def run(self, model: LoadedModel, requests: Sequence[GenerationRequest], items: Sequence[WorkItem],
             callback: Callable | None) -> list:
         first = requests[items[0].request_index]
-        adapter = identity_adapter(model)
+        adapter = identity_adapter(model, first.identity_method)
         cfg = self._uses_cfg(model, first.guidance_scale)
         clip = None
-        if adapter.variant == "faceid-plusv2":
-            clip = adapter.clip_embeds([it.conditioning.crops for it in items], cfg)
+        if adapter.needs_crops:
+            clip = adapter.clip_embeds([[it.conditioning.crops] for it in items], cfg)
         faces = adapter.tokens([it.conditioning.embedding for it in items], cfg, clip_embeds=clip)
-        weights = adapter.weights([requests[it.request_index].identity_strength for it in items], cfg)
-        with conditioned(model.pipe.unet, mode="identity", faces=faces, **weights):
+        strengths = [requests[it.request_index].identity_strength for it in items]
+        weights = adapter.weights(strengths, cfg)
+        control = contextlib.nullcontext()
+        if adapter.identitynet is not None:
+            kps = [[kps_in_frame(it.conditioning.kps, it.conditioning.photo_size, first.width, first.height)]
+                   for it in items]
+            images = keypoint_images(kps, first.width, first.height, model.device, model.dtype, cfg)
+            control = adapter.identitynet.applied(model.pipe.unet, faces, images,
+                                                  adapter.control_weights(strengths, cfg))
+        with conditioned(model.pipe.unet, mode="identity", method=adapter.method, faces=faces, **weights), control:
             return super().run(model, requests, items, callback)
 
     # ---- per result -------------------------------------------------------------------------
-    def _backend_notes(self, model: LoadedModel) -> list[str]:
-        src = model.profile.ip_adapter
+    def _backend_notes(self, model: LoadedModel, method: str | None = None) -> list[str]:
+        src = model.profile.identity_methods.get(method) if method else model.profile.ip_adapter
         if src is not None and not src.tiny and self.engine.config.face_backend == "embedded":
             return ["the embedded face backend's embeddings are not ArcFace embeddings; real IP-Adapter FaceID "
                     "weights expect the insightface backend (--face-backend insightface) for a faithful likeness"]
@@ -383,10 +422,11 @@ class PercifyTask(Task):
             "source": prepared.source,
             "strength": result.request.identity_strength,
             "backend": self.engine.config.face_backend,
-            "adapter": identity_adapter(model).label,
+            "method": result.request.identity_method,  # which identity method produced the images
+            "adapter": identity_adapter(model, result.request.identity_method).label,
             "referencePhotos": len(prepared.faces),
             "faces": copy.deepcopy(prepared.faces),  # prepared may be a cached object shared by requests
-            "notes": notes + self._backend_notes(model),
+            "notes": notes + self._backend_notes(model, result.request.identity_method),
             "scorer": scorer.info(),
             "consistency": prepared.consistency,
             "referenceCheck": copy.deepcopy(prepared.check),
@@ -417,7 +457,8 @@ def cmd_percify(args) -> None:
             photos.append(fh.read())
     engine = make_engine(args)
     req = PercifyRequest(prompt=args.prompt, photos=photos, identity_strength=args.identity_strength,
-                         mismatched_photos=args.mismatched_photos, **generation_kwargs(args))
+                         mismatched_photos=args.mismatched_photos, identity_method=args.identity_method,
+                         **generation_kwargs(args))
     result = engine.generate(req)
     result.extra["identity"]["photoFiles"] = list(args.photos)
     write_outputs(result, args.output, "percify")
@@ -451,6 +492,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--prompt", default="a portrait of a person", help="what to make of the person")
     p.add_argument("--identity-strength", type=float, default=0.8,
                    help=f"{IDENTITY_STRENGTH_RANGE[0]:g}..{IDENTITY_STRENGTH_RANGE[1]:g}; 0 ignores the face")
+    p.add_argument("--identity-method", choices=IDENTITY_METHODS, default=None,
+                   help="faceid, faceid-plus-v2 (SD1.5/SDXL) or instantid (SDXL); default: the model's "
+                        "(models.yaml identity_method); the model must offer it")
     p.add_argument("--mismatched-photos", choices=MISMATCH_POLICIES, default="refuse",
                    help="photos that are not the same person: refuse the request (default) or drop them with a note")
     add_generation_args(p)

@@ -25,8 +25,10 @@ COMMON_FIELDS: dict[str, str] = {
 TASK_FIELDS: dict[str, dict[str, str]] = {
     "generate": {"strength": "strength"},
     "remix": {"strength": "strength", "initImage": "init_image"},
-    "percify": {"photos": "photos", "identityStrength": "identity_strength", "identityEmbedding": "identity_embedding"},
-    "cast": {"characters": "characters", "layout": "layout", "identityStrength": "identity_strength"},
+    "percify": {"photos": "photos", "identityStrength": "identity_strength", "identityEmbedding": "identity_embedding",
+                "identityMethod": "identity_method"},
+    "cast": {"characters": "characters", "layout": "layout", "identityStrength": "identity_strength",
+             "identityMethod": "identity_method"},
 }
 #: Wire name → field of one cast character.
 CHARACTER_FIELDS: dict[str, str] = {

@@ -248,11 +248,17 @@ def describe_pipeline(model) -> dict:
                           "cuda_graphs": opts.cuda_graphs}
     if model.buckets:
         out["batch_buckets"] = list(model.buckets)
-    adapter = model.state.get("ip_adapter")
-    if adapter is not None and adapter.loaded:
-        with_weights = sum(p.identity is not None for p in unet.attn_processors.values()
-                           if isinstance(p, AvatarAttnProcessor))
-        out["ip_adapter"] = {"variant": adapter.label, "layers": with_weights, "lora_rank": adapter.lora_rank}
+    procs = [p for p in unet.attn_processors.values() if isinstance(p, AvatarAttnProcessor)]
+    methods = {}
+    for name, adapter in (model.state.get("identity_adapters") or {}).items():
+        if adapter.loaded:
+            methods[name] = {"variant": adapter.label, "layers": sum(name in p.identities for p in procs),
+                             "lora_rank": adapter.lora_rank, "identitynet": adapter.identitynet is not None,
+                             "image_encoder": adapter.image_encoder is not None}
+    if methods:
+        default = model.profile.identity_method
+        out["ip_adapter"] = methods.get(default) or next(iter(methods.values()))
+        out["identity_methods"] = methods
     if torch.backends.cudnn.benchmark and model.device.type == "cuda":
         out["cudnn_benchmark"] = True
     if opts.fp8:

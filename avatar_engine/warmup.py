@@ -1,7 +1,8 @@
 """Warm-up and memory probe at load: every variant a profile serves runs once before traffic.
 
 Variants are what changes a compiled graph (speed.py): the attention mode (plain generate,
-identity for percify, regional for cast), the batch bucket, the image shape (aspect presets),
+identity for percify, regional for cast) and, for the last two, each identity method the
+profile offers (its weights are a guard), the batch bucket, the image shape (aspect presets),
 and a batch of one without classifier-free guidance (guidance 1). With dynamic shapes one call
 per mode and bucket at the native shape, one per other aspect preset, and one without CFG
 cover every graph; with CUDA graphs, which record one graph per concrete shape, every
@@ -33,18 +34,37 @@ def _unit(seed: int) -> list[float]:
     return (v / np.linalg.norm(v)).tolist()
 
 
-def served_modes(model) -> list[str]:
-    """Request kinds a profile serves: plain generate, cast (regional), percify with an adapter."""
-    return ["generate", "percify", "cast"] if model.profile.ip_adapter is not None else ["generate", "cast"]
+def served_modes(model) -> list[tuple[str, str | None]]:
+    """(request kind, identity method) pairs a profile serves: plain generate, cast (regional)
+    and percify once per identity method it offers (each method is its own graph)."""
+    methods = list(model.profile.offered_identity_methods)
+    if not methods:
+        return [("generate", None), ("cast", None)]
+    return [("generate", None)] + [(kind, m) for m in methods for kind in ("percify", "cast")]
+
+
+_WARMUP_PHOTO = None
+
+
+def warmup_photo():
+    """A real face photo (scikit-image's astronaut) for methods that read the face crop."""
+    global _WARMUP_PHOTO
+    if _WARMUP_PHOTO is None:
+        from PIL import Image
+        from skimage import data
+
+        _WARMUP_PHOTO = Image.fromarray(data.astronaut())
+    return _WARMUP_PHOTO
 
 
 def variant_requests(model, kind: str, images: int, aspect_ratio: str = "1:1", guidance: float | None = None,
-                     steps: int = WARMUP_STEPS) -> list:
+                     steps: int = WARMUP_STEPS, method: str | None = None) -> list:
     """Requests of `kind` totalling `images` images (requests hold at most MAX_BATCH_SIZE)."""
     from .cast import CastCharacter, CastRequest
-    from .identity import PercifyRequest
+    from .identity import NEEDS_PHOTOS, PercifyRequest
     from .requests import GenerationRequest
 
+    photo = method in NEEDS_PHOTOS
     out = []
     for i in range(0, images, MAX_BATCH_SIZE):
         common = dict(prompt="warm-up portrait", seed=i, steps=steps, batch_size=min(MAX_BATCH_SIZE, images - i),
@@ -52,11 +72,14 @@ def variant_requests(model, kind: str, images: int, aspect_ratio: str = "1:1", g
         if kind == "generate":
             out.append(GenerationRequest(**common))
         elif kind == "percify":
-            out.append(PercifyRequest(identity_embedding=_unit(1), score_outputs=False, **common))
+            face = dict(photos=[warmup_photo()]) if photo else dict(identity_embedding=_unit(1))
+            out.append(PercifyRequest(score_outputs=False, identity_method=method, **face, **common))
         else:
-            face = _unit(2) if model.profile.ip_adapter is not None else None
-            out.append(CastRequest(characters=[CastCharacter("a person", identity_embedding=face),
-                                               CastCharacter("another person")], **common))
+            face = {}
+            if method is not None:
+                face = dict(photos=[warmup_photo()]) if photo else dict(identity_embedding=_unit(2))
+            out.append(CastRequest(characters=[CastCharacter("a person", **face), CastCharacter("another person")],
+                                   identity_method=method, **common))
     return out
 
 
@@ -86,22 +109,24 @@ def warm_up(engine, model) -> dict:
     opts = model.profile.speed
     buckets = model.buckets or [1]
     aspects = list(ASPECT_RATIOS)
-    plan: list[tuple[str, int, str, float | None]] = []
-    for kind in served_modes(model):
+    plan: list[tuple[str, str | None, int, str, float | None]] = []
+    for kind, method in served_modes(model):
         if not model.compiled:  # nothing to compile: one call per kind selects kernels and fills caches
-            plan.append((kind, 1, "1:1", None))
+            plan.append((kind, method, 1, "1:1", None))
             continue
         for bucket in buckets:
             for aspect in (aspects if opts.cuda_graphs else aspects[:1]):
-                plan.append((kind, bucket, aspect, None))
+                plan.append((kind, method, bucket, aspect, None))
         if not opts.cuda_graphs:
-            plan += [(kind, buckets[0], aspect, None) for aspect in aspects[1:]]
-        plan.append((kind, 1, "1:1", 1.0))  # no classifier-free guidance: a UNet batch of one
-    for kind, images, aspect, guidance in plan:
-        run_variant(engine, model, variant_requests(model, kind, images, aspect, guidance))
+            plan += [(kind, method, buckets[0], aspect, None) for aspect in aspects[1:]]
+        plan.append((kind, method, 1, "1:1", 1.0))  # no classifier-free guidance: a UNet batch of one
+    for kind, method, images, aspect, guidance in plan:
+        run_variant(engine, model, variant_requests(model, kind, images, aspect, guidance, method=method))
     run_variant(engine, model, [remix_request(model)])  # img2img pipeline, VAE encoder
     report = {"seconds": round(time.perf_counter() - t0, 2), "calls": len(plan) + 1,
-              "graphs": compiled_graphs() - graphs0, "kinds": served_modes(model), "buckets": list(buckets)}
+              "graphs": compiled_graphs() - graphs0,
+              "kinds": sorted({k for k, _ in served_modes(model)}),
+              "identityMethods": list(model.profile.offered_identity_methods), "buckets": list(buckets)}
     log.info("warm-up of %s: %s", model.profile.name, report)
     return report
 
@@ -114,7 +139,8 @@ def probe_memory(engine, model):
     res = model.profile.resolution
 
     def runner(kind):
-        return lambda n: run_variant(engine, model, variant_requests(model, kind, n, steps=1))
+        method = model.profile.identity_method if kind == "cast" else None  # cast with a face, as served
+        return lambda n: run_variant(engine, model, variant_requests(model, kind, n, steps=1, method=method))
 
     with torch.inference_mode():
         fixed, per = fit_line(measure_peaks(runner("generate"), model.device, PROBE_BATCHES))

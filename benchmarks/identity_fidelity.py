@@ -4,7 +4,8 @@ Runs reference identities × prompts through percify (and pairs of identities th
 scores every output face against the person's reference photos with the engine's face *scorer*
 (dlib's ResNet descriptor by default — a different face model from the one that conditions
 generation, as the published protocol requires). Prints one table row per model × identity
-method × identity strength (× task):
+method (every method the model offers: faceid, faceid-plus-v2, instantid; `--methods` picks) ×
+identity strength (× task):
 
 - FaceSim: mean ± standard deviation of the cosine similarity between the reference photos'
   descriptor and the largest face in each output (outputs without a detected face excluded);
@@ -13,7 +14,8 @@ method × identity strength (× task):
 - CLIP-T: 100 × cosine(CLIP image, CLIP prompt) where a CLIP model is available offline
   (`--clip`, a local folder or a cached hub id), else "n/a".
 
-    python benchmarks/identity_fidelity.py                         # tiny-sd15: the harness; numbers meaningless
+    python benchmarks/identity_fidelity.py        # tiny-sd15 (faceid, faceid-plus-v2), tiny-sdxl (faceid, instantid):
+                                                  # the harness alive; numbers meaningless on random weights
     python benchmarks/identity_fidelity.py --identities ~/people --models sd15 --device cuda \\
         --strengths 0,0.5,0.8,1.0 --clip openai/clip-vit-large-patch14
 
@@ -83,17 +85,13 @@ def load_identities(folder: str | None, max_photos: int = 5) -> dict[str, list[b
         return {"astronaut": [buf.getvalue()]}
 
 
-def methods_for(profile) -> list[tuple[str, dict]]:
-    """The identity methods a profile offers, as (name, extra request kwargs). Today one per
-    profile: its adapter's variant (faceid, faceid-plusv2). When requests can pick a method
-    (`identity_method`), return one entry per supported method here; the table is generic."""
-    src = getattr(profile, "ip_adapter", None)
-    if src is None:
-        return []
-    methods = getattr(profile, "identity_methods", None)
-    if methods:
-        return [(m, {"identity_method": m}) for m in methods]
-    return [(src.variant, {})]
+def methods_for(profile, only: list[str] | None = None) -> list[tuple[str, dict]]:
+    """The identity methods a profile offers (models.yaml `identity_methods`, the default first),
+    as (name, extra request kwargs), optionally restricted to `only`."""
+    offered = list(getattr(profile, "offered_identity_methods", ()) or ())
+    if not offered and getattr(profile, "ip_adapter", None) is not None:
+        offered = [profile.ip_adapter.variant]
+    return [(m, {"identity_method": m}) for m in offered if not only or m in only]
 
 
 class ClipScorer:
@@ -245,7 +243,11 @@ def main(argv=None, engine=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--identities", default=None, help="folder with one subfolder of photos per person")
     ap.add_argument("--max-identities", type=int, default=None)
-    ap.add_argument("--models", default="tiny-sd15", help="comma-separated profile names (each has its method)")
+    ap.add_argument("--models", default="tiny-sd15,tiny-sdxl",
+                    help="comma-separated profile names; each runs every identity method it offers")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated identity methods to run (faceid, faceid-plus-v2, instantid); default: all "
+                         "a model offers")
     ap.add_argument("--strengths", default="0,0.8", help="comma-separated identity strengths (0 = no identity)")
     ap.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many of the {len(PROMPTS)} prompts")
     ap.add_argument("--prompts-file", default=None, help="one prompt per line (replaces the built-in prompts)")
@@ -288,9 +290,10 @@ def main(argv=None, engine=None) -> dict:
     t0 = time.perf_counter()
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         profile = engine.profile(model)
-        methods = methods_for(profile)
+        only = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+        methods = methods_for(profile, only)
         if not methods:
-            print(f"{model}: no identity method (no ip_adapter in its profile); skipped", file=sys.stderr)
+            print(f"{model}: none of the identity methods asked for is offered; skipped", file=sys.stderr)
             continue
         for method, kwargs in methods:
             for strength in strengths:

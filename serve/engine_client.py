@@ -32,6 +32,7 @@ class ProfileInfo:
     steps: int = 25
     guidance_scale: float = 7.5
     kinds: tuple[str, ...] = ALL_KINDS
+    identity_methods: tuple[str, ...] = ()  # what `identityMethod` may name, the default first
     engine: dict | None = None  # what runs, read back from the loaded model (kernels, compile, warm-up)
     aliases: tuple[str, ...] = ()  # other names clients may send as `model` (models.yaml `aliases`)
     face_min_size: int = 32  # reference faces smaller than this (px) are refused
@@ -48,7 +49,8 @@ class ProfileInfo:
                    resolution=int(getattr(p, "resolution", 512)), size_multiple=int(getattr(p, "size_multiple", 8)),
                    steps=int(getattr(p, "steps", 25)), guidance_scale=float(getattr(p, "guidance_scale", 7.5)),
                    kinds=tuple(kinds), aliases=tuple(getattr(p, "aliases", None) or ()),
-                   face_min_size=int(getattr(p, "face_min_size", 32)))
+                   face_min_size=int(getattr(p, "face_min_size", 32)),
+                   identity_methods=tuple(getattr(p, "offered_identity_methods", ()) or ()))
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class EngineDescription:
             v = dict(v)
             v["kinds"] = tuple(v.get("kinds", ALL_KINDS))
             v["aliases"] = tuple(v.get("aliases", ()))
+            v["identity_methods"] = tuple(v.get("identity_methods", ()))
             profiles[k] = ProfileInfo(**v)
         return cls(default_model=d["default_model"], profiles=profiles, face=d.get("face"))
 

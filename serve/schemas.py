@@ -28,6 +28,8 @@ Kind = KindName
 SortBy = SortFieldName
 SortOrder = SortOrderName
 
+IDENTITY_METHOD_DOC = ("Identity method: `faceid`, `faceid-plus-v2` or `instantid` (SDXL models); the model must offer "
+                      "it (GET /v1/health lists each model's `identityMethods`, the default first). Default: the model's.")
 MAX_TAGS = 20
 MAX_TAG_CHARS = 50
 #: "Has a non-blank character" in Python's, Rust's (pydantic) and JSON Schema's regex dialects
@@ -120,6 +122,7 @@ class PercifyRequest(GenerationFields):
     photo_urls: Optional[list[str]] = Field(None, min_length=1, max_length=MAX_REFERENCE_PHOTOS,
                                             description="Several photo URLs of the same person.")
     identity_strength: Optional[float] = Field(None, ge=IDENTITY_STRENGTH_RANGE[0], le=IDENTITY_STRENGTH_RANGE[1])
+    identity_method: Optional[str] = Field(None, max_length=40, description=IDENTITY_METHOD_DOC)
     batch_size: int = Field(1, ge=1, le=MAX_BATCH_SIZE)
 
     def photo_sources(self) -> list[tuple[str, str]]:
@@ -148,6 +151,7 @@ class CastRequest(GenerationFields):
     layout: Optional[Literal["auto", "columns", "rows", "custom"]] = Field(
         None, description="Placement: `auto` (from the aspect ratio), `columns`, `rows`, or `custom` (every character has a box).")
     identity_strength: Optional[float] = Field(None, ge=IDENTITY_STRENGTH_RANGE[0], le=IDENTITY_STRENGTH_RANGE[1])
+    identity_method: Optional[str] = Field(None, max_length=40, description=IDENTITY_METHOD_DOC)
 
 
 class RemixRequest(AvatarMetaFields):
@@ -225,6 +229,7 @@ class Identity(_Out):
     similarity: Optional[float] = Field(None, description="Mean cosine similarity between the reference identity and the face in each output image.")
     per_image: Optional[list[Optional[float]]] = Field(None, description="Similarity per output image (null: no face found).")
     strength: Optional[float] = None
+    method: Optional[str] = Field(None, description="Identity method that produced the images.")
     notes: Optional[list[str]] = None
 
 
@@ -282,6 +287,7 @@ class Avatar(_Out):
     credit_cost: int = 0
     error: Optional[ErrorInfo] = None
     timings: Timings = Field(default_factory=Timings)
+    identity_method: Optional[str] = Field(None, description="percify, cast with faces: the identity method that produced the images.")
     identity: Optional[Identity] = None
     characters: Optional[list[CastCharacterOut]] = None
     created_at: str
@@ -348,6 +354,7 @@ class ModelInfo(_Out):
     credit_cost: int
     resolution: Optional[int] = None
     kinds: list[str] = Field(default_factory=list)
+    identity_methods: list[str] = Field(default_factory=list, description="Identity methods `identityMethod` may name, the default first.")
     engine: Optional[dict[str, Any]] = Field(
         None, description="What runs on the loaded model, read back from its modules: dtype, attention kernel, "
                           "fused projections, compile scope/mode, batch buckets, identity adapter, warm-up.")

@@ -117,6 +117,22 @@ class Submission:
         return s.per_image_cost(self.profile.name, self.profile.credit_cost) * self.resolved.batch_size
 
 
+def identity_method_for(profile: ProfileInfo, method: str | None) -> str | None:
+    """The identity method a percify/cast job runs with: the body's, which the model must offer
+    (else 400 invalid_request naming identityMethod, before any credit is reserved), or the
+    model's default. None for a model without identity methods."""
+    offered = tuple(profile.identity_methods)
+    if method is None:
+        return offered[0] if offered else None
+    from avatar_engine.identity import check_identity_method
+
+    check_identity_method(method)  # a name that is no method at all
+    if method not in offered:
+        raise invalid_request(f"identityMethod {method!r} is not offered by model {profile.name!r}; it offers "
+                              f"{', '.join(offered) or 'none'}", "identityMethod")
+    return method
+
+
 async def profile_for(svc: Services, model: str | None, kind: str) -> ProfileInfo:
     desc = await svc.engine.describe()
     name = model or desc.default_model
@@ -314,6 +330,7 @@ def _photo_error(exc: AvatarEngineError, params: list[str]) -> Exception:
 async def percify(svc: Services, principal: Principal, form: PhotoRequest) -> JSONResponse:
     body = form.body
     sub = await prepare(svc, JobKind.PERCIFY, body)
+    method = identity_method_for(sub.profile, body.identity_method)
     await check_faces(svc, sub.profile, form.images, form.params)
     try:  # the engine's own checks (one person across the photos: IdentityMismatchError), same params
         request_from_wire({**_engine_fields(body, JobKind.PERCIFY), "photos": form.images}, JobKind.PERCIFY).validate()
@@ -322,6 +339,8 @@ async def percify(svc: Services, principal: Principal, form: PhotoRequest) -> JS
     sub.params["photos"] = [sub.add_upload(img) for img in form.images]
     if body.identity_strength is not None:
         sub.params["identityStrength"] = body.identity_strength
+    if method is not None:
+        sub.params["identityMethod"] = method
     return await submit(svc, principal, sub)
 
 
@@ -372,6 +391,7 @@ async def cast(svc: Services, principal: Principal, form: PhotoRequest) -> JSONR
     body, refs = form.body, form.refs
     extra = [(f"characters[{i}].prompt", c.prompt) for i, c in enumerate(body.characters)]
     sub = await prepare(svc, JobKind.CAST, body, extra_prompts=extra)
+    method = identity_method_for(sub.profile, body.identity_method)
     chars = []
     for i, c in enumerate(body.characters):
         keys = [sub.add_upload(img) for img in refs[i]["images"]]
@@ -389,6 +409,8 @@ async def cast(svc: Services, principal: Principal, form: PhotoRequest) -> JSONR
         sub.params["layout"] = body.layout
     if body.identity_strength is not None:
         sub.params["identityStrength"] = body.identity_strength
+    if method is not None and any(c["photos"] for c in chars):
+        sub.params["identityMethod"] = method
     return await submit(svc, principal, sub)
 
 

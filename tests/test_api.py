@@ -1416,3 +1416,39 @@ def test_every_log_line_of_a_job_names_the_request_that_started_it(tmp_path, cap
         assert not any(other in rec.getMessage() for rec in caplog.records if rec.name != "serve.errors")
     finally:
         h.store.close()
+
+
+def test_identity_method_is_checked_at_submit_stored_and_reported(tmp_path, tiny_engine):
+    """identityMethod: a method the model does not offer (or no method at all) is a 400 naming
+    it before any credit is reserved; an offered one is stored with the job, runs, and is
+    reported on the avatar and in its identity report."""
+    import numpy as np
+    from skimage import data as skdata
+
+    face = Image.fromarray(np.asarray(skdata.astronaut())).resize((256, 256))
+    h = Harness(tmp_path, engine=tiny_engine)
+    acct, auth = h.account(credits=200)
+    health = h.client.get("/v1/health").json()
+    assert health["models"][0]["identityMethods"] == ["faceid", "faceid-plus-v2"]
+    photo = [("photo", ("me.jpg", _photo_bytes(face), "image/jpeg"))]
+    for method in ("instantid", "photomaker"):
+        r = h.client.post("/v1/avatars/percify-yourself", headers=auth, files=photo,
+                          data={"identityMethod": method, "steps": "2"})
+        assert_error(r, 400, "invalid_request", "identityMethod")
+    cast_body = {"prompt": "two friends", "identityMethod": "instantid", "characters": [
+        {"prompt": "a", "photos": [base64.b64encode(_photo_bytes(face)).decode()]}, {"prompt": "b"}]}
+    assert_error(h.client.post("/v1/avatars/cast", json=cast_body, headers=auth), 400, "invalid_request",
+                 "identityMethod")
+    assert h.store.get_account(acct.id).credits == 200 and h.store.list_avatars(acct.id).items == []
+
+    r = h.client.post("/v1/avatars/percify-yourself", headers=auth, files=photo,
+                      data={"identityMethod": "faceid-plus-v2", "steps": "2", "seed": "3"})
+    assert r.status_code == 202, r.text
+    assert h.store.get_avatar(r.json()["id"]).params["identityMethod"] == "faceid-plus-v2"
+    default = h.client.post("/v1/avatars/percify-yourself", headers=auth, files=photo, data={"steps": "2"})
+    assert h.store.get_avatar(default.json()["id"]).params["identityMethod"] == "faceid"
+    h.worker.drain()
+    got = h.client.get(f"/v1/avatars/{r.json()['id']}", headers=auth).json()
+    assert got["status"] == "completed", got
+    assert got["identityMethod"] == "faceid-plus-v2" and got["identity"]["method"] == "faceid-plus-v2"
+    assert h.client.get(f"/v1/avatars/{default.json()['id']}", headers=auth).json()["identity"]["method"] == "faceid"

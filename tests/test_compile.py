@@ -132,3 +132,23 @@ def test_real_sd15_architecture_mixed_traffic_never_recompiles(fail_on_recompile
     engine, name = compiled_engine("sd15-random", max_batch=2, resolution=64, size_multiple=16)
     torch.manual_seed(0)
     run_and_check(engine, name)
+
+
+def test_every_offered_identity_method_is_warmed_up(fail_on_recompile, tiny_compiled):
+    """tiny-sd15 also offers faceid-plus-v2: its identity and regional graphs (its weights are
+    a guard) are compiled at warm-up, so its percify and cast traffic compiles nothing."""
+    from PIL import Image
+    from skimage import data
+
+    engine, name = tiny_compiled
+    model = engine.load(name)
+    assert model.warmup["identityMethods"] == ["faceid", "faceid-plus-v2"]
+    after_warmup = compiled_graphs()
+    face = Image.fromarray(data.astronaut())
+    g = dict(model=name, steps=1, identity_method="faceid-plus-v2")
+    engine.generate([PercifyRequest(prompt="a knight", photos=[face], batch_size=3, score_outputs=False, seed=1, **g)])
+    engine.generate([CastRequest(prompt="on mars", seed=2, characters=[CastCharacter("a", photos=[face]),
+                                                                      CastCharacter("b")], **g)])
+    engine.generate([PercifyRequest(prompt="a knight", photos=[face], guidance_scale=1.0, score_outputs=False,
+                                    seed=3, **g)])
+    assert compiled_graphs() == after_warmup

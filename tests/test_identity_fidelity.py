@@ -33,11 +33,24 @@ def test_tiny_profile_prints_the_table_and_json(capsys, tiny_engine):
     assert last == json.loads(json.dumps(result))
     assert last["scorer"] == "dlib-resnet" and last["identities"] == 2
     rows = {(r["method"], r["task"]): r for r in last["rows"]}
-    assert set(rows) == {("faceid", "percify"), ("faceid", "cast")}
-    assert rows[("faceid", "percify")]["images"] == 2 and rows[("faceid", "cast")]["images"] == 2
+    assert set(rows) == {(m, t) for m in ("faceid", "faceid-plus-v2") for t in ("percify", "cast")}
+    assert all(r["images"] == 2 and r["model"] == "tiny-sd15" for r in rows.values())
     for r in last["rows"]:
         assert r["faceRate"] is not None and 0.0 <= r["faceRate"] <= 1.0 and r["clipT"] is None
     assert "FaceSim" in table and "IP-Adapter FaceID  FaceSim 0.619" in table and "CLIP-T n/a" in table
+    assert "faceid-plus-v2" in table
+
+
+def test_tiny_sdxl_instantid_rows(capsys, tiny_engine):
+    """InstantID on the tiny SDXL profile: IdentityNet + IP-Adapter through percify and cast."""
+    require_dlib()
+    argv = [a if a != "tiny-sd15" else "tiny-sdxl" for a in TINY]
+    bench.main(argv + ["--methods", "instantid", "--max-identities", "2", "--cast-pairs", "1"], engine=tiny_engine)
+    last, table = _last_json(capsys)
+    rows = {(r["model"], r["method"], r["task"]): r for r in last["rows"]}
+    assert set(rows) == {("tiny-sdxl", "instantid", "percify"), ("tiny-sdxl", "instantid", "cast")}
+    assert all(r["images"] == 2 and 0.0 <= r["faceRate"] <= 1.0 for r in rows.values())
+    assert "instantid" in table
 
 
 def test_identities_folder_and_facesim_on_real_faces(tmp_path, capsys, monkeypatch, tiny_engine):
@@ -58,7 +71,8 @@ def test_identities_folder_and_facesim_on_real_faces(tmp_path, capsys, monkeypat
     assert list(bench.load_identities(str(tmp_path / "people"))) == ["astronaut"]
 
     monkeypatch.setattr(PercifyTask, "run", lambda self, model, requests, items, callback: [astronaut] * len(items))
-    bench.main(TINY + ["--identities", str(tmp_path / "people"), "--cast-pairs", "0"], engine=tiny_engine)
+    bench.main(TINY + ["--identities", str(tmp_path / "people"), "--cast-pairs", "0", "--methods", "faceid"],
+               engine=tiny_engine)
     last, _ = _last_json(capsys)
     (row,) = last["rows"]
     assert row["images"] == 1 and row["faceRate"] == 1.0 and row["sameRate"] == 1.0

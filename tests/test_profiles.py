@@ -73,3 +73,25 @@ def test_aliases_resolve_to_their_profile_and_must_be_unique():
         parse_profiles({"profiles": {"a": {**tiny, "aliases": ["b"]}, "b": tiny}})
     with pytest.raises(ProfileError, match="aliases"):
         parse_profiles({"profiles": {"a": {**tiny, "aliases": "flux"}}})
+
+
+def test_identity_methods_per_profile():
+    profiles = load_profiles()
+    assert profiles["tiny-sd15"].offered_identity_methods == ("faceid", "faceid-plus-v2")
+    assert profiles["tiny-sdxl"].offered_identity_methods == ("faceid", "instantid")
+    sdxl = profiles["sdxl"]
+    assert sdxl.offered_identity_methods == ("faceid", "faceid-plus-v2", "instantid")
+    assert sdxl.identity_methods["instantid"].repo_id == "InstantX/InstantID"
+    assert sdxl.identity_methods["instantid"].controlnet == "ControlNetModel"
+    assert profiles["sd15"].identity_methods["faceid-plus-v2"].weight_name == "ip-adapter-faceid-plusv2_sd15.bin"
+    assert sdxl.ip_adapter is sdxl.identity_methods["faceid"]  # ip_adapter: the default method's source
+    alias = parse_profiles({"profiles": {"x": {"architecture": "sd15", "tiny": True,
+                                               "ip_adapter": {"variant": "faceid-plusv2", "tiny": True}}}})["x"]
+    assert alias.identity_method == "faceid-plus-v2"
+    bad = [({"architecture": "sd15", "tiny": True, "identity_methods": {"instantid": {"tiny": True}}}, "sdxl"),
+           ({"architecture": "sdxl", "tiny": True, "identity_methods": {"photomaker": {}}}, "photomaker"),
+           ({"architecture": "sdxl", "tiny": True, "identity_method": "instantid",
+             "identity_methods": {"faceid": {"tiny": True}}}, "identity_method")]
+    for body, match in bad:
+        with pytest.raises(ProfileError, match=match):
+            parse_profiles({"profiles": {"x": body}})

@@ -5,9 +5,10 @@ answers, idempotent replays, rate limits) replayed through the app, its response
 (plus `"engine":null` in `/v1/health`'s models, which the engine-speed work added since), and
 which issue 11 changed on purpose: absolute image URLs, signed for private avatars (normalised
 to `expires=E&signature=S`), `progress` on the Avatar, image GETs without a header, the event
-stream and `Prefer: wait`; and the Percify-compatible shapes (`userId`, `imageUrl`, `modelProfile`,
-`creditsUsed`, `metadata.modelVersion`/`generationTime`, list envelopes with `pagination`, credits
-endpoints, strict types, the schema's `Allow`).
+stream and `Prefer: wait`; selectable identity methods added `"identityMethods":[]` to
+`/v1/health`'s models and `"identityMethod":null` to avatars; and the Percify-compatible shapes
+(`userId`, `imageUrl`, `modelProfile`, `creditsUsed`, `metadata.modelVersion`/`generationTime`,
+list envelopes with `pagination`, credits endpoints, strict types, the schema's `Allow`).
 A change to any status, header or body byte of these answers fails here.
 
 Regenerate deliberately: `python tests/test_wire.py > tests/fixtures/wire_transcript.txt`.

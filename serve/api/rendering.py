@@ -32,6 +32,7 @@ def _identity(value: Any) -> S.Identity | None:
     return S.Identity(faces=faces if isinstance(faces, int) else None,
                       similarity=round(sum(vals) / len(vals), 4) if vals else None, per_image=per_image,
                       strength=_num(value.get("strength")),
+                      method=value.get("method") if isinstance(value.get("method"), str) else None,
                       notes=[str(n) for n in notes] if isinstance(notes, list) else None)
 
 
@@ -88,6 +89,7 @@ def render_avatar(av: Avatar, base_url: str = "", links: ImageLinks | None = Non
         credit_cost=av.credit_cost,
         error=S.ErrorInfo(code=av.error_code, message=av.error_message or "") if av.error_code else None,
         timings=S.Timings(queued_ms=queued_ms, generation_ms=r.get("generationMs")),
+        identity_method=p.get("identityMethod") if av.kind in (JobKind.PERCIFY, JobKind.CAST) else None,
         identity=_identity(r.get("identity")) if av.kind == JobKind.PERCIFY else None,
         characters=_characters(p, r) if av.kind == JobKind.CAST else None,
         created_at=iso(av.created_at), updated_at=iso(av.updated_at), completed_at=iso(av.completed_at),

@@ -29,8 +29,10 @@ async def health(request: Request, svc: Services = Svc):
     try:
         desc = await svc.engine.describe()
         default = desc.default_model
-        models = [S.ModelInfo(name=p.name, aliases=list(p.aliases), credit_cost=svc.settings.per_image_cost(p.name, p.credit_cost),
-                              resolution=p.resolution, kinds=list(p.kinds), engine=p.engine)
+        models = [S.ModelInfo(name=p.name, aliases=list(p.aliases),
+                              credit_cost=svc.settings.per_image_cost(p.name, p.credit_cost),
+                              resolution=p.resolution, kinds=list(p.kinds),
+                              identity_methods=list(p.identity_methods), engine=p.engine)
                   for p in desc.profiles.values()]
     except Exception:  # noqa: BLE001
         log.exception("health: engine describe failed")
