@@ -186,24 +186,30 @@ async def served_document(app: FastAPI) -> dict[str, Any]:
     names this deployment accepts (profiles and aliases). Built once per app."""
     cached = getattr(app.state, "served_openapi", None)
     if cached is None:
-        names = (await app.state.services.engine.describe()).names()
-        cached = with_model_names(app.openapi(), names)
+        desc = await app.state.services.engine.describe()
+        methods = sorted({m for p in desc.profiles.values() for m in getattr(p, "identity_methods", ())})
+        cached = with_model_names(app.openapi(), desc.names(), methods)
         app.state.served_openapi = cached
     return cached
 
 
-def with_model_names(spec: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """A copy of `spec` whose request bodies accept only `names` as `model`."""
+def with_model_names(spec: dict[str, Any], names: list[str], methods: list[str] | None = None) -> dict[str, Any]:
+    """A copy of `spec` whose request bodies accept only `names` as `model` and (when given) only
+    `methods` (the identity methods the served profiles offer) as `identityMethod`."""
     out = copy.deepcopy(spec)
-    enum = {"type": "string", "enum": list(names)}
+    enums = {"model": {"type": "string", "enum": list(names)}}
+    if methods:  # none served: any identityMethod is refused, and an empty enum is not valid everywhere
+        enums["identityMethod"] = {"type": "string", "enum": list(methods)}
     comps = out["components"]["schemas"]
     for name in MODEL_BODIES:
         props = comps.get(name, {}).get("properties", {})
-        if "model" in props:
-            props["model"] = {"anyOf": [enum, {"type": "null"}], "description": props["model"].get("description", "")}
+        for field, enum in enums.items():
+            if field in props:
+                props[field] = {"anyOf": [enum, {"type": "null"}], "description": props[field].get("description", "")}
     for path in out["paths"].values():
         for op in path.values():
             form = op.get("requestBody", {}).get("content", {}).get("multipart/form-data", {}).get("schema", {})
-            if "model" in form.get("properties", {}):
-                form["properties"]["model"] = dict(enum)
+            for field, enum in enums.items():
+                if field in form.get("properties", {}):
+                    form["properties"][field] = dict(enum)
     return out
