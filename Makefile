@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: install demo test test-ray test-cluster bench serve
+.PHONY: install demo test test-ray test-cluster test-schema bench serve
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ test-ray: install
 # `serve deploy`, PostgreSQL and an S3-compatible store (moto) on 127.0.0.1, a node killed.
 test-cluster: install
 	$(BIN)/python -m pytest -q -m cluster
+
+# Schema fuzzing: schemathesis against /v1/openapi.json, app served by uvicorn on 127.0.0.1 (marker `schema`).
+test-schema: install
+	$(BIN)/python -m pytest -q -m schema
 
 bench: install
 	$(BIN)/python benchmarks/engine_throughput.py

@@ -113,6 +113,7 @@ class ModelProfile:
     name: str
     architecture: str  # sd15 | sdxl
     description: str = ""
+    aliases: list[str] = field(default_factory=list)  # other names clients may send as `model` (e.g. "flux")
     tiny: bool = False  # build a tiny random-weight pipeline of this architecture from config
     random_weights: bool = False  # full-size architecture, random weights, built in memory (GPU speed benchmarks)
     repo_id: str | None = None  # hub id, e.g. "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -148,6 +149,9 @@ class ModelProfile:
             raise bad("repo_id", "or local_path is required unless tiny: true")
         if self.resolution % self.size_multiple:
             raise bad("resolution", f"must be a multiple of size_multiple ({self.size_multiple})")
+        if isinstance(self.aliases, str) or not all(isinstance(a, str) and a.strip() for a in self.aliases):
+            raise bad("aliases", "must be a list of non-empty names")
+        self.aliases = list(self.aliases)
         self._resolve_identity_methods(bad)
 
     def _resolve_identity_methods(self, bad) -> None:
@@ -218,7 +222,24 @@ def parse_profiles(doc: dict[str, Any], where: str = "models.yaml") -> dict[str,
         profiles[name] = _build(ModelProfile, {"name": name, **body}, f"{where} {name}")
     if not profiles:
         raise ProfileError(f"{where} defines no profiles")
+    profile_aliases(profiles, where)  # aliases must be unique: checked when the file is read
     return profiles
+
+
+def profile_aliases(profiles: dict[str, ModelProfile], where: str = "models.yaml") -> dict[str, str]:
+    """{alias: profile name} of all profiles. An alias naming a profile, or claimed by two
+    profiles, is a ProfileError: a client's `model` must resolve to exactly one profile."""
+    out: dict[str, str] = {}
+    for name, profile in profiles.items():
+        for alias in profile.aliases:
+            if alias in profiles:
+                raise ProfileError(f"{where}: alias {alias!r} of profile {name!r} is itself a profile name",
+                                   param="aliases")
+            if alias in out:
+                raise ProfileError(f"{where}: alias {alias!r} is declared by both {out[alias]!r} and {name!r}",
+                                   param="aliases")
+            out[alias] = name
+    return out
 
 
 def default_models_path() -> Path:

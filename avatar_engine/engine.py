@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .config import EngineConfig, ModelProfile, default_profile_name, load_profiles
+from .config import EngineConfig, ModelProfile, default_profile_name, load_profiles, profile_aliases
 from .errors import ProfileError, RequestValidationError
 from .prompts import BuiltPrompt, PromptBuilder
 from .requests import GenerationRequest, GenerationResult
@@ -245,9 +245,13 @@ class AvatarEngine:
                                       param="model")
 
     def profile(self, name: str | None) -> ModelProfile:
+        """The profile called `name` or having it as an alias (models.yaml `aliases`)."""
         name = name or self.default_model
         if name not in self.profiles:
-            raise self.unknown_profile(name)
+            target = profile_aliases(self.profiles).get(name)
+            if target is None:
+                raise self.unknown_profile(name)
+            return self.profiles[target]
         return self.profiles[name]
 
     def load(self, name: str | None = None) -> LoadedModel:

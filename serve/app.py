@@ -16,7 +16,7 @@ from .api.textguard import reject_unstorable_text
 from .assets import AssetStore
 from .engine_client import EngineClient
 from .links import ImageLinks
-from .errors import RequestContextMiddleware, install_error_handlers, store_error
+from .errors import RequestContextMiddleware, SchemaMethodGuard, install_error_handlers, store_error
 from .metrics import IngressMetrics, MetricsMiddleware
 from .policy import PolicyChecker
 from .settings import ServiceSettings
@@ -52,6 +52,7 @@ def create_app(settings: ServiceSettings, store: Store, engine_client: EngineCli
     app.state.settings, app.state.store, app.state.metrics = settings, store, svc.metrics
     app.state.max_body_bytes = settings.max_body_bytes
     install_error_handlers(app)
+    app.add_middleware(SchemaMethodGuard)  # innermost: after the request id and metrics
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,
                        proxy_request_id=proxy_request_id)

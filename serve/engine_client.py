@@ -34,6 +34,7 @@ class ProfileInfo:
     kinds: tuple[str, ...] = ALL_KINDS
     identity_methods: tuple[str, ...] = ()  # what `identityMethod` may name, the default first
     engine: dict | None = None  # what runs, read back from the loaded model (kernels, compile, warm-up)
+    aliases: tuple[str, ...] = ()  # other names clients may send as `model` (models.yaml `aliases`)
     face_min_size: int = 32  # reference faces smaller than this (px) are refused
 
     @classmethod
@@ -47,7 +48,8 @@ class ProfileInfo:
         return cls(name=p.name, credit_cost=None if cost is None else int(cost),
                    resolution=int(getattr(p, "resolution", 512)), size_multiple=int(getattr(p, "size_multiple", 8)),
                    steps=int(getattr(p, "steps", 25)), guidance_scale=float(getattr(p, "guidance_scale", 7.5)),
-                   kinds=tuple(kinds), face_min_size=int(getattr(p, "face_min_size", 32)),
+                   kinds=tuple(kinds), aliases=tuple(getattr(p, "aliases", None) or ()),
+                   face_min_size=int(getattr(p, "face_min_size", 32)),
                    identity_methods=tuple(getattr(p, "offered_identity_methods", ()) or ()))
 
 
@@ -61,12 +63,24 @@ class EngineDescription:
         return {"default_model": self.default_model, "profiles": {k: asdict(v) for k, v in self.profiles.items()},
                 "face": self.face}
 
+    def resolve(self, name: str | None) -> ProfileInfo | None:
+        """The served profile called `name` or having it as an alias (None: the default); None when unknown."""
+        name = name or self.default_model
+        if name in self.profiles:
+            return self.profiles[name]
+        return next((p for p in self.profiles.values() if name in p.aliases), None)
+
+    def names(self) -> list[str]:
+        """Every name a request may send as `model`: profiles and their aliases."""
+        return sorted({*self.profiles, *(a for p in self.profiles.values() for a in p.aliases)})
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EngineDescription":
         profiles = {}
         for k, v in d["profiles"].items():
             v = dict(v)
             v["kinds"] = tuple(v.get("kinds", ALL_KINDS))
+            v["aliases"] = tuple(v.get("aliases", ()))
             v["identity_methods"] = tuple(v.get("identity_methods", ()))
             profiles[k] = ProfileInfo(**v)
         return cls(default_model=d["default_model"], profiles=profiles, face=d.get("face"))

@@ -141,6 +141,13 @@ def param_from_loc(loc: Iterable[Any]) -> str | None:
     return out or None
 
 
+#: What a value that fails a field's `pattern` should look like, by parameter (last segment).
+_PATTERN_HINTS = {
+    "cursor": "is not a cursor this list issued: pass `nextCursor` back unchanged",
+    "url": "must be an http(s) URL with a host name or IPv4 address and no credentials",
+}
+
+
 def _validation_message(err: dict[str, Any], param: str | None) -> str:
     etype = err.get("type", "")
     if etype == "json_invalid":
@@ -149,6 +156,11 @@ def _validation_message(err: dict[str, Any], param: str | None) -> str:
         return f"{param} is required"
     if etype == "extra_forbidden":
         return f"{param} is not a recognised parameter"
+    if "input" in err and err["input"] is None:
+        return f"{param} cannot be null"
+    if etype == "string_pattern_mismatch":
+        name = (param or "").rsplit(".", 1)[-1].split("[", 1)[0]
+        return f"{param} {_PATTERN_HINTS.get(name, 'must contain a non-blank character')}"
     msg = str(err.get("msg", "is invalid"))
     return f"{param}: {msg}" if param else msg
 
@@ -185,9 +197,10 @@ def install_error_handlers(app: FastAPI) -> None:
         if status == 404:
             return error_response(request, 404, "not_found", f"No route for {request.method} {request.url.path}")
         if status == 405:
+            allowed = allowed_methods(request)
             return error_response(request, 405, "method_not_allowed",
-                                  f"{request.method} is not allowed on {request.url.path}",
-                                  headers=dict(exc.headers or {}))
+                                  f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}",
+                                  headers={**dict(exc.headers or {}), "Allow": allowed})
         if status == 413:
             return _too_large(request)
         if status == 400:
@@ -205,6 +218,65 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BodyTooLarge)
     async def _too_large_handler(request: Request, exc: BodyTooLarge):
         return _too_large(request)
+
+
+def path_table(app: Any) -> list[tuple[re.Pattern[str], int, frozenset[str]]]:
+    """(matcher, number of templated segments, methods) of each path of `app.openapi()`, built
+    once per app (kept on `app.state`)."""
+    spec = app.openapi()
+    cached = getattr(app.state, "path_table", None)
+    if cached is None or cached[0] is not spec:
+        rows = [(re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))), template.count("{"),
+                 frozenset(m.upper() for m in ops if m in _HTTP_METHODS))
+                for template, ops in spec.get("paths", {}).items()]
+        cached = (spec, rows)
+        app.state.path_table = cached
+    return cached[1]
+
+
+def schema_methods(app: Any, path: str) -> set[str] | None:
+    """The methods `app`'s OpenAPI document lists for `path`, matched as OpenAPI says: a concrete
+    path before templated ones (`/v1/avatars/generate` is not `/v1/avatars/{avatarId}`). None
+    when no documented path matches."""
+    best: tuple[int, set[str]] | None = None
+    for matcher, params, methods in path_table(app):
+        if matcher.fullmatch(path):
+            if best is None or params < best[0]:
+                best = (params, set(methods))
+            elif params == best[0]:
+                best[1].update(methods)
+    return None if best is None else best[1]
+
+
+def allowed_methods(request: Request) -> str:
+    """The `Allow` value of a 405: the schema's methods for this path (Starlette's own value names
+    only the first matching route's, e.g. GET but not PATCH and DELETE on /v1/avatars/{avatarId})."""
+    return ", ".join(sorted(schema_methods(request.app, request.url.path) or ()))
+
+
+_HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+
+class SchemaMethodGuard:
+    """405 for a method the OpenAPI document does not list for a documented path, before routing:
+    without it `GET /v1/avatars/generate` would reach `GET /v1/avatars/{avatarId}` (a 404), so
+    the app would answer differently from what its schema says. HEAD goes with GET."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("app") is not None:
+            method = scope.get("method", "GET").upper()
+            allowed = schema_methods(scope["app"], scope.get("path", ""))
+            if allowed and method not in allowed and not (method == "HEAD" and "GET" in allowed):
+                request = Request(scope, receive)
+                response = error_response(request, 405, "method_not_allowed",
+                                          f"{method} is not allowed on {request.url.path}; allowed: "
+                                          f"{', '.join(sorted(allowed))}", headers={"Allow": ", ".join(sorted(allowed))})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _too_large(request: Request) -> JSONResponse:

@@ -1,15 +1,16 @@
 """Wire models (pydantic, camelCase) — the single source of the OpenAPI document.
 
-Request bodies forbid unknown fields so a typo comes back as a 400 naming it. Ranges are taken
+Request bodies forbid unknown fields so a typo comes back as a 400 naming it, and take JSON types
+strictly (no "7" → 7, no true → 1.0). Ranges are taken
 from `avatar_engine.requests` so the schema and the engine's own validation cannot drift.
 Timestamps are ISO 8601 UTC strings (`2026-11-29T07:24:00.123Z`).
 """
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
 
 from avatar_engine.requests import (
@@ -31,6 +32,14 @@ IDENTITY_METHOD_DOC = ("Identity method: `faceid`, `faceid-plus-v2` or `instanti
                       "it (GET /v1/health lists each model's `identityMethods`, the default first). Default: the model's.")
 MAX_TAGS = 20
 MAX_TAG_CHARS = 50
+#: "Has a non-blank character" in Python's, Rust's (pydantic) and JSON Schema's regex dialects
+#: alike (Python's str.strip() also strips \x1c-\x1f, which Rust's \s does not match).
+NONBLANK = r"[^\s\x1c-\x1f]"
+Tag = Annotated[str, Field(min_length=1, max_length=50, pattern=NONBLANK)]
+
+
+def _takes_int(annotation: Any) -> bool:
+    return annotation is int or (get_origin(annotation) is Union and int in get_args(annotation))
 MAX_TITLE_CHARS = 200
 MAX_DESCRIPTION_CHARS = 2000
 COMMENT_MAX_CHARS = 2000
@@ -44,7 +53,20 @@ def iso(ts: float | None) -> str | None:
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    # strict: JSON types are taken as declared ("7" is not an integer, true is not a number), so
+    # the OpenAPI document says exactly what is accepted. Multipart form fields, which are all
+    # text, are converted by `serve.submissions.read_photo_sources` (`strict=False`).
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integral_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """JSON Schema's `integer` includes numbers with a zero fraction (7.0): take those as ints
+        (strings and booleans still fail the strict check)."""
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**63 and info.field_name \
+                and _takes_int(cls.model_fields[info.field_name].annotation):
+            return int(value)
+        return value
 
 
 class _Out(BaseModel):
@@ -59,20 +81,21 @@ class AvatarMetaFields(_In):
 
     title: Optional[str] = Field(None, max_length=MAX_TITLE_CHARS)
     description: Optional[str] = Field(None, max_length=MAX_DESCRIPTION_CHARS)
-    tags: Optional[list[str]] = Field(None, max_length=MAX_TAGS)
+    tags: Optional[list[Tag]] = Field(None, max_length=MAX_TAGS)
     metadata: Optional[dict[str, Any]] = Field(None, description="Free-form JSON object (≤ 16 KB), returned unchanged.")
     visibility: Visibility = "private"
 
 
 class GenerationFields(AvatarMetaFields):
-    prompt: str = Field(..., min_length=1, max_length=PROMPT_MAX_CHARS)
+    prompt: str = Field(..., min_length=1, max_length=PROMPT_MAX_CHARS, pattern=NONBLANK)
     negative_prompt: Optional[str] = Field(None, max_length=PROMPT_MAX_CHARS)
     style_preset: Optional[StylePreset] = None
     aspect_ratio: AspectRatio = "1:1"
     guidance_scale: Optional[float] = Field(None, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1])
     seed: Optional[int] = Field(None, ge=0, le=SEED_MAX, description="Random when absent; always returned.")
     steps: Optional[int] = Field(None, ge=STEPS_RANGE[0], le=STEPS_RANGE[1])
-    model: Optional[str] = Field(None, description="A model profile name (GET /v1/health lists them).")
+    model: Optional[str] = Field(None, min_length=1, max_length=100,
+                                 description="A model profile name or alias (GET /v1/health lists them).")
 
 
 class GenerateRequest(GenerationFields):
@@ -83,7 +106,13 @@ class PercifyRequest(GenerationFields):
     """JSON variant; the multipart variant sends the same fields as form fields and each photo
     as a repeated `photo` file part."""
 
-    prompt: str = Field("a portrait photo of a person", min_length=1, max_length=PROMPT_MAX_CHARS)
+    # at least one photo: `photos`, `photoUrl` or `photoUrls`
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["photos"], "properties": {"photos": {"type": "array"}}},
+        {"required": ["photoUrl"], "properties": {"photoUrl": {"type": "string"}}},
+        {"required": ["photoUrls"], "properties": {"photoUrls": {"type": "array"}}}]})
+
+    prompt: str = Field("a portrait photo of a person", min_length=1, max_length=PROMPT_MAX_CHARS, pattern=NONBLANK)
     photos: Optional[list[str]] = Field(None, min_length=1, max_length=MAX_REFERENCE_PHOTOS,
                                         description="Base64 images (PNG/JPEG/WebP), optionally as data: URLs, or "
                                                     "http(s) URLs of such images (fetched by the service).")
@@ -106,8 +135,8 @@ class PercifyRequest(GenerationFields):
 
 
 class CastCharacterIn(_In):
-    prompt: str = Field(..., min_length=1, max_length=PROMPT_MAX_CHARS)
-    box: Optional[list[float]] = Field(None, min_length=4, max_length=4,
+    prompt: str = Field(..., min_length=1, max_length=PROMPT_MAX_CHARS, pattern=NONBLANK)
+    box: Optional[list[Annotated[float, Field(ge=0.0, le=1.0)]]] = Field(None, min_length=4, max_length=4,
                                        description="Region [x0, y0, x1, y1] as fractions 0..1 of the frame.")
     photos: Optional[list[str]] = Field(None, min_length=1, max_length=MAX_REFERENCE_PHOTOS,
                                         description="Base64 reference photos of this character, or http(s) URLs of them.")
@@ -126,7 +155,8 @@ class CastRequest(GenerationFields):
 
 
 class RemixRequest(AvatarMetaFields):
-    prompt: Optional[str] = Field(None, min_length=1, max_length=PROMPT_MAX_CHARS, description="Defaults to the source's prompt.")
+    prompt: Optional[str] = Field(None, min_length=1, max_length=PROMPT_MAX_CHARS, pattern=NONBLANK,
+                                  description="Defaults to the source's prompt.")
     negative_prompt: Optional[str] = Field(None, max_length=PROMPT_MAX_CHARS)
     style_preset: Optional[StylePreset] = None
     strength: float = Field(0.6, gt=0.0, le=1.0, description="How far to move from the source image (img2img).")
@@ -137,20 +167,39 @@ class RemixRequest(AvatarMetaFields):
     image_index: int = Field(0, ge=0, lt=MAX_BATCH_SIZE, description="Which image of the source to start from.")
 
 
+def _absent(schema: dict[str, Any]) -> None:
+    """A field that may be left out but not sent as null: no `default: null` in its schema."""
+    schema.pop("default", None)
+
+
 class UpdateAvatarRequest(_In):
+    """Fields left out stay unchanged; `title` and `description` may be null (cleared), the others not."""
+
     title: Optional[str] = Field(None, max_length=MAX_TITLE_CHARS)
     description: Optional[str] = Field(None, max_length=MAX_DESCRIPTION_CHARS)
-    tags: Optional[list[str]] = Field(None, max_length=MAX_TAGS)
-    visibility: Optional[Visibility] = None
-    metadata: Optional[dict[str, Any]] = None
+    tags: list[Tag] = Field(None, max_length=MAX_TAGS, json_schema_extra=_absent)  # type: ignore[assignment]
+    visibility: Visibility = Field(None, json_schema_extra=_absent)  # type: ignore[assignment]
+    metadata: dict[str, Any] = Field(None, json_schema_extra=_absent)  # type: ignore[assignment]
 
 
 class CommentRequest(_In):
-    text: str = Field(..., min_length=1, max_length=COMMENT_MAX_CHARS)
+    text: str = Field(..., min_length=1, max_length=COMMENT_MAX_CHARS, pattern=NONBLANK)
+
+
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_PORT = r"(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+#: An http(s) URL with a host name or an IPv4 address, an optional port and printable ASCII after
+#: it (no credentials, no IPv6 literal: use a host name). Whether the destination is allowed
+#: (DNS, private ranges) is the deployment's policy, checked when it is created and on every delivery.
+WEBHOOK_URL_PATTERN = (rf"^https?://(?:{_OCTET}(?:\.{_OCTET}){{3}}|(?:{_LABEL}\.)*[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?)"
+                       rf"(?::{_PORT})?(?:[/?#][!-~]*)?$")
 
 
 class WebhookCreateRequest(_In):
-    url: str = Field(..., max_length=2000)
+    url: str = Field(..., max_length=2000, pattern=WEBHOOK_URL_PATTERN,
+                     description="http(s) URL of your receiver; private and loopback destinations are refused unless "
+                                 "the operator allows them.")
     events: list[EventName] = Field(default_factory=lambda: ["*"], min_length=1)
     description: Optional[str] = Field(None, max_length=500)
 
@@ -201,12 +250,15 @@ class Progress(_Out):
 class Avatar(_Out):
     id: str
     object: Literal["avatar"] = "avatar"
+    user_id: str = Field(..., description="The owning account (Percify's `userId`).")
     kind: Kind
     status: Status
     prompt: Optional[str] = None
     negative_prompt: Optional[str] = None
     style_preset: Optional[str] = None
-    model: Optional[str] = None
+    model: Optional[str] = Field(None, description="The model name as requested (a profile or one of its aliases; "
+                                                   "the default profile's name when none was given).")
+    model_profile: Optional[str] = Field(None, description="The models.yaml profile that ran it (aliases resolved).")
     width: Optional[int] = None
     height: Optional[int] = None
     aspect_ratio: Optional[str] = None
@@ -216,12 +268,15 @@ class Avatar(_Out):
     batch_size: int = 1
     strength: Optional[float] = None
     images: list[AvatarImage] = Field(default_factory=list)
+    image_url: Optional[str] = Field(None, description="The first image's URL (Percify's `imageUrl`); null until completed.")
     thumbnail_url: Optional[str] = None
     progress: Optional[Progress] = Field(None, description="While `processing`: steps done of the batch it runs in; null otherwise.")
     title: Optional[str] = None
     description: Optional[str] = None
     tags: list[str] = Field(default_factory=list)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict, description=(
+        "The user's keys, plus `modelVersion` (the profile that ran it) and, once completed, `generationTime` "
+        "(seconds); the service's values win for those two names."))
     visibility: Visibility = "private"
     published: bool = False
     published_at: Optional[str] = None
@@ -240,11 +295,29 @@ class Avatar(_Out):
     completed_at: Optional[str] = None
 
 
-class AvatarList(_Out):
-    object: Literal["list"] = "list"
-    data: list[Avatar]
+class CreatedAvatar(Avatar):
+    """What a create call (generate, percify-yourself, cast, remix) returns: the queued Avatar."""
+
+    credits_used: int = Field(..., description="Credits reserved for this job (charged on completion, released on failure).")
+
+
+class Pagination(_Out):
+    total: int = Field(..., description="Items matching the same filters, over all pages.")
+    limit: int
+    offset: int = Field(..., description="Items before this page (also for a cursor page).")
     has_more: bool
-    next_cursor: Optional[str] = None
+    next_cursor: Optional[str] = Field(None, description="Pass as `cursor` for the next page; null on the last one.")
+
+
+class _Page(_Out):
+    object: Literal["list"] = "list"
+    pagination: Pagination
+    has_more: bool = Field(..., description="Same as `pagination.hasMore`.")
+    next_cursor: Optional[str] = Field(None, description="Same as `pagination.nextCursor`.")
+
+
+class AvatarList(_Page):
+    avatars: list[Avatar]
 
 
 class DeletedAvatar(_Out):
@@ -277,6 +350,7 @@ class Account(_Out):
 
 class ModelInfo(_Out):
     name: str
+    aliases: list[str] = Field(default_factory=list, description="Other names accepted as `model` for this profile.")
     credit_cost: int
     resolution: Optional[int] = None
     kinds: list[str] = Field(default_factory=list)
@@ -310,11 +384,8 @@ class Comment(_Out):
     created_at: str
 
 
-class CommentList(_Out):
-    object: Literal["list"] = "list"
-    data: list[Comment]
-    has_more: bool
-    next_cursor: Optional[str] = None
+class CommentList(_Page):
+    comments: list[Comment]
 
 
 class WebhookEndpoint(_Out):
@@ -329,9 +400,44 @@ class WebhookEndpoint(_Out):
     secret: Optional[str] = Field(None, description="Signing secret; only returned when the endpoint is created.")
 
 
-class WebhookEndpointList(_Out):
-    object: Literal["list"] = "list"
-    data: list[WebhookEndpoint]
+class WebhookEndpointList(_Page):
+    webhooks: list[WebhookEndpoint]
+
+
+class OperationUsage(_Out):
+    count: int = Field(..., description="Completed jobs of this operation.")
+    credits: int = Field(..., description="Credits charged for them.")
+
+
+class CreditBalance(_Out):
+    object: Literal["credit_balance"] = "credit_balance"
+    balance: int = Field(..., description="Credits available now (reservations of running jobs already taken off).")
+    reserved: int = Field(..., description="Credits held by queued and processing jobs.")
+    lifetime: int = Field(..., description="Credits ever charged for completed jobs.")
+    current_month: int = Field(..., description="Credits charged since the start of the current UTC month.")
+    granted: int = Field(..., description="Credits ever granted to the account.")
+    tier: str
+    next_refill: Optional[str] = Field(None, description="Always null: this service has no automatic refills.")
+    low_balance_threshold: int = Field(..., description="`credits.low_balance` fires when a job takes the balance below this.")
+    usage: dict[str, OperationUsage] = Field(default_factory=dict, description="Charges per operation (job kind).")
+
+
+class CreditTransaction(_Out):
+    id: int
+    object: Literal["credit_transaction"] = "credit_transaction"
+    type: Literal["reserve", "charge", "release", "grant"] = Field(
+        ..., description="reserve: job accepted (delta −amount); charge: job completed (delta 0, the reservation is "
+                         "consumed); release: job failed/cancelled (delta +amount); grant: top-up.")
+    amount: int
+    delta: int = Field(..., description="Effect on the balance.")
+    operation: Optional[str] = Field(None, description="The job kind for job entries (generate, percify, cast, remix).")
+    avatar_id: Optional[str] = None
+    note: Optional[str] = None
+    created_at: str
+
+
+class CreditHistory(_Page):
+    transactions: list[CreditTransaction]
 
 
 class DeletedWebhook(_Out):

@@ -191,6 +191,9 @@ class ServiceSettings(BaseSettings):
     cost_cast: int = Field(30, ge=0)
     cost_per_image_default: int = Field(2, ge=0)
     """Per-image cost for a model whose profile declares none."""
+    low_balance_threshold: int = Field(10, ge=0)
+    """A reservation that takes an account's balance from at least this many credits to fewer
+    emits one `credits.low_balance` webhook event (once per crossing; 0 disables it)."""
     model_costs: dict[str, int] = Field(default_factory=dict)
     """Per-image cost by model profile name, overriding the profile's `credit_cost` (generate and
     remix cost per-image cost × batchSize)."""

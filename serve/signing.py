@@ -3,7 +3,10 @@
 The secret is `whsec_<base64 key>`, the key is the base64-decoded part, and `webhook-signature`
 is `v1,<base64 HMAC-SHA256 of "{webhook-id}.{webhook-timestamp}.{body}">` (several
 space-separated signatures are accepted on verification, for key rotation). The tests check it
-against the reference implementation (`standardwebhooks`).
+against the reference implementation (`standardwebhooks`). Each delivery also carries
+`X-Avatar-Signature: sha256=<hex HMAC-SHA256 of the raw body>` for receivers written for
+Percify's docs (a hex body HMAC; it does not bind a timestamp, so those receivers get no replay
+bound: prefer the Standard Webhooks headers).
 """
 from __future__ import annotations
 
@@ -45,12 +48,32 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes | str) -> str:
     return "v1," + base64.b64encode(digest).decode("ascii")
 
 
+#: The body-signature header for receivers written against Percify-style docs: `sha256=<hex>`.
+BODY_SIGNATURE_HEADER = "X-Avatar-Signature"
+
+
+def body_signature(secret: str, body: bytes | str) -> str:
+    """Hex HMAC-SHA256 of the raw body, keyed with the endpoint's secret exactly as shown at
+    creation (the whole `whsec_…` string, UTF-8), as receivers written for Percify compute it."""
+    return hmac.new(secret.encode("utf-8"), _body_bytes(body), hashlib.sha256).hexdigest()
+
+
+def verify_body_signature(secret: str, header_value: str, body: bytes | str) -> bool:
+    """Check an `X-Avatar-Signature` value (`sha256=<hex>`, or the bare hex) in constant time."""
+    given = header_value.strip()
+    if given.startswith("sha256="):
+        given = given[len("sha256="):]
+    return hmac.compare_digest(given.lower().encode("ascii", "replace"), body_signature(secret, body).encode("ascii"))
+
+
 def signature_headers(secret: str, msg_id: str, timestamp: int, body: bytes | str) -> dict[str, str]:
-    """The three Standard Webhooks headers for one attempt."""
+    """The three Standard Webhooks headers for one attempt, plus the hex body signature
+    (`X-Avatar-Signature: sha256=<hex HMAC-SHA256 of the body>`)."""
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(int(timestamp)),
         "webhook-signature": sign(secret, msg_id, timestamp, body),
+        BODY_SIGNATURE_HEADER: "sha256=" + body_signature(secret, body),
     }
 
 

@@ -34,6 +34,7 @@ from .logctx import current_request_id, logger
 from . import schemas as S
 from .api.common import Services, call, dump, get_visible, json_response
 from .api.rendering import render_avatar
+from .api.textguard import FILE_PARTS
 from .assets import encode_png, upload_key
 from .auth import Principal
 from .destinations import FetchRefused, fetch_url
@@ -135,9 +136,9 @@ def identity_method_for(profile: ProfileInfo, method: str | None) -> str | None:
 async def profile_for(svc: Services, model: str | None, kind: str) -> ProfileInfo:
     desc = await svc.engine.describe()
     name = model or desc.default_model
-    profile = desc.profiles.get(name)
+    profile = desc.resolve(name)
     if profile is None:
-        raise invalid_request(f"unknown model {name!r}; available: {', '.join(sorted(desc.profiles))}", "model")
+        raise invalid_request(f"unknown model {name!r}; available: {', '.join(desc.names())}", "model")
     if kind not in profile.kinds:
         raise invalid_request(f"model {name!r} does not support {kind}", "model")
     return profile
@@ -154,6 +155,8 @@ async def prepare(svc: Services, kind: str, body: Any, *, extra_prompts: list[tu
     resolved = request.resolve(profile)
     check_policy(svc.policy, [("prompt", body.prompt), *extra_prompts])
     params = request_to_wire(resolved)
+    if body.model and body.model != profile.name:
+        params["requestedModel"] = body.model  # an alias: reported back as the avatar's `model`
     if strength is not None:
         params["strength"] = strength
     return Submission(kind, body, profile, resolved, params)
@@ -180,7 +183,7 @@ async def submit(svc: Services, principal: Principal, sub: Submission) -> JSONRe
                         max_concurrent=principal.limits.concurrent_jobs, model=sub.resolved.model,
                         prompt=sub.resolved.prompt, remixed_from=sub.remixed_from, title=body.title,
                         description=body.description, tags=tags, metadata=body.metadata, visibility=body.visibility,
-                        request_id=current_request_id())
+                        request_id=current_request_id(), low_balance_threshold=svc.settings.low_balance_threshold)
     except BaseException:
         if files:
             await call(assets.backend.delete_prefix, f"uploads/{sub.upload_id}")
@@ -188,7 +191,12 @@ async def submit(svc: Services, principal: Principal, sub: Submission) -> JSONRe
     svc.metrics.submitted.labels(kind=sub.kind).inc()
     log.info("job %s accepted: %s, %d credits reserved, account %s", av.id, sub.kind, av.credit_cost, principal.id)
     await svc.engine.notify()
-    return json_response(render_avatar(av, svc.base_url, svc.links), 202, headers={"Location": f"/v1/avatars/{av.id}"})
+    return json_response(created(av, svc), 202, headers={"Location": f"/v1/avatars/{av.id}"})
+
+
+def created(av: Any, svc: Services) -> S.CreatedAvatar:
+    """What a create call answers: the Avatar plus `creditsUsed` (Percify's create response)."""
+    return S.CreatedAvatar(**render_avatar(av, svc.base_url, svc.links).model_dump(), credits_used=av.credit_cost)
 
 
 async def maybe_wait(svc: Services, principal: Principal, resp: Response, prefer: str | None) -> Response:
@@ -214,7 +222,7 @@ async def maybe_wait(svc: Services, principal: Principal, resp: Response, prefer
         return resp
     applied = {"Preference-Applied": f"wait={int(seconds)}"}
     code = 201 if av.status in TERMINAL_STATUSES else 202
-    return json_response(render_avatar(av, svc.base_url, svc.links), code, headers={**headers, **applied})
+    return json_response(created(av, svc), code, headers={**headers, **applied})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,9 +360,9 @@ async def read_cast(request: Request, svc: Services, principal: Principal) -> Ph
                             for j, s in enumerate(c.photos)]
         if len(per_char[i]) > ereq.MAX_REFERENCE_PHOTOS:
             raise invalid_request(f"at most {ereq.MAX_REFERENCE_PHOTOS} photos per character", f"characters[{i}].photos")
+        src_keys = await _character_source(svc, principal, i, c.avatar_id) if c.avatar_id else None
         if per_char[i] and c.avatar_id:
             raise invalid_request("give either photos or avatarId for a character, not both", f"characters[{i}].avatarId")
-        src_keys = await _character_source(svc, principal, i, c.avatar_id) if c.avatar_id else None
         images = [await call(decode, svc, b, p) for p, b in per_char[i]]
         refs.append({"images": images, "src": src_keys, "hashes": [hashlib.sha256(b).hexdigest() for _, b in per_char[i]]})
     canonical = dump(body)
@@ -435,6 +443,18 @@ def _pydantic_to_fastapi(exc: ValidationError, prefix: tuple = ("body",)) -> Fas
     return FastAPIValidationError([{**e, "loc": prefix + tuple(e.get("loc", ()))} for e in exc.errors()])
 
 
+_PHOTO_PART = FILE_PARTS  # photo parts, also without a filename (RFC 7578 makes it optional)
+
+
+def _part_bytes(text: str) -> bytes:
+    """The bytes of a file part the form parser took for a text field (no filename): it decoded
+    them as UTF-8, or as Latin-1 (lossless) when they are not UTF-8 — as image data never is."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8")
+
+
 async def _read_form(request: Request) -> tuple[dict[str, Any], dict[str, bytes]]:
     try:
         form = await request.form(max_files=32, max_fields=64, max_part_size=1024 * 1024)
@@ -446,12 +466,16 @@ async def _read_form(request: Request) -> tuple[dict[str, Any], dict[str, bytes]
     files: dict[str, bytes] = {}
     counters: dict[str, int] = {}
     for name, value in form.multi_items():
-        if isinstance(value, UploadFile):
+        if isinstance(value, UploadFile) or _PHOTO_PART.fullmatch(name):
             n = counters.get(name, 0)
             counters[name] = n + 1
-            files[f"{name}[{n}]"] = await value.read()
-        elif name == "tags":
-            data.setdefault("tags", []).extend(t for t in value.split(",") if t.strip())
+            files[f"{name}[{n}]"] = await value.read() if isinstance(value, UploadFile) else _part_bytes(value)
+        elif name == "tags":  # comma-separated: at most 20 pieces of at most 50 characters, blank ones dropped
+            pieces = value.split(",")
+            if len(pieces) > S.MAX_TAGS or any(len(p) > S.MAX_TAG_CHARS for p in pieces):
+                raise invalid_request(f"tags must be at most {S.MAX_TAGS} comma-separated tags of at most "
+                                      f"{S.MAX_TAG_CHARS} characters", "tags")
+            data.setdefault("tags", []).extend(p for p in pieces if p.strip())
         elif name == "photoUrls":  # repeatable form field
             data.setdefault("photoUrls", []).append(value)
         elif name in ("metadata", "characters"):
@@ -489,8 +513,8 @@ async def read_photo_sources(request: Request, model_cls: type, file_field: str 
     elif not files and file_field is not None and file_field not in data and ctype == "multipart/form-data" \
             and not {"photoUrl", "photoUrls"} & set(data):
         raise invalid_request("at least one 'photo' file part is required", "photo")
-    try:
-        return model_cls.model_validate(data), files
+    try:  # form fields are all text: converted there, JSON types taken strictly
+        return model_cls.model_validate(data, strict=False if ctype == "multipart/form-data" else None), files
     except ValidationError as exc:
         raise _pydantic_to_fastapi(exc) from None
 

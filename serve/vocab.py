@@ -57,6 +57,7 @@ class EventType(StrEnum):
     AVATAR_PUBLISHED = "avatar.published"
     AVATAR_LIKED = "avatar.liked"
     AVATAR_COMMENTED = "avatar.commented"
+    CREDITS_LOW_BALANCE = "credits.low_balance"  # a reservation took the balance below the threshold
 
 
 class OutboxStatus(StrEnum):

@@ -372,7 +372,8 @@ def test_patch_updates_metadata_only(h):
     r = h.client.patch(f"/v1/avatars/{av['id']}", headers=auth, json={
         "title": "Hero", "description": "d", "tags": ["a", "b"], "metadata": {"k": [1, 2]}})
     body = r.json()
-    assert (body["title"], body["description"], body["tags"], body["metadata"]) == ("Hero", "d", ["a", "b"], {"k": [1, 2]})
+    assert (body["title"], body["description"], body["tags"]) == ("Hero", "d", ["a", "b"])
+    assert body["metadata"] == {"k": [1, 2], "modelVersion": "fake"}  # the user's keys + the profile that ran it
     assert_error(h.client.patch(f"/v1/avatars/{av['id']}", json={"prompt": "y"}, headers=auth), 400,
                  "invalid_request", "prompt")
     assert_error(h.client.patch(f"/v1/avatars/{av['id']}", json={"visibility": "secret"}, headers=auth), 400,
@@ -390,8 +391,8 @@ def test_list_pagination_filters_and_query_validation(h):
     while True:
         params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
         page = h.client.get("/v1/avatars", params=params, headers=auth).json()
-        assert page["object"] == "list" and len(page["data"]) <= 2
-        seen += [a["id"] for a in page["data"]]
+        assert page["object"] == "list" and len(page["avatars"]) <= 2
+        seen += [a["id"] for a in page["avatars"]]
         if not page["hasMore"]:
             break
         cursor = page["nextCursor"]
@@ -399,11 +400,11 @@ def test_list_pagination_filters_and_query_validation(h):
     assert seen == list(reversed(ids))  # newest first by default
     h.worker.run_once()
     h.client.patch(f"/v1/avatars/{ids[0]}", json={"visibility": "public"}, headers=auth)
-    got = h.client.get("/v1/avatars", params={"visibility": "public"}, headers=auth).json()["data"]
+    got = h.client.get("/v1/avatars", params={"visibility": "public"}, headers=auth).json()["avatars"]
     assert [a["id"] for a in got] == [ids[0]]
-    got = h.client.get("/v1/avatars", params={"search": "CAT 3"}, headers=auth).json()["data"]
+    got = h.client.get("/v1/avatars", params={"search": "CAT 3"}, headers=auth).json()["avatars"]
     assert [a["id"] for a in got] == [ids[3]]
-    asc = h.client.get("/v1/avatars", params={"sortOrder": "asc", "status": "completed"}, headers=auth).json()["data"]
+    asc = h.client.get("/v1/avatars", params={"sortOrder": "asc", "status": "completed"}, headers=auth).json()["avatars"]
     assert [a["id"] for a in asc] == ids
     assert_error(h.client.get("/v1/avatars", params={"limit": 0}, headers=auth), 400, "invalid_request", "limit")
     assert_error(h.client.get("/v1/avatars", params={"limit": 101}, headers=auth), 400, "invalid_request", "limit")
@@ -537,7 +538,7 @@ def test_publish_like_comment_feed_remix(h):
     assert_error(h.client.post(f"/v1/avatars/{av['id']}/publish", headers=bob), 403, "unauthorized_access")
     pub = h.client.post(f"/v1/avatars/{av['id']}/publish", headers=alice).json()
     assert pub["published"] and pub["visibility"] == "public" and pub["publishedAt"]
-    assert [a["id"] for a in h.client.get("/v1/feed", headers=bob).json()["data"]] == [av["id"]]
+    assert [a["id"] for a in h.client.get("/v1/feed", headers=bob).json()["avatars"]] == [av["id"]]
     l1 = h.client.post(f"/v1/avatars/{av['id']}/like", headers=bob).json()
     l2 = h.client.post(f"/v1/avatars/{av['id']}/like", headers=bob).json()
     assert l1["likes"] == 1 and l2["likes"] == 1 and l2["liked"]
@@ -546,7 +547,7 @@ def test_publish_like_comment_feed_remix(h):
     assert c.status_code == 201 and c.json()["text"] == "wow"
     assert_error(h.client.post(f"/v1/avatars/{av['id']}/comment", json={"text": ""}, headers=bob), 400,
                  "invalid_request", "text")
-    assert [x["text"] for x in h.client.get(f"/v1/avatars/{av['id']}/comments", headers=alice).json()["data"]] == ["wow"]
+    assert [x["text"] for x in h.client.get(f"/v1/avatars/{av['id']}/comments", headers=alice).json()["comments"]] == ["wow"]
     rx = h.client.post(f"/v1/avatars/{av['id']}/remix", json={"prompt": "dragon in snow", "strength": 0.5, "seed": 3},
                        headers=bob)
     assert rx.status_code == 202, rx.text
@@ -570,7 +571,7 @@ def test_webhook_endpoints_crud_and_private_destinations(db, tmp_path):
     r = h2.client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "events": ["avatar.completed"]},
                        headers=auth2)
     assert r.status_code == 201 and r.json()["secret"].startswith("whsec_")
-    listed = h2.client.get("/v1/webhooks", headers=auth2).json()["data"]
+    listed = h2.client.get("/v1/webhooks", headers=auth2).json()["webhooks"]
     assert [e["id"] for e in listed] == [r.json()["id"]] and listed[0]["secret"] is None
     assert_error(h2.client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/", "events": ["avatar.nope"]},
                                 headers=auth2), 400, "invalid_request", "events[0]")
@@ -680,7 +681,7 @@ def test_text_no_store_can_keep_is_invalid_request_on_every_store(h):
     assert h.store.get_account(acct.id).credits == before - first[0].json()["creditCost"]
     got = h.client.get(f"/v1/avatars/{av['id']}", headers=auth).json()
     assert got["title"] is None and got["comments"] == 0
-    assert len(h.client.get("/v1/webhooks", headers=auth).json()["data"]) == (1 if hook.status_code == 201 else 0)
+    assert len(h.client.get("/v1/webhooks", headers=auth).json()["webhooks"]) == (1 if hook.status_code == 201 else 0)
 
 
 def test_settings_from_env(monkeypatch, tmp_path):
@@ -1163,7 +1164,7 @@ def test_idempotency_key_on_every_post(db, tmp_path):
     got = h.client.get(f"/v1/avatars/{av['id']}", headers=alice).json()
     assert (got["likes"], got["comments"], got["remixes"]) == (1, 1, 1)
     assert len(h.store.list_avatars(acct_b.id).items) == 1 and rx["remixedFrom"] == av["id"]
-    assert [e["id"] for e in h.client.get("/v1/webhooks", headers=alice).json()["data"]] == [ep["id"]]
+    assert [e["id"] for e in h.client.get("/v1/webhooks", headers=alice).json()["webhooks"]] == [ep["id"]]
     # The same key on another route is another request: 422, not a replay of the first.
     assert_error(h.client.post(f"/v1/avatars/{av['id']}/like", headers={**bob, "Idempotency-Key": "cm"}), 422,
                  "invalid_request", "Idempotency-Key")
@@ -1232,19 +1233,19 @@ def test_publish_rules_and_feed_order_with_cursor(db, tmp_path):
     for n, i in enumerate(ids):  # ids[0]: 0 likes, ids[1]: 1, ids[2]: 2
         for fan in fans[:n]:
             h.client.post(f"/v1/avatars/{i}/like", headers=fan)
-    newest = [a["id"] for a in h.client.get("/v1/feed", headers=bob).json()["data"]]
+    newest = [a["id"] for a in h.client.get("/v1/feed", headers=bob).json()["avatars"]]
     assert newest == ids[::-1] and hidden not in newest
     liked, cursor = [], None
     while True:
         page = h.client.get("/v1/feed", params={"sort": "mostLiked", "limit": 1, **({"cursor": cursor} if cursor else {})},
                             headers=bob).json()
-        liked += [(a["id"], a["likes"]) for a in page["data"]]
+        liked += [(a["id"], a["likes"]) for a in page["avatars"]]
         if not page["hasMore"]:
             break
         cursor = page["nextCursor"]
     assert liked == [(ids[2], 2), (ids[1], 1), (ids[0], 0)]
     h.client.patch(f"/v1/avatars/{ids[2]}", json={"visibility": "private"}, headers=alice)
-    assert [a["id"] for a in h.client.get("/v1/feed", headers=bob).json()["data"]] == [ids[1], ids[0]]
+    assert [a["id"] for a in h.client.get("/v1/feed", headers=bob).json()["avatars"]] == [ids[1], ids[0]]
     assert_error(h.client.get("/v1/feed", params={"sort": "oldest"}, headers=bob), 400, "invalid_request", "sort")
 
 
@@ -1285,7 +1286,7 @@ def test_comments_length_and_content_policy(db, tmp_path):
     assert_error(h.client.post(path, json={}, headers=alice), 400, "invalid_request", "text")
     assert h.client.post(path, json={"text": "y" * 2000}, headers=alice).status_code == 201
     listed = h.client.get(f"/v1/avatars/{av['id']}/comments", headers=alice).json()
-    assert [len(c["text"]) for c in listed["data"]] == [2000]
+    assert [len(c["text"]) for c in listed["comments"]] == [2000]
 
 
 def test_remix_lineage_visibility_and_source_image(db, tmp_path):

@@ -59,6 +59,22 @@ def test_unreachable_hub_names_files_to_download(tmp_path, monkeypatch):
     assert "huggingface-cli download example-org/not-cached-model" in err.value.message
 
 
+def test_aliases_resolve_to_their_profile_and_must_be_unique():
+    profiles = load_profiles()
+    assert set(profiles["tiny-sd15"].aliases) >= {"flux", "imagen3", "reality4"}  # Percify's names
+    engine = AvatarEngine(EngineConfig(device="cpu"))
+    assert engine.profile("flux").name == "tiny-sd15" and engine.profile("tiny-sd15").name == "tiny-sd15"
+    with pytest.raises(RequestValidationError):
+        engine.profile("dall-e")
+    tiny = {"architecture": "sd15", "tiny": True}
+    with pytest.raises(ProfileError, match="'flux' is declared by both 'a' and 'b'"):
+        parse_profiles({"profiles": {"a": {**tiny, "aliases": ["flux"]}, "b": {**tiny, "aliases": ["flux"]}}})
+    with pytest.raises(ProfileError, match="alias 'b' of profile 'a' is itself a profile name"):
+        parse_profiles({"profiles": {"a": {**tiny, "aliases": ["b"]}, "b": tiny}})
+    with pytest.raises(ProfileError, match="aliases"):
+        parse_profiles({"profiles": {"a": {**tiny, "aliases": "flux"}}})
+
+
 def test_identity_methods_per_profile():
     profiles = load_profiles()
     assert profiles["tiny-sd15"].offered_identity_methods == ("faceid", "faceid-plus-v2")

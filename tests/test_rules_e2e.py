@@ -337,7 +337,7 @@ def test_likes_from_twenty_parallel_clients_are_counted_exactly(svc):
     assert {r.status_code for r in results} == {200}
     got = svc.client.get(f"/v1/avatars/{av['id']}", headers=fans[0]).json()
     assert got["likes"] == 10
-    feed = svc.client.get("/v1/feed", params={"sort": "mostLiked", "limit": 100}, headers=fans[0]).json()["data"]
+    feed = svc.client.get("/v1/feed", params={"sort": "mostLiked", "limit": 100}, headers=fans[0]).json()["avatars"]
     assert next(a["likes"] for a in feed if a["id"] == av["id"]) == 10
 
 
@@ -481,7 +481,7 @@ def test_webhooks_arrive_exactly_once_across_a_restart_mid_delivery(svc):
         endpoint = r.json()
         receiver.secret = endpoint["secret"]
         assert endpoint["secret"].startswith("whsec_")
-        listed = svc.client.get("/v1/webhooks", headers=owner).json()["data"]
+        listed = svc.client.get("/v1/webhooks", headers=owner).json()["webhooks"]
         assert [e["id"] for e in listed] == [endpoint["id"]] and listed[0]["secret"] is None
 
         job = svc.client.post("/v1/avatars/generate", json={"prompt": "hooked", **FAST}, headers=owner).json()
@@ -528,6 +528,6 @@ def test_webhooks_arrive_exactly_once_across_a_restart_mid_delivery(svc):
         assert receiver.attempts[receiver.held_id] >= 4, receiver.attempts
         assert svc.client.get(f"/v1/webhooks/{endpoint['id']}", headers=owner).json()["disabled"] is False
         assert svc.client.delete(f"/v1/webhooks/{endpoint['id']}", headers=owner).json()["deleted"] is True
-        assert svc.client.get("/v1/webhooks", headers=owner).json()["data"] == []
+        assert svc.client.get("/v1/webhooks", headers=owner).json()["webhooks"] == []
     finally:
         receiver.close()

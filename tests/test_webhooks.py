@@ -200,7 +200,8 @@ def test_signature_round_trip_with_a_store_secret_and_tamper_detection(store):
     body = b'{"id":"evt_1","type":"avatar.completed","data":{"x":1}}'
     now = 1_700_000_000
     h = signature_headers(secret, "msg_abc", now, body)
-    assert set(h) == {"webhook-id", "webhook-timestamp", "webhook-signature"} and h["webhook-timestamp"] == str(now)
+    assert set(h) == {"webhook-id", "webhook-timestamp", "webhook-signature", "X-Avatar-Signature"}
+    assert h["webhook-timestamp"] == str(now)
     assert h["webhook-signature"].startswith("v1,")
     assert verify_signature(secret, {k.upper(): v for k, v in h.items()}, body, now=now) == "msg_abc"
     assert verify(secret, h, body, now=now)
@@ -349,6 +350,66 @@ def test_event_is_delivered_exactly_once_with_a_valid_signature(store, receiver,
     assert d.status == "delivered" and d.attempts == 1 and d.id == req["headers"]["webhook-id"]
     clock.advance(3600)
     assert disp.run_once() == 0 and len(receiver.requests) == 1  # never sent again
+
+
+def percify_style_verify(secret: str, headers: dict[str, str], raw_body: bytes) -> bool:
+    """A receiver written from Percify-style docs, independent of `serve.signing`: the header is
+    `sha256=<hex HMAC-SHA256 of the raw body>`, keyed with the secret string as shown."""
+    import hashlib
+    import hmac
+
+    expected = "sha256=" + hmac.new(secret.encode(), raw_body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, headers.get("x-avatar-signature", ""))
+
+
+def test_each_delivery_carries_a_hex_body_hmac_that_a_percify_style_receiver_verifies(store, receiver, clock):
+    account, ep = _endpoint(store, receiver)
+    _completed_avatar(store, account.id)
+    assert WebhookDispatcher(store, _options(), clock=clock).run_once() == 1
+    [req] = receiver.requests
+    assert req["verified"]  # the Standard Webhooks headers still verify (reference library)
+    assert percify_style_verify(ep.secret, req["headers"], req["body"])
+    assert set(json.loads(req["body"])) >= {"type", "data"}
+    # Tampering with one byte, or another secret, fails the body signature.
+    assert not percify_style_verify(ep.secret, req["headers"], req["body"] + b" ")
+    assert not percify_style_verify(ep.secret + "x", req["headers"], req["body"])
+    from serve.signing import verify_body_signature
+
+    value = req["headers"]["x-avatar-signature"]
+    assert verify_body_signature(ep.secret, value, req["body"])
+    assert verify_body_signature(ep.secret, value.split("=", 1)[1], req["body"])  # bare hex too
+    assert not verify_body_signature(ep.secret, value, req["body"][:-1])
+
+
+def test_low_balance_event_once_per_crossing_in_the_reserving_transaction(store):
+    account = store.create_account(credits=14)
+    store.create_endpoint(account.id, "http://127.0.0.1:9/h", ["credits.low_balance"])
+
+    def submit(cost: int):
+        return store.submit_job(account.id, "generate", {"prompt": "x"}, cost=cost, max_concurrent=10,
+                                low_balance_threshold=10)
+
+    def events():
+        return [d for d in store.list_deliveries(account.id) if d.event_type == "credits.low_balance"]
+
+    submit(2)  # 14 -> 12: still above
+    assert events() == []
+    av = submit(3)  # 12 -> 9: crosses
+    [d] = events()
+    assert d.payload == {"type": "credits.low_balance", "data": {"object": {
+        "object": "credit_balance", "userId": account.id, "balance": 9, "threshold": 10, "avatarId": av.id}}}
+    body = json.loads(render_body(d))
+    assert body["type"] == "credits.low_balance" and body["data"]["object"]["balance"] == 9
+    submit(1)  # 9 -> 8: already below, no second event
+    assert len(events()) == 1
+    store.grant_credits(account.id, 10)  # 8 -> 18: back above
+    submit(9)  # 18 -> 9: a new crossing
+    assert len(events()) == 2
+    store.grant_credits(account.id, 100)
+    with pytest.raises(Exception):  # a refused reservation writes nothing
+        store.submit_job(account.id, "generate", {"prompt": "x"}, cost=10_000, max_concurrent=10,
+                         low_balance_threshold=10)
+    assert len(events()) == 2
 
 
 def test_data_comes_from_the_stores_renderer(tmp_path, clock, receiver):

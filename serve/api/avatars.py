@@ -15,28 +15,39 @@ from ..links import image_path, is_public, link_epoch, thumbnail_path
 from ..schemas import iso
 from ..store import UNSET, Avatar
 from ..submissions import check_meta
-from ..vocab import JobStatus, Visibility
+from ..vocab import SORT_FIELDS, SORT_ORDERS, JobStatus, Visibility
 from ..waiting import sse, watch
-from .common import ERROR_RESPONSES, Auth, Principal, Services, Svc, call, dump, get_visible, json_response
+from .common import (
+    ERROR_RESPONSES, Auth, Principal, Services, Svc, call, cursor_query, dump, get_visible, json_response, offset_query,
+)
 from .rendering import render_avatar, render_avatars
 
 router = APIRouter(prefix="/v1", tags=["avatars"], responses=ERROR_RESPONSES)
 AvatarId = Path(alias="avatarId")
 
 
-@router.get("/avatars", response_model=S.AvatarList, summary="Your avatars, cursor-paginated")
+@router.get("/avatars", response_model=S.AvatarList,
+            summary="Your avatars: filtered, sorted, paged by offset or cursor, with the total")
 async def list_avatars(
     principal: Principal = Auth, svc: Services = Svc,
-    limit: int = Query(20, ge=1, le=100), cursor: Optional[str] = Query(None, max_length=512),
-    status: Optional[S.Status] = None, model: Optional[str] = Query(None, max_length=100),
+    limit: int = Query(20, ge=1, le=100), offset: Optional[int] = offset_query(),
+    cursor: Optional[str] = cursor_query(*(f"{f}~{o}" for f in SORT_FIELDS for o in SORT_ORDERS)),
+    status: Optional[S.Status] = None,
+    model: Optional[str] = Query(None, max_length=100, description="A profile name or alias (matches the profile it resolves to)."),
     visibility: Optional[S.Visibility] = None, published: Optional[bool] = None,
-    kind: Optional[S.Kind] = None, search: Optional[str] = Query(None, max_length=200),
+    kind: Optional[S.Kind] = None,
+    search: Optional[str] = Query(None, max_length=200, description="Case-insensitive substring of the prompt or title."),
     sort_by: S.SortBy = Query("createdAt", alias="sortBy"), sort_order: S.SortOrder = Query("desc", alias="sortOrder"),
 ):
-    page = await call(svc.store.list_avatars, principal.id, limit=limit, cursor=cursor, status=status, model=model,
-                      visibility=visibility, published=published, kind=kind, search=search, sort_by=sort_by,
-                      sort_order=sort_order)
-    return json_response(render_avatars(page.items, page.next_cursor, svc.base_url, svc.links))
+    if cursor:  # a cursor continues the order it was issued for
+        sort_by, sort_order = cursor.split("~")[:2]  # type: ignore[assignment]
+    if model is not None:
+        profile = (await svc.engine.describe()).resolve(model)
+        model = profile.name if profile is not None else model
+    page = await call(svc.store.list_avatars, principal.id, limit=limit, cursor=cursor, offset=offset, status=status,
+                      model=model, visibility=visibility, published=published, kind=kind, search=search,
+                      sort_by=sort_by, sort_order=sort_order)
+    return json_response(render_avatars(page, limit, svc.base_url, svc.links))
 
 
 @router.get("/avatars/{avatarId}", response_model=S.Avatar)

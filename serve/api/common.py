@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -18,6 +18,7 @@ from ..metrics import IngressMetrics
 from ..policy import PolicyChecker
 from ..settings import ServiceSettings
 from ..store import Avatar, Store
+from ..store.base import cursor_pattern
 from ..waiting import Waiters
 from ..vocab import Visibility
 
@@ -33,6 +34,7 @@ SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     402: {"model": S.ErrorResponse, "description": "insufficient_credits"},
     409: {"model": S.ErrorResponse, "description": "Idempotency-Key still in flight"},
     413: {"model": S.ErrorResponse, "description": "request_too_large"},
+    415: {"model": S.ErrorResponse, "description": "Content-Type is neither application/json nor multipart/form-data"},
     422: {"model": S.ErrorResponse, "description": "Idempotency-Key reused with another body"},
 }
 
@@ -77,6 +79,16 @@ def dump(model: Any) -> Any:
 
 def json_response(model: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(dump(model), status_code=status, headers=headers)
+
+
+def cursor_query(*orders: str, int_keys: bool = False) -> Any:
+    """The `cursor` query parameter of a list whose cursors carry one of `orders` (none: one order)."""
+    return Query(None, max_length=200, pattern=cursor_pattern(*orders, int_keys=int_keys),
+                 description="`nextCursor` of the previous page (it continues the order it was issued for).")
+
+
+def offset_query() -> Any:
+    return Query(None, ge=0, le=1_000_000, description="Items to skip (after the cursor, when both are given).")
 
 
 def visible_to(av: Avatar, principal: Principal) -> bool:

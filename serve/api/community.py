@@ -7,10 +7,12 @@ from fastapi import APIRouter, Path, Query
 
 from .. import schemas as S
 from ..submissions import check_policy
-from ..vocab import FeedSort
-from .common import ERROR_RESPONSES, Auth, Principal, Services, Svc, call, dump, get_visible, json_response
+from ..vocab import SORT_ORDERS, FeedSort, values
+from .common import (
+    ERROR_RESPONSES, Auth, Principal, Services, Svc, call, cursor_query, dump, get_visible, json_response, offset_query,
+)
 from .idempotency import Idem, Idempotency
-from .rendering import render_avatar, render_avatars, render_comment
+from .rendering import render_avatar, render_avatars, render_comment, render_page
 
 router = APIRouter(prefix="/v1", tags=["social"], responses=ERROR_RESPONSES)
 AvatarId = Path(alias="avatarId")
@@ -57,17 +59,23 @@ async def comment(body: S.CommentRequest, avatar_id: str = AvatarId, principal: 
 
 @router.get("/avatars/{avatarId}/comments", response_model=S.CommentList)
 async def comments(avatar_id: str = AvatarId, principal: Principal = Auth, svc: Services = Svc,
-                   limit: int = Query(20, ge=1, le=100), cursor: Optional[str] = Query(None, max_length=512),
+                   limit: int = Query(20, ge=1, le=100), offset: Optional[int] = offset_query(),
+                   cursor: Optional[str] = cursor_query(*SORT_ORDERS),
                    sort_order: S.SortOrder = Query("asc", alias="sortOrder")):
     await get_visible(svc, avatar_id, principal)
-    page = await call(svc.store.list_comments, avatar_id, limit=limit, cursor=cursor, sort_order=sort_order)
-    return json_response(S.CommentList(data=[render_comment(c) for c in page.items],
-                                       has_more=page.next_cursor is not None, next_cursor=page.next_cursor))
+    if cursor:  # a cursor continues the order it was issued for
+        sort_order = cursor.split("~")[0]  # type: ignore[assignment]
+    page = await call(svc.store.list_comments, avatar_id, limit=limit, cursor=cursor, offset=offset,
+                      sort_order=sort_order)
+    return json_response(S.CommentList(**render_page(page, limit, comments=[render_comment(c) for c in page.items])))
 
 
 @router.get("/feed", response_model=S.AvatarList, summary="Published avatars of everyone")
 async def feed(principal: Principal = Auth, svc: Services = Svc, limit: int = Query(20, ge=1, le=100),
-               cursor: Optional[str] = Query(None, max_length=512), sort: Literal["newest", "mostLiked"] = "newest"):
+               offset: Optional[int] = offset_query(), cursor: Optional[str] = cursor_query(*values(FeedSort)),
+               sort: Literal["newest", "mostLiked"] = "newest"):
     order = FeedSort.MOST_LIKED if sort == "mostLiked" else FeedSort.NEWEST
-    page = await call(svc.store.feed, limit=limit, cursor=cursor, sort=order)
-    return json_response(render_avatars(page.items, page.next_cursor, svc.base_url, svc.links))
+    if cursor:  # a cursor continues the order it was issued for
+        order = FeedSort(cursor.split("~")[0])
+    page = await call(svc.store.feed, limit=limit, cursor=cursor, sort=order, offset=offset)
+    return json_response(render_avatars(page, limit, svc.base_url, svc.links))

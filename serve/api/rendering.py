@@ -9,7 +9,7 @@ from pydantic.alias_generators import to_camel
 from .. import schemas as S
 from ..schemas import iso
 from ..links import ImageLinks, image_path, thumbnail_path
-from ..store import Avatar, Comment, WebhookEndpoint
+from ..store import Avatar, Comment, Page, WebhookEndpoint
 from ..vocab import JobKind, JobStatus
 from .common import dump
 
@@ -75,13 +75,15 @@ def render_avatar(av: Avatar, base_url: str = "", links: ImageLinks | None = Non
     if av.started_at is not None:
         queued_ms = max(0, int(round((av.started_at - av.created_at) * 1000)))
     return S.Avatar(
-        id=av.id, kind=av.kind, status=av.status, prompt=p.get("prompt", av.prompt),
-        negative_prompt=p.get("negativePrompt"), style_preset=p.get("stylePreset"), model=av.model,
+        id=av.id, user_id=av.account_id, kind=av.kind, status=av.status, prompt=p.get("prompt", av.prompt),
+        negative_prompt=p.get("negativePrompt"), style_preset=p.get("stylePreset"),
+        model=p.get("requestedModel") or av.model, model_profile=av.model,
         width=p.get("width"), height=p.get("height"), aspect_ratio=p.get("aspectRatio"),
         guidance_scale=p.get("guidanceScale"), steps=p.get("steps"), seed=p.get("seed"),
         batch_size=int(p.get("batchSize", 1)), strength=p.get("strength"), images=images,
+        image_url=images[0].url if images else None,
         thumbnail_url=thumbnail_url(av, base_url, links) if images else None, progress=_progress(av),
-        title=av.title, description=av.description, tags=list(av.tags or []), metadata=dict(av.metadata or {}),
+        title=av.title, description=av.description, tags=list(av.tags or []), metadata=_metadata(av, r),
         visibility=av.visibility, published=bool(av.published), published_at=iso(av.published_at),
         likes=av.likes, comments=av.comments, remixes=av.remixes, remixed_from=av.remixed_from,
         credit_cost=av.credit_cost,
@@ -94,10 +96,29 @@ def render_avatar(av: Avatar, base_url: str = "", links: ImageLinks | None = Non
     )
 
 
-def render_avatars(items: list[Avatar], next_cursor: str | None, base_url: str,
-                   links: ImageLinks | None = None) -> S.AvatarList:
-    return S.AvatarList(data=[render_avatar(a, base_url, links) for a in items], has_more=next_cursor is not None,
-                        next_cursor=next_cursor)
+def _metadata(av: Avatar, result: dict) -> dict[str, Any]:
+    """The user's metadata plus what Percify's docs show there: `modelVersion` (the profile that
+    ran the job) and, once completed, `generationTime` in seconds."""
+    out = dict(av.metadata or {})
+    if av.model:
+        out["modelVersion"] = av.model
+    gen_ms = result.get("generationMs")
+    if isinstance(gen_ms, (int, float)) and not isinstance(gen_ms, bool):
+        out["generationTime"] = round(gen_ms / 1000.0, 3)
+    return out
+
+
+def render_page(page: Page, limit: int, **items: list) -> dict[str, Any]:
+    """The list envelope's fields: `{<plural>: [...], pagination: {total, limit, offset, hasMore,
+    nextCursor}, hasMore, nextCursor}` (pass the rendered items as `avatars=[...]` etc.)."""
+    has_more = page.next_cursor is not None
+    return {**items, "pagination": S.Pagination(total=page.total or 0, limit=limit, offset=page.offset or 0,
+                                                has_more=has_more, next_cursor=page.next_cursor),
+            "has_more": has_more, "next_cursor": page.next_cursor}
+
+
+def render_avatars(page: Page, limit: int, base_url: str, links: ImageLinks | None = None) -> S.AvatarList:
+    return S.AvatarList(**render_page(page, limit, avatars=[render_avatar(a, base_url, links) for a in page.items]))
 
 
 def render_comment(c: Comment) -> S.Comment:

@@ -15,7 +15,7 @@ from .openapi import CAST_BODY, PERCIFY_BODY
 
 router = APIRouter(prefix="/v1", responses={
     **SUBMIT_RESPONSES,
-    201: {"model": S.Avatar, "description": "With `Prefer: wait`: the job ended within the wait (completed, "
+    201: {"model": S.CreatedAvatar, "description": "With `Prefer: wait`: the job ended within the wait (completed, "
                                             "failed or cancelled; `Preference-Applied: wait=N`)"},
 })
 
@@ -25,7 +25,7 @@ PREFER = Header(None, alias="Prefer", max_length=200, description=(
     "(plain 202 at once) past the per-account or per-process bound on waiting requests."))
 
 
-@router.post("/avatars/generate", status_code=202, response_model=S.Avatar, tags=["avatars"],
+@router.post("/avatars/generate", status_code=202, response_model=S.CreatedAvatar, tags=["avatars"],
              summary="Prompt → 1..4 images (queued job)")
 async def generate(body: S.GenerateRequest, principal: Principal = Auth, svc: Services = Svc,
                    idem: Idempotency = Idem, prefer: Optional[str] = PREFER):
@@ -33,7 +33,7 @@ async def generate(body: S.GenerateRequest, principal: Principal = Auth, svc: Se
     return await service.maybe_wait(svc, principal, resp, prefer)
 
 
-@router.post("/avatars/percify-yourself", status_code=202, response_model=S.Avatar, tags=["avatars"],
+@router.post("/avatars/percify-yourself", status_code=202, response_model=S.CreatedAvatar, tags=["avatars"],
              openapi_extra=PERCIFY_BODY, summary="1..5 photos of one person + prompt/style → identity-preserving avatar")
 async def percify(request: Request, principal: Principal = Auth, svc: Services = Svc, idem: Idempotency = Idem,
                   prefer: Optional[str] = PREFER):
@@ -42,7 +42,7 @@ async def percify(request: Request, principal: Principal = Auth, svc: Services =
     return await service.maybe_wait(svc, principal, resp, prefer)
 
 
-@router.post("/avatars/cast", status_code=202, response_model=S.Avatar, tags=["avatars"], openapi_extra=CAST_BODY,
+@router.post("/avatars/cast", status_code=202, response_model=S.CreatedAvatar, tags=["avatars"], openapi_extra=CAST_BODY,
              summary="Scene prompt + 2..4 characters (photos or own avatarId) → one image")
 async def cast(request: Request, principal: Principal = Auth, svc: Services = Svc, idem: Idempotency = Idem,
                prefer: Optional[str] = PREFER):
@@ -51,7 +51,7 @@ async def cast(request: Request, principal: Principal = Auth, svc: Services = Sv
     return await service.maybe_wait(svc, principal, resp, prefer)
 
 
-@router.post("/avatars/{avatarId}/remix", status_code=202, response_model=S.Avatar, tags=["social"],
+@router.post("/avatars/{avatarId}/remix", status_code=202, response_model=S.CreatedAvatar, tags=["social"],
              summary="New avatar derived (img2img) from a visible completed one")
 async def remix(body: S.RemixRequest, avatar_id: str = Path(alias="avatarId"), principal: Principal = Auth,
                 svc: Services = Svc, idem: Idempotency = Idem, prefer: Optional[str] = PREFER):

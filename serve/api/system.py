@@ -29,7 +29,8 @@ async def health(request: Request, svc: Services = Svc):
     try:
         desc = await svc.engine.describe()
         default = desc.default_model
-        models = [S.ModelInfo(name=p.name, credit_cost=svc.settings.per_image_cost(p.name, p.credit_cost),
+        models = [S.ModelInfo(name=p.name, aliases=list(p.aliases),
+                              credit_cost=svc.settings.per_image_cost(p.name, p.credit_cost),
                               resolution=p.resolution, kinds=list(p.kinds),
                               identity_methods=list(p.identity_methods), engine=p.engine)
                   for p in desc.profiles.values()]

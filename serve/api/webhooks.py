@@ -1,15 +1,17 @@
 """Webhook endpoints: create (the signing secret is shown once), list, read, delete."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Path
+from typing import Optional
+
+from fastapi import APIRouter, Path, Query
 
 from .. import schemas as S
 from ..errors import ApiError, invalid_request
 from ..settings import ServiceSettings
 from ..webhooks import DestinationRefused, check_destination
-from .common import ERROR_RESPONSES, Auth, Principal, Services, Svc, call, dump, json_response
+from .common import ERROR_RESPONSES, Auth, Principal, Services, Svc, call, cursor_query, offset_query, dump, json_response
 from .idempotency import Idem, Idempotency
-from .rendering import render_endpoint
+from .rendering import render_endpoint, render_page
 
 router = APIRouter(prefix="/v1", tags=["webhooks"], responses=ERROR_RESPONSES)
 WebhookId = Path(alias="webhookId")
@@ -39,10 +41,11 @@ async def create_webhook(body: S.WebhookCreateRequest, principal: Principal = Au
     return await idem.run(dump(body), produce)
 
 
-@router.get("/webhooks", response_model=S.WebhookEndpointList)
-async def list_webhooks(principal: Principal = Auth, svc: Services = Svc):
-    eps = await call(svc.store.list_endpoints, principal.id)
-    return json_response(S.WebhookEndpointList(data=[render_endpoint(e) for e in eps]))
+@router.get("/webhooks", response_model=S.WebhookEndpointList, summary="Your endpoints, oldest first")
+async def list_webhooks(principal: Principal = Auth, svc: Services = Svc, limit: int = Query(20, ge=1, le=100),
+                        offset: Optional[int] = offset_query(), cursor: Optional[str] = cursor_query()):
+    page = await call(svc.store.page_endpoints, principal.id, limit=limit, cursor=cursor, offset=offset)
+    return json_response(S.WebhookEndpointList(**render_page(page, limit, webhooks=[render_endpoint(e) for e in page.items])))
 
 
 @router.get("/webhooks/{webhookId}", response_model=S.WebhookEndpoint)

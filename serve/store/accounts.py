@@ -9,8 +9,8 @@ from typing import Any, Mapping
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from ..vocab import TIERS, LedgerKind
-from .base import StorePart, check_choice, new_id, random_string
-from .records import Account, AccountNotFound, ApiKey, InvalidArgument, LedgerEntry
+from .base import StorePart, check_choice, check_limit, new_id, page, random_string
+from .records import Account, AccountNotFound, ApiKey, InvalidArgument, LedgerEntry, Page
 from .schema import accounts, api_keys, credit_ledger
 
 _KEY_ENV_RE = re.compile(r"^[a-z]{2,10}$")
@@ -119,6 +119,43 @@ class AccountsStore(StorePart):
         stmt = (select(credit_ledger).where(credit_ledger.c.account_id == account_id)
                 .order_by(credit_ledger.c.id).limit(limit))
         return [to_ledger_entry(r) for r in self.db.read(lambda c: c.execute(stmt).mappings().all())]
+
+    def ledger_page(self, account_id: str, *, limit: int = 20, cursor: str | None = None,
+                    offset: int | None = None) -> Page[LedgerEntry]:
+        """The account's ledger, newest first, one page (by cursor or offset) with the total."""
+        check_limit(limit)
+        stmt = select(credit_ledger).where(credit_ledger.c.account_id == account_id)
+        return self.db.read(lambda c: page(c, stmt, credit_ledger.c.id, credit_ledger.c.id, "desc", "", limit,
+                                           cursor, to_ledger_entry, offset))
+
+    def credit_summary(self, account_id: str, since: float) -> dict[str, Any]:
+        """What `GET /v1/user/credits/balance` reports, read in one transaction from the ledger:
+        `granted` (all grants), `used` (all charges), `used_since` (charges at or after `since`),
+        `reserved` (reserved for jobs not yet settled) and `by_operation` ({operation: {count,
+        credits}} of the charges; the operation is the job kind kept in the entry's note)."""
+        L = credit_ledger
+
+        def total(*where: Any) -> Any:
+            return select(func.coalesce(func.sum(L.c.amount), 0)).where(L.c.account_id == account_id, *where)
+
+        def work(conn: Connection) -> dict[str, Any]:
+            rows = conn.execute(select(L.c.note, func.count(), func.coalesce(func.sum(L.c.amount), 0))
+                                .where(L.c.account_id == account_id, L.c.kind == LedgerKind.CHARGE)
+                                .group_by(L.c.note)).all()
+            settled = select(L.c.avatar_id).where(L.c.account_id == account_id,
+                                                  L.c.kind.in_((LedgerKind.CHARGE, LedgerKind.RELEASE)),
+                                                  L.c.avatar_id.is_not(None))
+            return {
+                "granted": int(conn.execute(total(L.c.kind == LedgerKind.GRANT)).scalar_one()),
+                "used": int(conn.execute(total(L.c.kind == LedgerKind.CHARGE)).scalar_one()),
+                "used_since": int(conn.execute(total(L.c.kind == LedgerKind.CHARGE, L.c.created_at >= since))
+                                  .scalar_one()),
+                "reserved": int(conn.execute(total(L.c.kind == LedgerKind.RESERVE, L.c.avatar_id.not_in(settled)))
+                                .scalar_one()),
+                "by_operation": {(note or "other"): {"count": int(n), "credits": int(amount)} for note, n, amount in rows},
+            }
+
+        return self.db.read(work)
 
     def ledger_balance(self, account_id: str) -> int:
         """Sum of the account's ledger deltas (must equal `Account.credits`)."""

@@ -1,14 +1,14 @@
-"""Avatars as the owner and the public see them: reads, keyset-paginated lists and the feed,
+"""Avatars as the owner and the public see them: reads, paginated lists and the feed,
 metadata updates, publishing and deletion."""
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from sqlalchemy import Connection, ColumnElement, Select, bindparam, delete, func, select, true, update
+from sqlalchemy import Connection, bindparam, delete, func, select, true, update
 
 from ..vocab import ACTIVE_STATUSES, JOB_KINDS, JOB_STATUSES, SORT_FIELDS, SORT_ORDERS, VISIBILITIES
 from ..vocab import EventType, FeedSort, JobStatus, Visibility, values
-from .base import StorePart, check_choice, check_limit, decode_cursor, encode_cursor
+from .base import StorePart, check_choice, check_limit, page
 from .jobs import check_tags, to_avatar
 from .records import UNSET, Avatar, InvalidArgument, InvalidState, Page
 from .schema import avatars as A, comments, likes
@@ -17,41 +17,21 @@ _GET = select(A).where(A.c.id == bindparam("aid"))
 _SORT_COLUMNS = {"createdAt": A.c.created_at, "likes": A.c.likes, "comments": A.c.comments, "remixes": A.c.remixes}
 
 
-def keyset(column: Any, id_column: Any, order: str, value: Any, last_id: str) -> ColumnElement[bool]:
-    """Rows strictly after (value, id) in `order`: id breaks ties so pages never repeat or skip."""
-    if order == "desc":
-        return (column < value) | ((column == value) & (id_column < last_id))
-    return (column > value) | ((column == value) & (id_column > last_id))
-
-
-def page(conn: Connection, stmt: Select, column: Any, id_column: Any, order: str, tag: str, limit: int,
-         cursor: str | None, convert: Any) -> Page:
-    """One keyset page of `stmt` ordered by (column, id); the cursor encodes the last row."""
-    if cursor:
-        stmt = stmt.where(keyset(column, id_column, order, *decode_cursor(tag, cursor)))
-    direction = (lambda c: c.desc()) if order == "desc" else (lambda c: c.asc())
-    rows = conn.execute(stmt.order_by(direction(column), direction(id_column)).limit(limit + 1)).mappings().all()
-    next_cursor = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        next_cursor = encode_cursor(tag, last[column.name], last["id"])
-    return Page([convert(r) for r in rows[:limit]], next_cursor)
-
-
 class AvatarsStore(StorePart):
     def get_avatar(self, avatar_id: str) -> Avatar | None:
         """The avatar (any owner) or None; the caller checks visibility against `account_id`."""
         row = self.db.read(lambda c: c.execute(_GET, {"aid": avatar_id}).mappings().first())
         return to_avatar(row) if row else None
 
-    def list_avatars(self, account_id: str, *, limit: int = 20, cursor: str | None = None,
+    def list_avatars(self, account_id: str, *, limit: int = 20, cursor: str | None = None, offset: int | None = None,
                      status: str | None = None, model: str | None = None, visibility: str | None = None,
                      published: bool | None = None, kind: str | None = None, search: str | None = None,
                      sort_by: str = "createdAt", sort_order: str = "desc") -> Page[Avatar]:
         """The account's avatars with keyset pagination (id breaks ties, so pages never repeat
         or skip rows with equal sort values). `search` is a case-insensitive substring of the
         prompt or title. A cursor is only valid with the same sort_by/sort_order (else
-        InvalidCursor); filters should also stay the same between pages."""
+        InvalidCursor); filters should also stay the same between pages. `offset` pages by
+        position instead (not together with a cursor)."""
         check_limit(limit)
         check_choice(sort_by, SORT_FIELDS, "sortBy")
         check_choice(sort_order, SORT_ORDERS, "sortOrder")
@@ -71,9 +51,9 @@ class AvatarsStore(StorePart):
             pattern = f"%{escaped}%"
             stmt = stmt.where(func.lower(func.coalesce(A.c.prompt, "")).like(pattern, escape="\\")
                               | func.lower(func.coalesce(A.c.title, "")).like(pattern, escape="\\"))
-        tag = f"list:{sort_by}:{sort_order}"
+        tag = f"{sort_by}~{sort_order}"
         return self.db.read(lambda c: page(c, stmt, _SORT_COLUMNS[sort_by], A.c.id, sort_order, tag, limit, cursor,
-                                           to_avatar))
+                                           to_avatar, offset))
 
     def update_avatar(self, avatar_id: str, account_id: str, *, title: str | None = UNSET,
                       description: str | None = UNSET, tags: Sequence[str] = UNSET, visibility: str = UNSET,
@@ -148,7 +128,8 @@ class AvatarsStore(StorePart):
 
         return self.db.run(work)
 
-    def feed(self, *, limit: int = 20, cursor: str | None = None, sort: str = "newest") -> Page[Avatar]:
+    def feed(self, *, limit: int = 20, cursor: str | None = None, sort: str = "newest",
+             offset: int | None = None) -> Page[Avatar]:
         """Published public avatars of everyone: `newest` (published_at desc) or `most_liked`
         (likes desc), id as tiebreak."""
         check_limit(limit)
@@ -156,5 +137,5 @@ class AvatarsStore(StorePart):
             raise InvalidArgument("sort", f"must be newest or most_liked, got {sort!r}")
         column = A.c.published_at if sort == FeedSort.NEWEST else A.c.likes
         stmt = select(A).where(A.c.published == true(), A.c.visibility == Visibility.PUBLIC)
-        return self.db.read(lambda c: page(c, stmt, column, A.c.id, "desc", f"feed:{sort}", limit, cursor,
-                                           to_avatar))
+        return self.db.read(lambda c: page(c, stmt, column, A.c.id, "desc", str(sort), limit, cursor,
+                                           to_avatar, offset))

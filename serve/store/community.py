@@ -6,8 +6,7 @@ from typing import Any, Mapping
 from sqlalchemy import Connection, delete, select, update
 
 from ..vocab import SORT_ORDERS, EventType
-from .avatars import page
-from .base import StorePart, check_choice, check_limit, dialect_insert, new_id
+from .base import StorePart, check_choice, check_limit, dialect_insert, new_id, page
 from .jobs import to_avatar
 from .records import AvatarNotFound, Comment, InvalidArgument, LikeResult, Page
 from .schema import avatars as A, comments as C, likes as L
@@ -93,10 +92,10 @@ class CommunityStore(StorePart):
         return self.db.run(work)
 
     def list_comments(self, avatar_id: str, *, limit: int = 20, cursor: str | None = None,
-                      sort_order: str = "asc") -> Page[Comment]:
+                      sort_order: str = "asc", offset: int | None = None) -> Page[Comment]:
         """Comments of an avatar, oldest first by default, cursor-paginated."""
         check_limit(limit)
         check_choice(sort_order, SORT_ORDERS, "sortOrder")
         stmt = select(C).where(C.c.avatar_id == avatar_id)
-        return self.db.read(lambda c: page(c, stmt, C.c.created_at, C.c.id, sort_order, f"comments:{sort_order}",
-                                           limit, cursor, to_comment))
+        return self.db.read(lambda c: page(c, stmt, C.c.created_at, C.c.id, sort_order, sort_order,
+                                           limit, cursor, to_comment, offset))

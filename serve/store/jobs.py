@@ -95,14 +95,16 @@ class JobsStore(StorePart):
                    model: str | None = None, prompt: str | None = None, remixed_from: str | None = None,
                    title: str | None = None, description: str | None = None, tags: Sequence[str] | None = None,
                    metadata: Mapping[str, Any] | None = None, visibility: str = "private",
-                   request_id: str | None = None) -> Avatar:
+                   request_id: str | None = None, low_balance_threshold: int = 0) -> Avatar:
         """Accept a job in ONE transaction: lock the account, refuse with
         ConcurrencyLimitExceeded when it already has >= `max_concurrent` queued+processing jobs,
         with InsufficientCredits when balance < `cost`, else insert the avatar (status queued)
         and a `reserve` ledger entry (balance -= cost). `model`/`prompt` default to
         `params["model"]`/`params["prompt"]`. With `remixed_from`, the source avatar's `remixes`
         count is incremented in the same transaction (AvatarNotFound if it does not exist;
-        visibility is the caller's check). `request_id` is kept for log correlation.
+        visibility is the caller's check). `request_id` is kept for log correlation. When the
+        reservation takes the balance from >= `low_balance_threshold` to below it, a
+        `credits.low_balance` event is written in the same transaction (once per crossing).
         Raises AccountNotFound, InvalidArgument."""
         check_choice(kind, JOB_KINDS, "kind")
         if not isinstance(cost, int) or isinstance(cost, bool) or cost < 0:
@@ -133,7 +135,12 @@ class JobsStore(StorePart):
             now = self._now()
             row = conn.execute(_INSERT_JOB, {**values, "created_at": now, "updated_at": now}).mappings().one()
             self.move_credits(conn, account_id, -cost)
-            self.add_ledger(conn, account_id, LedgerKind.RESERVE, cost, -cost, values["id"])
+            self.add_ledger(conn, account_id, LedgerKind.RESERVE, cost, -cost, values["id"], note=kind)
+            balance = int(acct.credits) - cost
+            if balance < low_balance_threshold <= int(acct.credits):
+                self.emit_account_event(conn, account_id, EventType.CREDITS_LOW_BALANCE, {"object": {
+                    "object": "credit_balance", "userId": account_id, "balance": balance,
+                    "threshold": low_balance_threshold, "avatarId": values["id"]}})
             return to_avatar(row)
 
         return self.db.run(work)
@@ -158,11 +165,11 @@ class JobsStore(StorePart):
         avatar = to_avatar(row)
         cost = avatar.credit_cost
         if status == JobStatus.COMPLETED:
-            self.add_ledger(conn, avatar.account_id, LedgerKind.CHARGE, cost, 0, avatar.id)
+            self.add_ledger(conn, avatar.account_id, LedgerKind.CHARGE, cost, 0, avatar.id, note=avatar.kind)
             self.emit(conn, EventType.AVATAR_COMPLETED, avatar)
         else:
             self.move_credits(conn, avatar.account_id, cost)
-            self.add_ledger(conn, avatar.account_id, LedgerKind.RELEASE, cost, cost, avatar.id)
+            self.add_ledger(conn, avatar.account_id, LedgerKind.RELEASE, cost, cost, avatar.id, note=avatar.kind)
             if status == JobStatus.FAILED:
                 self.emit(conn, EventType.AVATAR_FAILED, avatar)
         return avatar

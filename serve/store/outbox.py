@@ -9,8 +9,8 @@ from typing import Any, Mapping, Sequence
 from sqlalchemy import Connection, bindparam, delete, exists, func, insert, select, update
 
 from ..vocab import ALL_EVENTS, EVENT_TYPES, EventType, OutboxStatus
-from .base import StorePart, check_limit, new_id, new_token
-from .records import AccountNotFound, Avatar, Delivery, EndpointNotFound, InvalidArgument, WebhookEndpoint
+from .base import StorePart, check_limit, new_id, new_token, page
+from .records import AccountNotFound, Avatar, Delivery, EndpointNotFound, InvalidArgument, Page, WebhookEndpoint
 from .schema import accounts, webhook_endpoints as E, webhook_outbox as O
 
 _DELIVERY_COLUMNS = (*O.c, E.c.url, E.c.secret, E.c.consecutive_failures)
@@ -100,6 +100,31 @@ class WebhooksStore(StorePart):
             return to_endpoint(row)
 
         return self.db.run(work)
+
+    def emit_account_event(self, conn: Connection, account_id: str, event_type: EventType, data: dict) -> int:
+        """Like `emit`, for an event about the account rather than an avatar (`credits.low_balance`):
+        the payload is `{"type", "data": data}`, written inside the caller's transaction."""
+        endpoints = conn.execute(_SUBSCRIBERS, {"acct": account_id}).all()
+        targets = [e.id for e in endpoints if ALL_EVENTS in (e.events or []) or event_type in (e.events or [])]
+        if not targets:
+            return 0
+        now = self._now()
+        event_id = new_id("evt")
+        conn.execute(_ADD_MESSAGES, [
+            {"id": new_id("msg"), "event_id": event_id, "endpoint_id": endpoint_id, "account_id": account_id,
+             "event_type": str(event_type), "payload": {"type": str(event_type), "data": data},
+             "status": OutboxStatus.PENDING, "attempts": 0, "next_attempt_at": now, "created_at": now,
+             "updated_at": now, "request_id": None}
+            for endpoint_id in targets])
+        return len(targets)
+
+    def page_endpoints(self, account_id: str, *, limit: int = 20, cursor: str | None = None,
+                       offset: int | None = None) -> Page[WebhookEndpoint]:
+        """The account's endpoints, oldest first, one page (by cursor or offset) with the total."""
+        check_limit(limit)
+        stmt = select(E).where(E.c.account_id == account_id)
+        return self.db.read(lambda c: page(c, stmt, E.c.created_at, E.c.id, "asc", "", limit, cursor,
+                                           to_endpoint, offset))
 
     def list_endpoints(self, account_id: str) -> list[WebhookEndpoint]:
         """The account's endpoints, oldest first."""

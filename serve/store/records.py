@@ -302,6 +302,8 @@ class RateLimitDecision(NamedTuple):
 class Page(Generic[T]):
     items: list[T]
     next_cursor: str | None  # opaque; None when there is no further page
+    total: int | None = None  # rows matching the same filters, over all pages
+    offset: int | None = None  # how many matching rows come before this page's first
 
 
 class _Unset:
