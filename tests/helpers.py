@@ -178,8 +178,15 @@ def wait_for_jobs(client: Any, auth: dict[str, str], ids: list[str], limit_s: fl
     deadline = time.monotonic() + limit_s
     out: dict = {}
     while time.monotonic() < deadline:
-        out = {i: client.get(f"/v1/avatars/{i}", headers=auth).json() for i in ids}
-        if all(a.get("status") in until for a in out.values()):
+        pause = poll_s
+        for i in ids:
+            r = client.get(f"/v1/avatars/{i}", headers=auth)
+            if r.status_code == 429:  # a polite client: wait as told, keep the last answer
+                pause = max(pause, float(r.headers.get("retry-after", 1)))
+                out.setdefault(i, r.json())
+                break
+            out[i] = r.json()
+        if len(out) == len(ids) and all(a.get("status") in until for a in out.values()):
             return out
-        time.sleep(poll_s)
-    pytest.fail(f"jobs did not settle: {[(i, a.get('status')) for i, a in out.items()]}")
+        time.sleep(pause)
+    pytest.fail(f"jobs did not settle: {[(i, a.get('status') or a) for i, a in out.items()]}")
