@@ -283,28 +283,21 @@ def tiny_method_files(method: str, unet) -> dict:
     rename, so concurrent processes never read half a checkpoint). Returns source fields."""
     import hashlib
     import json
-    import shutil
-    import tempfile
 
     from .config import cache_dir
+    from .io import build_dir_atomically
 
     key = hashlib.sha256(f"{method}|{TINY_WEIGHTS_VERSION}|{json.dumps(dict(unet.config), sort_keys=True, default=str)}"
                          .encode()).hexdigest()[:12]
     target = cache_dir() / "tiny" / f"{method}-{key}"
     done = target / ".complete"
     if not done.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".build-", dir=target.parent)
-        try:
+        def build(tmp) -> None:
             with torch.random.fork_rng():  # the writers seed torch; leave the process's RNG as it was
-                _TINY_WRITERS[method](unet, tmp)
-            open(os.path.join(tmp, ".complete"), "w").close()
-            try:
-                os.rename(tmp, target)
-            except OSError:  # another process won the race; its copy is identical
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                _TINY_WRITERS[method](unet, str(tmp))
+            (tmp / ".complete").touch()
+
+        build_dir_atomically(target, build)
     fields = {"faceid-plus-v2": {"weight_name": "ip-adapter-faceid-plusv2_tiny.bin",
                                  "image_encoder": str(target / "image_encoder")},
               "instantid": {"weight_name": "ip-adapter.bin", "controlnet": "ControlNetModel"}}[method]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from .requests import GenerationResult
 
@@ -22,6 +24,22 @@ def atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def build_dir_atomically(target: Path, build: Callable[[Path], None]) -> None:
+    """Build a directory with `build(tmp)` in a temporary directory beside `target`, then rename it
+    into place: concurrent processes never read half a directory, and when two race, the loser's
+    identical copy is dropped."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race; its copy is identical
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_result(result: GenerationResult, out_dir: str | os.PathLike, stem: str) -> list[Path]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from functools import lru_cache
@@ -187,14 +186,8 @@ def tiny_pipeline_dir(architecture: str) -> Path:
     target = cache_dir() / "tiny" / _build_key(architecture)
     if (target / "model_index.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
-    try:
-        build_tiny_pipeline(architecture).save_pretrained(str(tmp), safe_serialization=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race; its copy is identical
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    from .io import build_dir_atomically
+
+    build_dir_atomically(target, lambda tmp: build_tiny_pipeline(architecture).save_pretrained(
+        str(tmp), safe_serialization=True))
     return target
