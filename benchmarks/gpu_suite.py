@@ -31,6 +31,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -43,7 +44,8 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from avatar_engine import AvatarEngine, EngineConfig, load_profiles  # noqa: E402
-from avatar_engine.warmup import variant_requests  # noqa: E402
+from avatar_engine.identity import PercifyRequest  # noqa: E402
+from avatar_engine.warmup import variant_requests, warmup_photo  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -52,7 +54,7 @@ class Case:
     profile: str
     size: int
     steps: int
-    kind: str  # generate | percify | cast
+    kind: str  # generate | percify | percify-photo | cast
     batches: tuple[int, ...]
 
 
@@ -60,12 +62,14 @@ FULL = [
     Case("sd15 generate", "sd15-random", 512, 25, "generate", (1, 4, 8, 16)),
     Case("sd15 percify", "sd15-random", 512, 25, "percify", (8,)),
     Case("sd15 cast (2 characters)", "sd15-random", 512, 25, "cast", (4,)),
+    Case("sd15 percify from a photo", "sd15-random", 512, 25, "percify-photo", (1,)),
     Case("sdxl generate", "sdxl-random", 1024, 30, "generate", (1, 4)),
 ]
 SMOKE = [
     Case("tiny-sd15 generate", "tiny-sd15", 64, 2, "generate", (1, 2)),
     Case("tiny-sd15 percify", "tiny-sd15", 64, 2, "percify", (2,)),
     Case("tiny-sd15 cast (2 characters)", "tiny-sd15", 64, 2, "cast", (2,)),
+    Case("tiny-sd15 percify from a photo", "tiny-sd15", 64, 2, "percify-photo", (1,)),
     Case("tiny-sdxl generate", "tiny-sdxl", 64, 2, "generate", (1, 2)),
 ]
 ABLATIONS = [  # (label, speed overrides) measured against the profile's defaults, SD1.5 batch 8
@@ -105,7 +109,13 @@ def make_engine(case: Case, device: str | None, speed_overrides: dict | None = N
 
 def measure(engine: AvatarEngine, case: Case, batch: int, repeats: int) -> dict:
     model = engine.load(case.profile)
-    requests = variant_requests(model, case.kind, batch, steps=case.steps)
+    if case.kind == "percify-photo":
+        # A user's identity request end to end: face analysis of a real photo with the
+        # configured backend, the embedding, then the identity pipeline, in the profile's defaults.
+        requests = [PercifyRequest(prompt="portrait photo", photos=[warmup_photo()], seed=0, steps=case.steps,
+                                   batch_size=batch, model=case.profile, score_outputs=False)]
+    else:
+        requests = variant_requests(model, case.kind, batch, steps=case.steps)
     for r in requests:
         if hasattr(r, "score_outputs"):
             r.score_outputs = False
@@ -133,6 +143,23 @@ def measure(engine: AvatarEngine, case: Case, batch: int, repeats: int) -> dict:
     return row
 
 
+def measure_uncompiled(case: Case, device: str, batch: int, repeats: int) -> dict:
+    """The same case without torch.compile, after a compiled run failed: the failure is reported
+    and the eager speed still measured."""
+    engine = make_engine(case, device, {"compile": False})
+    try:
+        row = measure(engine, case, batch, repeats)
+        add_flops(row, engine, case)
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        row = {"case": case.name, "batch": batch, "images_per_s": None, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    row["case"] += " (compile off, after the compiled run failed)"
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
 def add_flops(row: dict, engine: AvatarEngine, case: Case) -> None:
     from flops import device_peak, image_flops
 
@@ -146,10 +173,13 @@ def add_flops(row: dict, engine: AvatarEngine, case: Case) -> None:
 
 def markdown(report: dict) -> str:
     lines = [f"GPU suite — {report['device_name']}, torch {report['torch']}, diffusers {report['diffusers']}, "
-             f"dtype {report['dtype']}; random weights; includes text encode + denoise + VAE decode + PIL.", "",
+             f"dtype {report.get('dtype', '?')}; random weights; includes text encode + denoise + VAE decode + PIL.", "",
              "| case | batch | images/s | s/call | first call (s) | peak GB | TFLOP/s | % bf16 peak |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
+        if r.get("error"):
+            lines.append(f"| {r['case']} | {r['batch']} | failed: {r['error'][:100]} | | | | | |")
+            continue
         lines.append(f"| {r['case']} | {r['batch']} | {r['images_per_s']} | {r['seconds_per_call']} | "
                      f"{r['first_call_s']} | {r.get('peak_memory_gb', '-')} | {r.get('achieved_tflops', '-')} | "
                      f"{r.get('pct_of_bf16_peak') if r.get('pct_of_bf16_peak') is not None else '-'} |")
@@ -163,6 +193,14 @@ def markdown(report: dict) -> str:
     if report["skipped"]:
         lines.append(f"\nskipped (over the {report['budget_s']} s budget): {', '.join(report['skipped'])}")
     return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: str, t_start: float) -> str:
+    report["total_s"] = round(time.perf_counter() - t_start, 1)
+    Path(f"{out}.json").write_text(json.dumps(report, indent=2))
+    md = markdown(report)
+    Path(f"{out}.md").write_text(md)
+    return md
 
 
 def main(argv=None) -> dict:
@@ -200,16 +238,31 @@ def main(argv=None) -> dict:
                     torch.cuda.empty_cache()
                 engine = make_engine(case, device, warmup_kinds=args.full_warmup)
                 t0 = time.perf_counter()
-                model = engine.load(case.profile)
+                try:
+                    model = engine.load(case.profile)
+                except Exception as exc:  # noqa: BLE001 - report it, go on with the next profile
+                    traceback.print_exc()
+                    report["rows"].append({"case": case.name, "batch": batch, "images_per_s": None,
+                                           "error": f"load: {type(exc).__name__}: {exc}"[:300]})
+                    write_report(report, args.out, t_start)
+                    break
                 report["models"][case.profile] = {"load_s": round(time.perf_counter() - t0, 1),
                                                   "warmup": model.warmup, "applied": model.applied}
                 report["dtype"] = str(model.dtype).replace("torch.", "")
                 engines[case.profile] = engine
             engine = engines[case.profile]
-            row = measure(engine, case, batch, args.repeats)
-            add_flops(row, engine, case)
+            try:
+                row = measure(engine, case, batch, args.repeats)
+                add_flops(row, engine, case)
+            except Exception as exc:  # noqa: BLE001 - one broken case must not cost the others' numbers
+                traceback.print_exc()
+                row = {"case": case.name, "batch": batch, "images_per_s": None, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                if engine.load(case.profile).compiled and device == "cuda":
+                    report["rows"].append(row)
+                    row = measure_uncompiled(case, device, batch, args.repeats)
             report["rows"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
+            write_report(report, args.out, t_start)  # a run cut short still leaves what it measured
     if args.ablate and not args.smoke:
         base = next((r for r in report["rows"] if r["case"] == "sd15 generate" and r["batch"] == 8), None)
         report["ablation"] = []
@@ -229,10 +282,7 @@ def main(argv=None) -> dict:
             report["ablation"].append({"option": option, "images_per_s": row["images_per_s"],
                                        "relative": round(row["images_per_s"] / base["images_per_s"], 3)})
             del engine
-    report["total_s"] = round(time.perf_counter() - t_start, 1)
-    Path(f"{args.out}.json").write_text(json.dumps(report, indent=2))
-    md = markdown(report)
-    Path(f"{args.out}.md").write_text(md)
+    md = write_report(report, args.out, t_start)
     print(md, file=sys.stderr)
     summary = {"device": report["device_name"], "total_s": report["total_s"], "skipped": report["skipped"],
                "rows": [{k: r[k] for k in ("case", "batch", "images_per_s")} for r in report["rows"]]}
