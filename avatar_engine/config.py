@@ -32,7 +32,7 @@ class SpeedOptions:
     `None` means "on where it helps", decided per device in speed.py."""
 
     attention: str = "sdpa"  # sdpa (PyTorch fused attention; wins on Ampere/Hopper/Ada) | xformers (only when asked)
-    channels_last: bool | None = None  # None: on for CUDA
+    channels_last: bool | None = None  # None: on for CUDA with compile_scope full (eager GroupNorm copies it back)
     fuse_qkv: bool | None = None  # fused q/k/v (self) and k/v (cross) projections, UNet and VAE; None: on for CUDA
     compile: bool | None = None  # torch.compile; None: on for CUDA
     compile_scope: str = "regional"  # regional: each transformer block (compiles 8-10x faster) | full: whole UNet

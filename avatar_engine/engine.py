@@ -300,7 +300,9 @@ class AvatarEngine:
                 from .warmup import warm_up
 
                 model.warmup = warm_up(self, model)
-            model.warm = True
+            # Without a warm-up a compiled model must still compile on its first calls: the serving
+            # stance (run eagerly rather than compile) applies only once the warm-up has compiled.
+            model.warm = bool(opts.warmup) or not model.compiled
             model.refresh_applied()
             self._models[profile.name] = model  # only once warm: a failed warm-up is retried, not kept
             log.info("loaded %s (%s) in %.1fs: %s", profile.name, profile.source, time.perf_counter() - t0,

@@ -27,7 +27,8 @@ MAX_BATCH = 4
 def compiled_engine(base: str, max_batch: int = MAX_BATCH, **profile_overrides) -> tuple[AvatarEngine, str]:
     profiles = load_profiles()
     name = f"{base}-compiled"
-    options = SpeedOptions(compile=True, compile_backend="eager", batch_buckets=True)
+    options = profile_overrides.pop("speed", None) or SpeedOptions(compile=True, compile_backend="eager",
+                                                                   batch_buckets=True)
     profiles[name] = dataclasses.replace(profiles[base], name=name, speed=options, max_batch_size=max_batch,
                                          **profile_overrides)
     return AvatarEngine(EngineConfig(device="cpu", default_model=name), profiles=profiles), name
@@ -152,3 +153,16 @@ def test_every_offered_identity_method_is_warmed_up(fail_on_recompile, tiny_comp
     engine.generate([PercifyRequest(prompt="a knight", photos=[face], guidance_scale=1.0, score_outputs=False,
                                     seed=3, **g)])
     assert compiled_graphs() == after_warmup
+
+
+def test_without_warmup_the_first_requests_compile():
+    """`warmup: false` defers compiling to the first requests; it must not switch compiling off
+    (the serving stance runs eagerly only once a warm-up has compiled)."""
+    torch._dynamo.reset()
+    options = SpeedOptions(compile=True, compile_backend="eager", batch_buckets=True, warmup=False)
+    engine, name = compiled_engine("tiny-sd15", speed=options)
+    model = engine.load(name)
+    assert model.compiled and not model.warm
+    before = compiled_graphs()
+    engine.generate([GenerationRequest(prompt="an astronaut", seed=1, steps=1, model=name)])
+    assert compiled_graphs() > before
