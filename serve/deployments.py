@@ -55,7 +55,7 @@ def served_models(engine: Any, settings: ServiceSettings) -> list[str]:
 
 
 @serve.deployment(name=MODEL_NAME, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32,
-                  health_check_period_s=10)
+                  health_check_period_s=2)  # a crashed replica is replaced within ~2 s
 class AvatarModel:
     """Warm engine + job worker loop. Its methods are small control calls; generation happens
     in the worker thread, never inside a request."""

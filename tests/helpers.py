@@ -168,7 +168,8 @@ def ray_serve_session() -> Iterator[int]:
     finally:
         serve.shutdown()
         ray.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        if not os.environ.get("AE_KEEP_RAY_LOGS"):  # set it to read Ray's and the replicas' logs afterwards
+            shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def wait_for_jobs(client: Any, auth: dict[str, str], ids: list[str], limit_s: float,
