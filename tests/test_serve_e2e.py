@@ -284,3 +284,70 @@ def test_one_request_id_header_and_unstorable_text_through_serve(service):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt", bad.text
     assert c.get("/v1/avatars", params={"search": "x\x00"}, headers=auth).json()["error"]["param"] == "search"
     assert c.get("/v1/avatars/av_%00", headers=auth).json()["error"]["param"] == "avatarId"
+
+
+def test_two_model_replicas_the_survivor_takes_a_killed_replicas_jobs(service):
+    """With two model replicas, a SIGKILL does not wait for Serve's restart: the surviving
+    replica's next claim sees the dead process (same host) and takes its jobs. Exactly once;
+    the time from the kill to the last in-flight job's completion is printed (README)."""
+    import yaml
+
+    from serve.deployments import run_config
+
+    config = yaml.safe_load(open(service.config))
+    for dep in config["applications"][0]["deployments"]:
+        if dep["name"] == "AvatarModel":
+            dep["num_replicas"] = 2
+    run_config(config, service.overrides)
+    try:
+        def live_workers():
+            out = {}
+            for w in service.store.list_workers():
+                try:
+                    os.kill(w.pid, 0)
+                except ProcessLookupError:
+                    continue
+                if time.time() - w.heartbeat_at < 3:
+                    out[w.id] = w
+            return out
+
+        deadline = time.time() + 240
+        while len(live_workers()) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        workers = live_workers()
+        assert len(workers) == 2, workers
+        c = service.client
+        acct, auth = _auth(service.store, credits=500)
+        ids = [c.post("/v1/avatars/generate", json={"prompt": f"twin {i}", "seed": i, "steps": 60},
+                      headers=auth).json()["id"] for i in range(2)]
+        cost = service.store.get_avatar(ids[0]).credit_cost
+        _wait_processing(service.store, ids)
+        held = {i: service.store.get_avatar(i).lease_owner for i in ids}
+        victim = next(o for o in held.values() if o)
+        in_flight = [i for i, o in held.items() if o == victim]
+        survivor_ids = set(workers) - {victim}
+        killed_at = time.time()
+        os.kill(workers[victim].pid, signal.SIGKILL)
+        takers: dict[str, str] = {}
+        while time.time() < killed_at + POLL_LIMIT_S and len(takers) < len(in_flight):
+            for i in in_flight:
+                owner = service.store.get_avatar(i).lease_owner
+                if owner and owner != victim:
+                    takers.setdefault(i, owner)
+                elif service.store.get_avatar(i).status == "completed":
+                    takers.setdefault(i, "completed before seen")
+            time.sleep(0.05)
+        done = _wait(c, auth, ids)
+        assert {a["status"] for a in done.values()} == {"completed"}, done
+        recovered = {i: service.store.get_avatar(i).completed_at - killed_at for i in in_flight}
+        print(f"\ntwo replicas, SIGKILL of one: its {len(in_flight)} in-flight job(s) taken by "
+              f"{'the surviving replica' if set(takers.values()) <= survivor_ids else takers} and completed "
+              f"{min(recovered.values()):.1f}-{max(recovered.values()):.1f} s after the kill "
+              f"(load average {os.getloadavg()[0]:.1f})")
+        assert set(takers.values()) <= survivor_ids, (takers, survivor_ids)  # not the restarted replica
+        ledger = service.store.ledger(acct.id)
+        for i in ids:
+            assert sorted(e.kind for e in ledger if e.avatar_id == i) == ["charge", "reserve"], i
+        assert service.store.get_account(acct.id).credits == 500 - 2 * cost
+    finally:
+        service.redeploy()
