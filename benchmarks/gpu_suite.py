@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
 import platform
 import statistics
 import sys
@@ -34,12 +33,8 @@ import time
 import traceback
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_env  # noqa: E402,F401 - sets up imports and the offline environment
 
 import torch  # noqa: E402
 

@@ -202,6 +202,17 @@ def _wait_processing(store, ids, n=1):
     pytest.fail(f"no job started: {store.job_statuses(ids)}")
 
 
+def _long_jobs_in_flight(service, prompt: str, n: int):
+    """n slow jobs (60 steps) of a new account with 500 credits, once one of them runs:
+    (account, auth headers, ids, credit cost per job)."""
+    acct, auth = _auth(service.store, credits=500)
+    ids = [service.client.post("/v1/avatars/generate", json={"prompt": f"{prompt} {i}", "seed": i, "steps": 60},
+                               headers=auth).json()["id"] for i in range(n)]
+    cost = service.store.get_avatar(ids[0]).credit_cost
+    _wait_processing(service.store, ids)
+    return acct, auth, ids, cost
+
+
 def test_replica_sigkill_in_flight_jobs_complete_once_within_seconds(service):
     """SIGKILL the model replica with jobs in flight and leases of 600 s: Serve starts a new
     replica, whose worker sees the dead process and takes its jobs at once. Every job completes
@@ -210,11 +221,7 @@ def test_replica_sigkill_in_flight_jobs_complete_once_within_seconds(service):
     from ray import serve
 
     c = service.client
-    acct, auth = _auth(service.store, credits=500)
-    ids = [c.post("/v1/avatars/generate", json={"prompt": f"crash {i}", "seed": i, "steps": 60},
-                  headers=auth).json()["id"] for i in range(4)]
-    cost = service.store.get_avatar(ids[0]).credit_cost
-    _wait_processing(service.store, ids)
+    acct, auth, ids, cost = _long_jobs_in_flight(service, "crash", 4)
     model = serve.get_deployment_handle("AvatarModel", app_name=APP)
     old = model.replica_info.remote().result()
     killed_at = time.time()
@@ -317,11 +324,7 @@ def test_two_model_replicas_the_survivor_takes_a_killed_replicas_jobs(service):
         workers = live_workers()
         assert len(workers) == 2, workers
         c = service.client
-        acct, auth = _auth(service.store, credits=500)
-        ids = [c.post("/v1/avatars/generate", json={"prompt": f"twin {i}", "seed": i, "steps": 60},
-                      headers=auth).json()["id"] for i in range(2)]
-        cost = service.store.get_avatar(ids[0]).credit_cost
-        _wait_processing(service.store, ids)
+        acct, auth, ids, cost = _long_jobs_in_flight(service, "twin", 2)
         held = {i: service.store.get_avatar(i).lease_owner for i in ids}
         victim = next(o for o in held.values() if o)
         in_flight = [i for i, o in held.items() if o == victim]
