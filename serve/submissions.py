@@ -364,7 +364,8 @@ async def read_cast(request: Request, svc: Services, principal: Principal) -> Ph
         if per_char[i] and c.avatar_id:
             raise invalid_request("give either photos or avatarId for a character, not both", f"characters[{i}].avatarId")
         images = [await call(decode, svc, b, p) for p, b in per_char[i]]
-        refs.append({"images": images, "src": src_keys, "hashes": [hashlib.sha256(b).hexdigest() for _, b in per_char[i]]})
+        refs.append({"images": images, "src": src_keys, "params": [p for p, _ in per_char[i]],
+                     "hashes": [hashlib.sha256(b).hexdigest() for _, b in per_char[i]]})
     canonical = dump(body)
     for i, ch in enumerate(canonical["characters"]):
         ch["photos"] = refs[i]["hashes"]
@@ -392,6 +393,8 @@ async def cast(svc: Services, principal: Principal, form: PhotoRequest) -> JSONR
     extra = [(f"characters[{i}].prompt", c.prompt) for i, c in enumerate(body.characters)]
     sub = await prepare(svc, JobKind.CAST, body, extra_prompts=extra)
     method = identity_method_for(sub.profile, body.identity_method)
+    for ref in refs:  # each character's photos, as percify's: a photo without a face is refused now
+        await check_faces(svc, sub.profile, ref["images"], ref["params"])
     chars = []
     for i, c in enumerate(body.characters):
         keys = [sub.add_upload(img) for img in refs[i]["images"]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
@@ -166,3 +167,29 @@ def test_photo_without_a_face_is_refused_at_submit_before_credits(tmp_path, serv
     assert ok.status_code == 202
     assert h.store.get_account(acct.id).credits == 100 - h.settings.cost_percify  # reserved once, for the good one
     assert [e.kind for e in h.store.ledger(acct.id)].count("reserve") == 1
+
+
+def test_cast_character_photo_without_a_face_is_refused_at_submit(tmp_path, server, face):
+    """Cast checks each character's photos as percify does: the 400 names the character's photo
+    as the request gave it (JSON field, URL or file part), before any credit is reserved."""
+    base, _ = server
+    h = Harness(tmp_path, engine=FaceEngine(), photo_fetch_allowlist=["127.0.0.1"])
+    acct, auth = h.account(credits=100)
+    good = base64.b64encode(face).decode()
+    blank = base64.b64encode(png_bytes((128, 128))).decode()
+    chars = [{"prompt": "a knight", "photos": [good]}, {"prompt": "a wizard", "photos": [good, blank]}]
+    err = assert_error(h.client.post("/v1/avatars/cast", headers=auth, json={"prompt": "duel", "characters": chars}),
+                       400, "invalid_request", "characters[1].photos[1]")
+    assert "no face" in err["message"]
+    chars = [{"prompt": "a knight", "photos": [f"{base}/blank.png"]}, {"prompt": "a wizard"}]
+    assert_error(h.client.post("/v1/avatars/cast", headers=auth, json={"prompt": "duel", "characters": chars}),
+                 400, "invalid_request", "characters[0].photos[0]")
+    form = {"prompt": "duel", "characters": json.dumps([{"prompt": "a knight"}, {"prompt": "a wizard"}])}
+    assert_error(h.client.post("/v1/avatars/cast", headers=auth, data=form, files=[
+        ("photo0", ("a.png", face, "image/png")), ("photo1", ("b.png", png_bytes((128, 128)), "image/png"))]),
+        400, "invalid_request", "photo1[0]")
+    assert h.store.get_account(acct.id).credits == 100
+    assert "reserve" not in [e.kind for e in h.store.ledger(acct.id)]
+    ok = h.client.post("/v1/avatars/cast", headers=auth, json={"prompt": "duel", "characters": [
+        {"prompt": "a knight", "photos": [good]}, {"prompt": "a wizard"}]})
+    assert ok.status_code == 202, ok.text
