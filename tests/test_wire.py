@@ -8,7 +8,8 @@ to `expires=E&signature=S`), `progress` on the Avatar, image GETs without a head
 stream and `Prefer: wait`; selectable identity methods added `"identityMethods":[]` to
 `/v1/health`'s models and `"identityMethod":null` to avatars; and the Percify-compatible shapes
 (`userId`, `imageUrl`, `modelProfile`, `creditsUsed`, `metadata.modelVersion`/`generationTime`,
-list envelopes with `pagination`, credits endpoints, strict types, the schema's `Allow`).
+list envelopes with `pagination`, credits endpoints, strict types, the schema's `Allow`); the
+PNG encoder's change (libpng with zlib's RLE strategy) changed the images' byte counts only.
 A change to any status, header or body byte of these answers fails here.
 
 Regenerate deliberately: `python tests/test_wire.py > tests/fixtures/wire_transcript.txt`.
