@@ -21,7 +21,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 ATTENTION_KERNELS = ("sdpa", "xformers")
-COMPILE_SCOPES = ("regional", "full")
+COMPILE_SCOPES = ("regional", "blocks", "full")
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 PREVIEW_DECODERS = ("none", "taesd")
 
@@ -35,7 +35,7 @@ class SpeedOptions:
     channels_last: bool | None = None  # None: on for CUDA with compile_scope full (eager GroupNorm copies it back)
     fuse_qkv: bool | None = None  # fused q/k/v (self) and k/v (cross) projections, UNet and VAE; None: on for CUDA
     compile: bool | None = None  # torch.compile; None: on for CUDA
-    compile_scope: str = "regional"  # regional: each transformer block (compiles 8-10x faster) | full: whole UNet
+    compile_scope: str = "regional"  # regional: each transformer block (compiles 8-10x faster) | blocks: + ResNet blocks | full: whole UNet
     compile_mode: str = "default"  # inductor mode: default | max-autotune | max-autotune-no-cudagraphs | reduce-overhead
     compile_backend: str = "inductor"  # eager / aot_eager trace without code generation (CPU tests of guards)
     compile_dynamic: bool = True  # symbolic batch and spatial sizes: one graph per attention mode, not per shape

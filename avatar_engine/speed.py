@@ -177,8 +177,10 @@ def compile_pipeline(pipe, opts: SpeedOptions, device: torch.device) -> None:
             inductor_config.triton.cudagraphs = True
         elif opts.compile_mode == "max-autotune":  # max-autotune implies CUDA graphs; they are their own option
             kwargs["mode"] = "max-autotune-no-cudagraphs"
-    if opts.compile_scope == "regional":
+    if opts.compile_scope in ("regional", "blocks"):
         names = set(getattr(pipe.unet, "_repeated_blocks", ()) or ("BasicTransformerBlock",))
+        if opts.compile_scope == "blocks":  # GroupNorm+SiLU+conv of the ResNet blocks fused too (H200 profile)
+            names |= {"ResnetBlock2D"}
         for module in pipe.unet.modules():
             if type(module).__name__ in names:
                 module.compile(**kwargs)

@@ -69,6 +69,8 @@ SMOKE = [
 ]
 ABLATIONS = [  # (label, speed overrides) measured against the profile's defaults, SD1.5 batch 8
     ("compile off", {"compile": False}),
+    ("compile ResNet blocks too (scope blocks)", {"compile_scope": "blocks"}),
+    ("full UNet, static shapes, channels_last", {"compile_scope": "full", "compile_dynamic": False}),
     ("fuse_qkv off", {"fuse_qkv": False}),
     ("channels_last off", {"channels_last": False}),
     ("cudnn_benchmark off", {"cudnn_benchmark": False}),

@@ -91,6 +91,16 @@ def test_mixed_traffic_after_warmup_never_recompiles_tiny_sd15(fail_on_recompile
     assert all(img.size[0] > 0 for res in out["outputs"] for img in res.images)
 
 
+def test_block_scope_compiles_resnet_blocks_and_never_recompiles(fail_on_recompile):
+    """`compile_scope: blocks` (transformer + ResNet blocks) holds the same guarantee."""
+    options = SpeedOptions(compile=True, compile_backend="eager", batch_buckets=True, compile_scope="blocks")
+    engine, name = compiled_engine("tiny-sd15", speed=options)
+    model = engine.load(name)
+    compiled = {type(m).__name__ for m in model.pipe.unet.modules() if speed.is_compiled(m)}
+    assert {"BasicTransformerBlock", "ResnetBlock2D"} <= compiled
+    run_and_check(engine, name)
+
+
 @pytest.mark.slow  # ~1 CPU-minute; SDXL's extra inputs (pooled text, time ids) are not guards
 def test_mixed_traffic_after_warmup_never_recompiles_tiny_sdxl(fail_on_recompile):
     engine, name = compiled_engine("tiny-sdxl")
