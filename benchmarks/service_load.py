@@ -16,7 +16,7 @@ Both report p50/p95/p99 latency and the PNG(+thumbnail) encode time per image re
 worker's metrics. `--vs-naive` instead runs the earlier comparison with tiny-sd15 against
 benchmarks/naive_server.py.
 
-    python benchmarks/service_load.py [--stores sqlite,postgresql] [-c 24] [--requests 96]
+    python benchmarks/service_load.py [--stores sqlite,postgresql] [-c 24] [--requests 240]
         [--batch-size 2] [--gpu-ms 50] [--png-level 1]
 
 Last line: JSON {"ceiling_512_images_per_s", "ceiling_1024_images_per_s", "overhead", ...} with one
@@ -390,7 +390,8 @@ def bench_store(name: str, url: str, args, env) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-n", "--requests", type=int, default=96, help="submissions per measured run")
+    ap.add_argument("-n", "--requests", type=int, default=240,
+                    help="submissions per measured run (a quarter of them at 1024²)")
     ap.add_argument("-c", "--concurrency", type=int, default=24,
                     help="parallel clients (more than --max-batch, so the worker can pipeline batches)")
     ap.add_argument("--batch-size", type=int, default=2, help="images per submission (batchSize)")
