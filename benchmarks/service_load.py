@@ -17,7 +17,7 @@ worker's metrics. `--vs-naive` instead runs the earlier comparison with tiny-sd1
 benchmarks/naive_server.py.
 
     python benchmarks/service_load.py [--stores sqlite,postgresql] [-c 24] [--requests 240]
-        [--batch-size 2] [--gpu-ms 50] [--png-level 1]
+        [--batch-size 2] [--gpu-ms 50] [--png-level 1] [--ceiling-runs 3]
 
 Last line: JSON {"ceiling_512_images_per_s", "ceiling_1024_images_per_s", "overhead", ...} with one
 block per store under "stores" and the figures of the first store at top level.
@@ -359,10 +359,15 @@ def bench_store(name: str, url: str, args, env) -> dict:
                                         "models": ["bench-null", "bench-null-1024"]}, env)
         key = _api_key(url)
         for model, size, n in (("bench-null", 512, args.requests), ("bench-null-1024", 1024, max(4, args.requests // 4))):
-            r = summary(*drive(svc.base, key, model, n, args.concurrency, args.batch_size, args.poll, svc.proc.pid))
+            # Several runs, the median reported: one short run on a small machine can catch a
+            # neighbour's (or Ray's own) burst; every run's figure is kept under "runs".
+            runs = [summary(*drive(svc.base, key, model, n, args.concurrency, args.batch_size, args.poll,
+                                   svc.proc.pid)) for _ in range(max(1, args.ceiling_runs))]
+            r = dict(sorted(runs, key=lambda x: x["images_per_s"])[len(runs) // 2])
+            r["runs_images_per_s"] = [x["images_per_s"] for x in runs]
             out[f"ceiling_{size}"] = r
             print(f"[{name}] ceiling {size}²: {r['images_per_s']} images/s, p50 {r['p50_s']} s, p95 {r['p95_s']} s,"
-                  f" p99 {r['p99_s']} s ({r['images']} PNGs); CPU {r.get('cpu_ms_per_image')} ms/image →"
+                  f" p99 {r['p99_s']} s ({r['images']} PNGs, median of runs {r['runs_images_per_s']}); CPU {r.get('cpu_ms_per_image')} ms/image →"
                   f" {r.get('cpu_bound_2core_images_per_s')} images/s on 2 free cores", file=sys.stderr)
         out["encode_ms_per_image"] = encode_ms(svc.base)
         print(f"[{name}] encode ms per image (PNG level {args.png_level} + thumbnail): {out['encode_ms_per_image']}",
@@ -395,6 +400,7 @@ def main() -> None:
     ap.add_argument("-c", "--concurrency", type=int, default=24,
                     help="parallel clients (more than --max-batch, so the worker can pipeline batches)")
     ap.add_argument("--batch-size", type=int, default=2, help="images per submission (batchSize)")
+    ap.add_argument("--ceiling-runs", type=int, default=3, help="ceiling runs per size; the median is reported")
     ap.add_argument("--max-batch", type=int, default=8, help="jobs per worker claim (the service's max_batch)")
     ap.add_argument("--gpu-ms", type=float, default=50.0, help="per-512²-image cost of the sleep engine")
     ap.add_argument("--png-level", type=int, default=1, help="the service's png_compress_level (its default: 1)")
