@@ -107,7 +107,7 @@ def load_pipeline(profile: ModelProfile, device: torch.device, dtype: torch.dtyp
     if profile.random_weights:
         from .tiny import build_full_random_pipeline
 
-        pipe = build_full_random_pipeline(profile.architecture).to(dtype=dtype)
+        pipe = build_full_random_pipeline(profile.architecture, device).to(dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
     if profile.tiny:

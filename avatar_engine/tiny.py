@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from .config import cache_dir
 
@@ -128,9 +129,12 @@ def build_tiny_pipeline(architecture: str):
     raise ValueError(f"no tiny builder for architecture {architecture!r}")
 
 
-def build_full_random_pipeline(architecture: str):
+def build_full_random_pipeline(architecture: str, device: Any = "cpu"):
     """The real SD1.5 / SDXL architecture at full size with seeded random weights: for speed
-    benchmarks on a GPU without downloading weights (images are noise)."""
+    benchmarks on a GPU without downloading weights (images are noise). The models are built on
+    `device`, so a GPU initialises their weights itself (built on the CPU, they took 18 s for
+    SD1.5 and 41 s for SDXL of an H200 session's 15-minute device budget); the tokenizer and the
+    scheduler stay on the CPU as in any loaded pipeline."""
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -138,36 +142,42 @@ def build_full_random_pipeline(architecture: str):
     tok_dir = write_clip_tokenizer(Path(tempfile.mkdtemp(prefix="ae-tok-")))
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
     shutil.rmtree(tok_dir, ignore_errors=True)
+    scheduler = _scheduler()
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2,
-                        sample_size=1024 if architecture == "sdxl" else 512,
-                        scaling_factor=0.13025 if architecture == "sdxl" else 0.18215)
     clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                             projection_dim=768, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
                             bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    if architecture == "sd15":
-        unet = UNet2DConditionModel(
-            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-            attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-        return StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(clip_l), tokenizer=tokenizer, unet=unet,
-                                       scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
-                                       image_encoder=None, requires_safety_checker=False)
     big_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
                            projection_dim=1280, vocab_size=49408, max_position_embeddings=77, hidden_act="gelu",
                            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    unet = UNet2DConditionModel(
-        sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
-        attention_head_dim=(5, 10, 20), use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(clip_l),
-                                     text_encoder_2=CLIPTextModelWithProjection(big_g), tokenizer=tokenizer,
-                                     tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(), image_encoder=None,
-                                     feature_extractor=None)
+    with torch.device(device):
+        vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                            up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2,
+                            sample_size=1024 if architecture == "sdxl" else 512,
+                            scaling_factor=0.13025 if architecture == "sdxl" else 0.18215)
+        text_encoder = CLIPTextModel(clip_l)
+        if architecture == "sd15":
+            unet = UNet2DConditionModel(
+                sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+                attention_head_dim=8,
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+        else:
+            text_encoder_2 = CLIPTextModelWithProjection(big_g)
+            unet = UNet2DConditionModel(
+                sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+                attention_head_dim=(5, 10, 20), use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816)
+    if architecture == "sd15":
+        return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       image_encoder=None, requires_safety_checker=False)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                     image_encoder=None, feature_extractor=None)
 
 
 def _build_key(architecture: str) -> str:
