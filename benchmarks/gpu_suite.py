@@ -15,6 +15,8 @@ Weights are random (no download); speed does not depend on weight values.
     python benchmarks/gpu_suite.py                     # GPU; writes gpu_suite.json + gpu_suite.md
     python benchmarks/gpu_suite.py --smoke             # CPU, tiny profiles, seconds (CI runs this)
     python benchmarks/gpu_suite.py --ablate            # + each speed option toggled, SD1.5 batch 8 (~25 min)
+    python benchmarks/gpu_suite.py --only 'sd15 generate' --ablate --ablations 'blocks,full UNet'
+                                                       # a subset that fits a short device lease
 
 Timing: after the first call of a case (which may compile), `--repeats` calls are timed with
 CUDA synchronisation around each; the median is reported. Includes text encoding, denoising, VAE
@@ -192,6 +194,52 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def select(items: list, spec: str, name) -> list:
+    """The items whose name contains one of the comma-separated parts of `spec` (all if empty)."""
+    parts = [p.strip().lower() for p in spec.split(",") if p.strip()]
+    return [it for it in items if not parts or any(p in name(it).lower() for p in parts)]
+
+
+def ablate(report: dict, ablations: list, engines: dict, device: str, args, t_start: float) -> list:
+    """SD1.5 batch 8 with each option toggled, against the defaults measured in this run (measured
+    first here if the main cases did not include them). Each variant starts from clean dynamo
+    state and the inductor settings of the start: options that set global inductor flags (CUDA
+    graphs, diffusion-fast's flags) must not leak into the next variant."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    case = FULL[0]
+    rows = []
+    base = next((r for r in report["rows"] if r["case"] == case.name and r["batch"] == 8 and r.get("images_per_s")),
+                None)
+    plan = ([("defaults", {})] if base is None else []) + list(ablations)
+    saved = inductor_config.save_config()
+    for option, overrides in plan:
+        if time.perf_counter() - t_start > args.ablate_budget_s:
+            report["skipped"].append(f"ablation {option}")
+            continue
+        engines.clear()
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+        inductor_config.load_config(saved)
+        try:
+            engine = make_engine(case, device, overrides)
+            row = measure(engine, case, 8, args.repeats)
+            del engine
+        except Exception as exc:  # noqa: BLE001 - e.g. fp8 on a GPU without float8 support
+            rows.append({"option": option, "images_per_s": None, "relative": f"failed: {exc}"[:120]})
+            continue
+        if base is None:
+            base = row
+        rows.append({"option": option, "images_per_s": row["images_per_s"],
+                     "relative": round(row["images_per_s"] / base["images_per_s"], 3)})
+        report["ablation"] = rows
+        write_report(report, args.out, t_start)
+    inductor_config.load_config(saved)
+    return rows
+
+
 def write_report(report: dict, out: str, t_start: float) -> str:
     report["total_s"] = round(time.perf_counter() - t_start, 1)
     Path(f"{out}.json").write_text(json.dumps(report, indent=2))
@@ -209,12 +257,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--ablate", action="store_true", help="also SD1.5 batch 8 with each speed option toggled")
     ap.add_argument("--ablate-budget-s", type=float, default=1500.0, help="time limit including the ablations")
     ap.add_argument("--full-warmup", action="store_true", help="run the profiles' whole load-time warm-up")
+    ap.add_argument("--only", default="", help="comma-separated parts of case names to run (default: all), e.g. "
+                    "'sd15 generate,sdxl' — to fit a short device lease")
+    ap.add_argument("--ablations", default="", help="with --ablate: comma-separated parts of option names to "
+                    "toggle (default: all), e.g. 'blocks,full UNet'")
     ap.add_argument("--out", default="gpu_suite", help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
     device = args.device or ("cpu" if args.smoke else "cuda")
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_suite: no CUDA device (use --smoke for the CPU check)")
-    cases = SMOKE if args.smoke else FULL
+    cases = select(SMOKE if args.smoke else FULL, args.only, lambda c: c.name)
     t_start = time.perf_counter()
     import diffusers
 
@@ -261,24 +313,8 @@ def main(argv=None) -> dict:
             print(json.dumps(row), file=sys.stderr, flush=True)
             write_report(report, args.out, t_start)  # a run cut short still leaves what it measured
     if args.ablate and not args.smoke:
-        base = next((r for r in report["rows"] if r["case"] == "sd15 generate" and r["batch"] == 8), None)
-        report["ablation"] = []
-        for option, overrides in ABLATIONS:
-            if base is None or time.perf_counter() - t_start > args.ablate_budget_s:
-                report["skipped"].append(f"ablation {option}")
-                continue
-            engines.clear()
-            gc.collect()
-            torch.cuda.empty_cache()
-            try:
-                engine = make_engine(FULL[0], device, overrides)
-                row = measure(engine, FULL[0], 8, args.repeats)
-            except Exception as exc:  # noqa: BLE001 - e.g. fp8 on a GPU without float8 support
-                report["ablation"].append({"option": option, "images_per_s": None, "relative": f"failed: {exc}"[:120]})
-                continue
-            report["ablation"].append({"option": option, "images_per_s": row["images_per_s"],
-                                       "relative": round(row["images_per_s"] / base["images_per_s"], 3)})
-            del engine
+        report["ablation"] = ablate(report, select(ABLATIONS, args.ablations, lambda a: a[0]), engines, device,
+                                    args, t_start)
     md = write_report(report, args.out, t_start)
     print(md, file=sys.stderr)
     summary = {"device": report["device_name"], "total_s": report["total_s"], "skipped": report["skipped"],

@@ -176,3 +176,17 @@ def test_gpu_suite_smoke(tmp_path):
     assert ("tiny-sdxl generate", 2) in cases and not report["skipped"]
     assert all(r["images_per_s"] > 0 and r["tflop_per_image"] > 0 for r in report["rows"])
     assert "| case | batch |" in (tmp_path / "suite.md").read_text()
+
+
+def test_gpu_suite_runs_a_chosen_subset(tmp_path):
+    """`--only` / `--ablations` pick cases and options by parts of their names (short leases)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import gpu_suite
+
+    report = gpu_suite.main(["--smoke", "--repeats", "1", "--only", "percify from a photo, SDXL",
+                             "--out", str(tmp_path / "suite")])
+    assert {r["case"] for r in report["rows"]} == {"tiny-sd15 percify from a photo", "tiny-sdxl generate"}
+    picked = gpu_suite.select(gpu_suite.ABLATIONS, "blocks, full unet", lambda a: a[0])
+    assert [name for name, _ in picked] == ["compile ResNet blocks too (scope blocks)",
+                                            "full UNet, static shapes, channels_last"]
+    assert gpu_suite.select(gpu_suite.ABLATIONS, "", lambda a: a[0]) == gpu_suite.ABLATIONS
