@@ -142,16 +142,27 @@ def measure(engine: AvatarEngine, case: Case, batch: int, repeats: int) -> dict:
     return row
 
 
+def error_row(case: Case, batch: int, exc: Exception, what: str = "") -> dict:
+    traceback.print_exc()
+    return {"case": case.name, "batch": batch, "images_per_s": None,
+            "error": f"{what}{type(exc).__name__}: {exc}"[:300]}
+
+
+def measured_row(engine: AvatarEngine, case: Case, batch: int, repeats: int) -> dict:
+    """`measure` + FLOPs, or an error row: one broken case must not cost the others' numbers."""
+    try:
+        row = measure(engine, case, batch, repeats)
+        add_flops(row, engine, case)
+        return row
+    except Exception as exc:  # noqa: BLE001
+        return error_row(case, batch, exc)
+
+
 def measure_uncompiled(case: Case, device: str, batch: int, repeats: int) -> dict:
     """The same case without torch.compile, after a compiled run failed: the failure is reported
     and the eager speed still measured."""
     engine = make_engine(case, device, {"compile": False})
-    try:
-        row = measure(engine, case, batch, repeats)
-        add_flops(row, engine, case)
-    except Exception as exc:  # noqa: BLE001
-        traceback.print_exc()
-        row = {"case": case.name, "batch": batch, "images_per_s": None, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    row = measured_row(engine, case, batch, repeats)
     row["case"] += " (compile off, after the compiled run failed)"
     del engine
     gc.collect()
@@ -290,9 +301,7 @@ def main(argv=None) -> dict:
                 try:
                     model = engine.load(case.profile)
                 except Exception as exc:  # noqa: BLE001 - report it, go on with the next profile
-                    traceback.print_exc()
-                    report["rows"].append({"case": case.name, "batch": batch, "images_per_s": None,
-                                           "error": f"load: {type(exc).__name__}: {exc}"[:300]})
+                    report["rows"].append(error_row(case, batch, exc, "load: "))
                     write_report(report, args.out, t_start)
                     break
                 report["models"][case.profile] = {"load_s": round(time.perf_counter() - t0, 1),
@@ -300,15 +309,10 @@ def main(argv=None) -> dict:
                 report["dtype"] = str(model.dtype).replace("torch.", "")
                 engines[case.profile] = engine
             engine = engines[case.profile]
-            try:
-                row = measure(engine, case, batch, args.repeats)
-                add_flops(row, engine, case)
-            except Exception as exc:  # noqa: BLE001 - one broken case must not cost the others' numbers
-                traceback.print_exc()
-                row = {"case": case.name, "batch": batch, "images_per_s": None, "error": f"{type(exc).__name__}: {exc}"[:300]}
-                if engine.load(case.profile).compiled and device == "cuda":
-                    report["rows"].append(row)
-                    row = measure_uncompiled(case, device, batch, args.repeats)
+            row = measured_row(engine, case, batch, args.repeats)
+            if row.get("error") and engine.load(case.profile).compiled and device == "cuda":
+                report["rows"].append(row)
+                row = measure_uncompiled(case, device, batch, args.repeats)
             report["rows"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
             write_report(report, args.out, t_start)  # a run cut short still leaves what it measured

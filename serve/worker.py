@@ -131,8 +131,8 @@ class _ProgressWriter:
     (`set_progress`, one short transaction) at most once per `interval`, and only when it
     changed. A slow or failing write never stalls the GPU."""
 
-    def __init__(self, store: Store, worker_id: str, leases: dict[str, str], interval: float, hb: "_Leases"):
-        self.store, self.worker_id, self.leases, self.hb = store, worker_id, dict(leases), hb
+    def __init__(self, store: Store, worker_id: str, leases: dict[str, str], interval: float, held: "_Leases"):
+        self.store, self.worker_id, self.leases, self.held = store, worker_id, dict(leases), held
         self._latest: tuple[int, int] | None = None
         self._written: tuple[int, int] | None = None
         self._lock = threading.Lock()
@@ -155,7 +155,7 @@ class _ProgressWriter:
             latest = self._latest
         if latest is None or latest == self._written:
             return
-        live = {k: v for k, v in self.leases.items() if not self.hb.is_lost(k)}
+        live = {k: v for k, v in self.leases.items() if not self.held.is_lost(k)}
         try:
             self.store.set_progress(self.worker_id, live, *latest)
             self._written = latest
