@@ -7,9 +7,8 @@ from .engine import AvatarEngine, generate
 from .errors import (AvatarEngineError, IdentityMismatchError, ImageError, NoFaceError, ProfileError,
                      RequestValidationError)
 from .prompts import PromptBuilder
-from .cast import CastCharacter, CastRequest
-from .identity import PercifyRequest
-from .requests import ASPECT_RATIOS, STYLE_PRESETS, GenerationRequest, GenerationResult
+from .requests import (ASPECT_RATIOS, STYLE_PRESETS, CastCharacter, CastRequest, GenerationRequest, GenerationResult,
+                       PercifyRequest)
 
 __all__ = [
     "AvatarEngine", "EngineConfig", "ModelProfile", "SpeedOptions", "IPAdapterSource", "load_profiles", "generate",

@@ -14,7 +14,8 @@ from typing import Iterable
 
 from .errors import RequestValidationError
 from .io import is_complete, save_result
-from .requests import GenerationRequest, request_from_dict
+from .protocol import request_from_dict
+from .requests import GenerationRequest
 
 
 @dataclass
@@ -54,7 +55,7 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[str, GenerationRequest]]:
 def run_batch(engine, entries: Iterable[tuple[str, GenerationRequest]], out_dir: str | os.PathLike,
               chunk_size: int = 16, show_progress: bool = True) -> BatchSummary:
     """Generate every entry not already complete in `out_dir`."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # progress bar: only for batch runs
 
     entries = list(entries)
     todo = [(rid, req) for rid, req in entries if not is_complete(out_dir, rid)]

@@ -14,9 +14,19 @@ from typing import Any
 import yaml
 
 from .errors import ProfileError
+from .identity_methods import IDENTITY_METHODS, METHODS, canonical_method
 
 ARCHITECTURES = ("sd15", "sdxl")
-SCHEDULERS = ("euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "lcm", "pndm")
+#: Profile `scheduler` name -> (diffusers scheduler class, its from_config kwargs).
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+}
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -69,10 +79,6 @@ class SpeedOptions:
                 raise ProfileError(f"speed.{name} must be an integer >= {low}", param=f"speed.{name}")
 
 
-IDENTITY_METHODS = ("faceid", "faceid-plus-v2", "instantid")
-_METHOD_ALIASES = {"faceid-plusv2": "faceid-plus-v2", "faceid_plus_v2": "faceid-plus-v2"}
-
-
 @dataclass
 class IPAdapterSource:
     """Where one identity method's weights come from (README "Identity methods").
@@ -100,7 +106,7 @@ class IPAdapterSource:
     lora_rank: int | None = None  # tiny/random weights only: LoRA rank (None: 4; 128 = the released files)
 
     def __post_init__(self) -> None:
-        self.variant = _METHOD_ALIASES.get(self.variant, self.variant)
+        self.variant = canonical_method(self.variant)
         if self.variant not in IDENTITY_METHODS:
             raise ProfileError(f"identity method (ip_adapter.variant) must be one of {IDENTITY_METHODS}, got "
                                f"{self.variant!r}", param="variant")
@@ -142,7 +148,7 @@ class ModelProfile:
         if self.architecture not in ARCHITECTURES:
             raise bad("architecture", f"must be one of {ARCHITECTURES}")
         if self.scheduler not in SCHEDULERS:
-            raise bad("scheduler", f"must be one of {SCHEDULERS}")
+            raise bad("scheduler", f"must be one of {tuple(SCHEDULERS)}")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"must be one of {DTYPES}")
         if not (self.tiny or self.random_weights) and not (self.repo_id or self.local_path):
@@ -161,7 +167,7 @@ class ModelProfile:
         for key, src in (self.identity_methods or {}).items():
             if isinstance(src, dict):
                 src = IPAdapterSource(**{"variant": key, **src})
-            key = _METHOD_ALIASES.get(key, key)
+            key = canonical_method(key)
             if key not in IDENTITY_METHODS:
                 raise bad("identity_methods", f"keys must be among {IDENTITY_METHODS}, got {key!r}")
             if src.variant != key:
@@ -170,9 +176,11 @@ class ModelProfile:
         if self.ip_adapter is not None:
             methods = {self.ip_adapter.variant: self.ip_adapter,
                        **{k: v for k, v in methods.items() if k != self.ip_adapter.variant}}
-        if "instantid" in methods and self.architecture != "sdxl":
-            raise bad("identity_methods", "instantid needs an sdxl profile (IdentityNet is an SDXL ControlNet)")
-        default = _METHOD_ALIASES.get(self.identity_method, self.identity_method)
+        for key in methods:
+            if self.architecture not in METHODS[key].architectures:
+                raise bad("identity_methods", f"{key} needs an {' or '.join(METHODS[key].architectures)} profile"
+                                              + (" (IdentityNet is an SDXL ControlNet)" if key == "instantid" else ""))
+        default = canonical_method(self.identity_method)
         if default is None and methods:
             default = self.ip_adapter.variant if self.ip_adapter is not None else next(iter(methods))
         if default is not None and default not in methods:

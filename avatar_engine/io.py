@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from .protocol import result_to_wire
 from .requests import GenerationResult
 
 
@@ -52,7 +53,7 @@ def save_result(result: GenerationResult, out_dir: str | os.PathLike, stem: str)
         p = out / f"{stem}_{i}.png"
         atomic_write(p, lambda fh, im=image: im.save(fh, format="PNG"))
         paths.append(p)
-    meta = result.to_json()
+    meta = result_to_wire(result)
     meta["files"] = [p.name for p in paths]
     atomic_write(out / f"{stem}.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
     return paths

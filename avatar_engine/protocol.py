@@ -3,7 +3,8 @@
 The wire format is the API's camelCase JSON: what `POST /v1/avatars/*` accepts, what the service
 stores as a job's `params` and hands to its worker, what the CLI's JSONL batches and result
 sidecars hold. Everything that turns wire fields into an engine request (or back) goes through
-this module: `request_from_wire` (wire → request) and `request_to_wire` (request → wire).
+this module: `request_from_wire` (wire → request), `request_to_wire` (request → wire) and
+`result_to_wire` (a finished result → the JSON sidecar / report).
 
 Photos travel as whatever the caller has: decoded images or bytes in the library and CLI, asset
 keys in stored jobs (the worker passes `load=` to turn each key into an image).
@@ -13,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Sequence
 
 from .errors import RequestValidationError
-from .requests import GenerationRequest
+from .requests import CastCharacter, CastRequest, GenerationRequest, GenerationResult, PercifyRequest
 
 #: Wire name → field of every request (GenerationRequest).
 COMMON_FIELDS: dict[str, str] = {
@@ -49,23 +50,18 @@ def _fail(param: str | None, message: str) -> RequestValidationError:
     return RequestValidationError(message, param=param)
 
 
+#: Request kind on the wire → request class (remix is an img2img GenerationRequest).
+REQUEST_CLASSES: dict[str, type] = {"generate": GenerationRequest, "remix": GenerationRequest,
+                                    "percify": PercifyRequest, "cast": CastRequest}
+
+
 def _request_class(kind: str) -> type:
-    if kind in ("generate", "remix"):
-        return GenerationRequest
-    if kind == "percify":
-        from .identity import PercifyRequest
-
-        return PercifyRequest
-    if kind == "cast":
-        from .cast import CastRequest
-
-        return CastRequest
-    raise _fail("kind", f"unknown request kind {kind!r}")
+    if kind not in REQUEST_CLASSES:
+        raise _fail("kind", f"unknown request kind {kind!r}")
+    return REQUEST_CLASSES[kind]
 
 
-def _character(i: int, data: Any, load: Loader | None, strict: bool):
-    from .cast import CastCharacter
-
+def _character(i: int, data: Any, load: Loader | None, strict: bool) -> CastCharacter:
     if not isinstance(data, Mapping):
         raise _fail(f"characters[{i}]", f"characters[{i}] must be an object with a prompt")
     kwargs = {}
@@ -130,11 +126,34 @@ def request_to_wire(request: GenerationRequest) -> dict[str, Any]:
     return {wire: getattr(request, names[wire]) for wire in _REPORT_ORDER}
 
 
+def result_to_wire(result: GenerationResult) -> dict[str, Any]:
+    """A finished result as JSON: the resolved request's fields, seeds, timings, the prompt
+    report, the engine's call facts (`batchImages`, `nsfw`) and the task's report (`identity`
+    for percify; `characters`, `scorer`, `layout`, ... for cast). What the CLI writes beside
+    the images."""
+    out = {"kind": result.request.kind, **request_to_wire(result.request), "seeds": result.seeds,
+           "timings": result.timings, "promptReport": result.prompt_report}
+    out.update(result.extra)
+    if result.report is not None:
+        out.update(result.report.to_json())
+    return out
+
+
+def request_from_dict(data: dict[str, Any], cls: type = GenerationRequest,
+                      extra_fields: Sequence[str] = ()) -> GenerationRequest:
+    """A validated request of class `cls` from API-style (camelCase) JSON; unknown fields are
+    rejected by name. `extra_fields` are keys the caller handles itself (e.g. an `id` in a batch
+    file). Photos must already be bytes or PIL images."""
+    req = request_from_wire(data, cls.kind, ignore=extra_fields)
+    req.validate()
+    return req
+
+
 def wire_fields(obj: Any, fields: Mapping[str, str] = COMMON_FIELDS) -> dict[str, Any]:
     """Wire fields read from any object with the request's (snake_case) attribute names, e.g. a
     validated API body: `{"negativePrompt": obj.negative_prompt, ...}` (missing attributes skipped)."""
     return {wire: getattr(obj, name) for wire, name in fields.items() if hasattr(obj, name)}
 
 
-__all__ = ["CHARACTER_FIELDS", "COMMON_FIELDS", "RESOLVED_FIELDS", "TASK_FIELDS", "request_from_wire",
-           "request_to_wire", "wire_fields"]
+__all__ = ["CHARACTER_FIELDS", "COMMON_FIELDS", "REQUEST_CLASSES", "RESOLVED_FIELDS", "TASK_FIELDS",
+           "request_from_dict", "request_from_wire", "request_to_wire", "result_to_wire", "wire_fields"]

@@ -41,8 +41,8 @@ import bench_env  # noqa: E402,F401 - sets up imports and the offline environmen
 import torch  # noqa: E402
 
 from avatar_engine import AvatarEngine, EngineConfig, load_profiles  # noqa: E402
-from avatar_engine.identity import PercifyRequest  # noqa: E402
-from avatar_engine.warmup import variant_requests, warmup_photo  # noqa: E402
+from avatar_engine.requests import PercifyRequest  # noqa: E402
+from avatar_engine.runtime.warmup import variant_requests, warmup_photo  # noqa: E402
 
 
 @dataclasses.dataclass

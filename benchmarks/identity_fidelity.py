@@ -139,7 +139,7 @@ def _summary(sims: list, same: list, faces: list, clips: list) -> dict:
 
 def run_percify(engine, model: str, method_kwargs: dict, strength: float, people: dict, prompts: list,
                 args, clip: ClipScorer) -> dict:
-    from avatar_engine.identity import PercifyRequest
+    from avatar_engine.requests import PercifyRequest
 
     sims, same, faces, clips, skipped = [], [], [], [], []
     requests, meta = [], []
@@ -162,7 +162,7 @@ def run_percify(engine, model: str, method_kwargs: dict, strength: float, people
     for (name, prompt), res in zip(meta, results):
         if res is None:
             continue
-        ident = res.extra["identity"]
+        ident = res.report.to_json()["identity"]
         sims += ident["similarity"]
         same += [bool(s) for s in ident["sameIdentity"]]
         faces += [bool(n) for n in ident["outputFaces"]]
@@ -175,7 +175,7 @@ def run_percify(engine, model: str, method_kwargs: dict, strength: float, people
 
 def run_cast(engine, model: str, strength: float, people: dict, prompts: list, pairs: int, args,
              clip: ClipScorer, method_kwargs: dict) -> dict:
-    from avatar_engine.cast import CastCharacter, CastRequest
+    from avatar_engine.requests import CastCharacter, CastRequest
 
     names = list(people)
     sims, same, faces, clips, skipped = [], [], [], [], []
@@ -192,7 +192,7 @@ def run_cast(engine, model: str, strength: float, people: dict, prompts: list, p
             except Exception as exc:  # noqa: BLE001 - e.g. a method cast cannot use: say so, go on
                 skipped.append(f"{a}+{b}: {type(exc).__name__}: {getattr(exc, 'message', exc)}")
                 continue
-            for c in res.extra["characters"]:
+            for c in res.report.to_json()["characters"]:
                 for m in c["images"]:
                     sims.append(m["similarity"])
                     same.append(bool(m["sameIdentity"]))
@@ -263,7 +263,7 @@ def main(argv=None, engine=None) -> dict:
     import torch
 
     from avatar_engine import AvatarEngine, EngineConfig
-    from avatar_engine.identity import face_scorer
+    from avatar_engine.tasks import face_scorer
 
     if args.threads:
         torch.set_num_threads(args.threads)

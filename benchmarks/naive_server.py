@@ -25,7 +25,7 @@ from pydantic import BaseModel  # noqa: E402
 from avatar_engine.config import load_profiles  # noqa: E402
 from avatar_engine.engine import load_pipeline  # noqa: E402
 from avatar_engine.requests import size_for_aspect_ratio  # noqa: E402
-from avatar_engine.speed import resolve_dtype  # noqa: E402
+from avatar_engine.runtime.optimize import resolve_dtype  # noqa: E402
 
 
 class Body(BaseModel):

@@ -44,7 +44,7 @@ def reference_photos() -> list[bytes]:
 def make_percify_requests(n: int, model: str | None = None, steps: int | None = None,
                           identity_strength: float = 0.8):
     """n percify requests, cycling through seven people and eight prompts; fixed seeds."""
-    from avatar_engine.identity import PercifyRequest
+    from avatar_engine.requests import PercifyRequest
 
     photos = reference_photos()
     return [PercifyRequest(prompt=f"portrait {PROMPTS[i % len(PROMPTS)]}", photos=[photos[i % len(photos)]],
@@ -58,13 +58,13 @@ def naive_percify_setup(engine, naive_pipe, resolved):
     (`load_ip_adapter`, which installs IP-Adapter processors and the LoRA through peft), left
     switched on, and return `call_kwargs(request) -> dict` giving that request's
     `ip_adapter_image_embeds` ([2, 1, 512] under CFG, the shape diffusers' docs use)."""
-    from avatar_engine.adapters import TINY_LORA_RANK, _checkpoint_path, read_checkpoint, tiny_faceid_state_dict
+    from avatar_engine.model.adapters import TINY_LORA_RANK, checkpoint_path, read_checkpoint, tiny_faceid_state_dict
 
     first = resolved[0]
     profile = engine.profile(first.model)
     src = profile.ip_adapter
     state = (tiny_faceid_state_dict(naive_pipe.unet, lora_rank=src.lora_rank or TINY_LORA_RANK) if src.tiny
-             else read_checkpoint(_checkpoint_path(src, profile.name)))
+             else read_checkpoint(checkpoint_path(src, profile.name, download=True)))
     naive_pipe.load_ip_adapter(state, subfolder=None, weight_name=None, image_encoder_folder=None)
     naive_pipe.set_ip_adapter_scale(first.identity_strength)
     task = engine._tasks["percify"]

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origi
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
 
+from avatar_engine.identity_methods import METHODS
 from avatar_engine.requests import (
     ASPECT_RATIOS, CAST_CHARACTERS_RANGE, GUIDANCE_RANGE, IDENTITY_STRENGTH_RANGE, MAX_BATCH_SIZE,
     MAX_REFERENCE_PHOTOS, PROMPT_MAX_CHARS, SEED_MAX, STEPS_RANGE, STYLE_PRESETS,
@@ -28,8 +29,9 @@ Kind = KindName
 SortBy = SortFieldName
 SortOrder = SortOrderName
 
-IDENTITY_METHOD_DOC = ("Identity method: `faceid`, `faceid-plus-v2` or `instantid` (SDXL models); the model must offer "
-                      "it (GET /v1/health lists each model's `identityMethods`, the default first). Default: the model's.")
+_METHOD_NAMES = [f"`{m.name}`" + (" (SDXL models)" if m.architectures == ("sdxl",) else "") for m in METHODS.values()]
+IDENTITY_METHOD_DOC = (f"Identity method: {', '.join(_METHOD_NAMES[:-1])} or {_METHOD_NAMES[-1]}; the model must offer "
+                       "it (GET /v1/health lists each model's `identityMethods`, the default first). Default: the model's.")
 MAX_TAGS = 20
 MAX_TAG_CHARS = 50
 #: "Has a non-blank character" in Python's, Rust's (pydantic) and JSON Schema's regex dialects

@@ -124,7 +124,7 @@ def identity_method_for(profile: ProfileInfo, method: str | None) -> str | None:
     offered = tuple(profile.identity_methods)
     if method is None:
         return offered[0] if offered else None
-    from avatar_engine.identity import check_identity_method
+    from avatar_engine.identity_methods import check_identity_method
 
     check_identity_method(method)  # a name that is no method at all
     if method not in offered:

@@ -519,10 +519,10 @@ class JobWorker:
             "guidanceScale": getattr(res, "guidance_scale", None),
             "model": getattr(res, "model", None),
         }
-        extra = dict(getattr(result, "extra", {}) or {})
+        engine_report = result.report.to_json() if getattr(result, "report", None) is not None else {}
         for key in ("identity", "characters"):
-            if key in extra:
-                payload[key] = _jsonable(extra[key])
+            if key in engine_report:
+                payload[key] = engine_report[key]
         completed = self.store.complete_job(job.id, job.lease_token, payload)
         if self.metrics:
             self.metrics.observe_postprocess(time.perf_counter() - t0)
@@ -606,21 +606,3 @@ class JobWorker:
         """Jobs this worker holds leases on now (prefetched, generating or in post-processing):
         a replica with none can be stopped without handing work back."""
         return len(self._leases)
-
-
-def _jsonable(value: Any) -> Any:
-    import json
-
-    try:
-        json.dumps(value)
-        return value
-    except TypeError:
-        if isinstance(value, dict):
-            return {str(k): _jsonable(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [_jsonable(v) for v in value]
-        if hasattr(value, "tolist"):
-            return value.tolist()
-        if hasattr(value, "__dict__"):
-            return _jsonable(vars(value))
-        return str(value)

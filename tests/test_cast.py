@@ -17,15 +17,23 @@ import torch
 from PIL import Image
 
 from avatar_engine import GenerationRequest, GenerationResult
-from avatar_engine.cast import (MAX_BOX_OVERLAP, CastCharacter, CastRequest, cast_request_from_dict,
-                                identity_report, match_identities)
+from avatar_engine.protocol import request_from_dict, result_to_wire
+from avatar_engine.requests import MAX_BOX_OVERLAP, CastCharacter, CastRequest
+from avatar_engine.tasks.cast import identity_report
+from avatar_engine.tasks.identity import match_faces
 from avatar_engine.errors import ImageError, NoFaceError, RequestValidationError
-from avatar_engine.attention import (MAX_CHARACTERS, REGIONAL_PROMPTS, AvatarAttnProcessor, CallConditioning,
+from avatar_engine.faces.scoring import FaceScorer, ScoredFace
+from avatar_engine.model.attention import (MAX_CHARACTERS, REGIONAL_PROMPTS, AvatarAttnProcessor, CallConditioning,
                                      IdentityWeights)
-from avatar_engine.regional import auto_layout, region_masks, regional_conditioning
+from avatar_engine.model.regional import region_masks, regional_conditioning
+from avatar_engine.requests.layout import auto_layout
 from face_support import require_dlib
 
 torch.set_num_threads(2)
+
+
+def cast_from_dict(data: dict) -> CastRequest:
+    return request_from_dict(data, CastRequest)
 skimage_data = pytest.importorskip("skimage.data")
 
 RNG = np.random.default_rng(1234)
@@ -173,7 +181,7 @@ def test_validation_errors_name_character_and_field(tiny_engine, kwargs, param):
 
 
 def test_overlap_below_the_limit_is_allowed():
-    from avatar_engine.regional import box_overlap
+    from avatar_engine.requests.layout import box_overlap
 
     d = 0.5 * MAX_BOX_OVERLAP * 0.8  # overlap of 80 % of the limit
     req = cast(characters=[CastCharacter("a", box=[0, 0, 0.5 + d, 1]), CastCharacter("b", box=[0.5, 0, 1, 1])])
@@ -196,14 +204,14 @@ def test_no_face_and_bad_image_name_the_character_photo(tiny_engine, astronaut):
 
 
 def test_wire_format_parses_and_rejects_unknown_fields():
-    req = cast_request_from_dict({"prompt": "a party", "seed": 3, "layout": "custom", "identityStrength": 0.5,
+    req = cast_from_dict({"prompt": "a party", "seed": 3, "layout": "custom", "identityStrength": 0.5,
                                   "characters": [
                                       {"prompt": "a", "box": [0, 0, .5, 1], "identityEmbedding": list(EMB[0])},
                                       {"prompt": "b", "box": [.5, 0, 1, 1]}]})
     assert req.kind == "cast" and req.seed == 3 and req.identity_strength == 0.5
     assert req.characters[0].has_identity and not req.characters[1].has_identity
     with pytest.raises(RequestValidationError) as e:
-        cast_request_from_dict({"prompt": "x", "characters": [{"prompt": "a"}, {"prompt": "b", "avatar": "av_1"}]})
+        cast_from_dict({"prompt": "x", "characters": [{"prompt": "a"}, {"prompt": "b", "avatar": "av_1"}]})
     assert e.value.param == "characters[1].avatar"
 
 
@@ -341,18 +349,18 @@ def test_two_to_four_characters(tiny_engine, n, aspect):
     res = tiny_engine.generate(cast(characters=chars, aspect_ratio=aspect, steps=4))
     w, h = res.request.width, res.request.height
     assert res.images[0].size == (w, h)
-    report = res.extra["characters"]
+    report = res.report.to_json()["characters"]
     assert [c["index"] for c in report] == list(range(n))
     assert [c["hasIdentity"] for c in report] == [i % 2 == 0 for i in range(n)]
     assert [c["identitySource"] for c in report] == ["embedding" if i % 2 == 0 else None for i in range(n)]
-    assert res.extra["layout"] == ("rows" if aspect == "9:16" else "columns")
+    assert res.report.layout == ("rows" if aspect == "9:16" else "columns")
     for c in report:
         x0, y0, x1, y1 = c["pixelBox"]
         assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
         assert c["similarity"] is None  # the tiny model draws no faces: nothing to score
         assert c["images"] == [{"similarity": None, "distance": None, "sameIdentity": None, "faceBox": None,
                                 "foundInRegion": None}]
-    json.dumps(res.to_json())
+    json.dumps(result_to_wire(res))
 
 
 def test_tiny_sdxl_cast_with_identity(tiny_engine):
@@ -392,30 +400,63 @@ def test_batched_equals_unbatched(tiny_engine):
 
 # ---- identity report --------------------------------------------------------------------------
 
-def test_assignment_is_one_to_one_and_optimal():
+class DescriptorScorer(FaceScorer):
+    """A scorer over given descriptors (no face detection, no dlib): `describe` returns the faces
+    queued for the next image, so the production matcher runs on known inputs."""
+
+    name = "test-descriptors"
+
+    def __init__(self, metric: str = "l2", threshold: float = 0.6):
+        self.metric, self.threshold = metric, threshold
+        self.faces: list[ScoredFace] = []
+
+    def describe(self, image):
+        return list(self.faces)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine-distance"])
+def test_face_matching_is_one_to_one_and_optimal(metric):
+    """match_faces (what cast's report runs) assigns each reference its own face with the least
+    total scorer distance: not the first face, not greedy, and equal to brute force."""
+    scorer = DescriptorScorer(metric)
     rng = np.random.default_rng(0)
-    a, b, c = (rng.standard_normal(512) for _ in range(3))
-    # faces in the order b, a (+noise): each reference finds its own face, not the first one.
-    faces = [b + 0.3 * rng.standard_normal(512), a + 0.3 * rng.standard_normal(512)]
-    m = match_identities([a, None, b], faces)
-    assert [fi for fi, _ in m] == [1, None, 0] and m[0][1] > 0.9 and m[1] == (None, None)
-    assert match_identities([a, b, c], faces[:1])[1][0] == 0  # fewer faces than people: the best one wins it
-    assert match_identities([a, b], []) == [(None, None)] * 2
-    # Greedy (best pair first) would give r0 f0, r1 f1 (total 1.0); optimal is r0 f1, r1 f0 (1.65).
-    basis = np.eye(512)
-    f0, f1 = basis[0], basis[1]
-    r0 = 0.9 * f0 + 0.8 * f1
-    r1 = 0.85 * f0 + 0.1 * f1
-    r0 = r0 / np.linalg.norm(r0)
-    r1 = r1 / np.linalg.norm(r1)
-    assert [fi for fi, _ in match_identities([r0, r1], [f0, f1])] == [1, 0]
-    for _ in range(20):  # and equals brute force on random cases
+    a, b, c = (rng.standard_normal(128) for _ in range(3))
+    faces = [b + 0.05 * rng.standard_normal(128), a + 0.05 * rng.standard_normal(128)]  # in the order b, a
+    m = match_faces(scorer, [a, None, b], faces)
+    assert [fi for fi, _ in m] == [1, None, 0] and m[1] == (None, None)
+    assert m[0][1].similarity > 0.99 and m[0][1].distance == pytest.approx(scorer.distance(a, faces[1]), abs=1e-4)
+    assert sum(fi is not None for fi, _ in match_faces(scorer, [a, b, c], faces[:1])) == 1  # one face, one owner
+    assert match_faces(scorer, [a, b], []) == [(None, None)] * 2
+    assert match_faces(scorer, [None, None], faces) == [(None, None)] * 2
+    if metric == "l2":
+        # On a line: f0 = 0, f1 = 0.3, r0 = 0.1, r1 = -1. Greedy (closest pair first) takes r0-f0 (0.1)
+        # and leaves r1-f1 (1.3), 1.4 in total; the optimum is r0-f1 + r1-f0 (0.2 + 1.0 = 1.2).
+        f0, f1, r0, r1 = (np.array([v]) for v in (0.0, 0.3, 0.1, -1.0))
+        assert [fi for fi, _ in match_faces(scorer, [r0, r1], [f0, f1])] == [1, 0]
+    for _ in range(20):  # equals brute force on random cases
         refs = [rng.standard_normal(8) for _ in range(3)]
         fs = [rng.standard_normal(8) for _ in range(4)]
-        got = sum(s for _, s in match_identities(refs, fs))
-        unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
-        best = max(sum(unit(refs[i]) @ unit(fs[p[i]]) for i in range(3)) for p in itertools.permutations(range(4), 3))
+        got = sum(match.distance for _, match in match_faces(scorer, refs, fs))
+        best = min(sum(scorer.distance(refs[i], fs[p[i]]) for i in range(3))
+                   for p in itertools.permutations(range(4), 3))
         assert got == pytest.approx(best, abs=1e-3)
+
+
+def test_identity_report_names_the_region_each_matched_face_is_in():
+    """The report cast results carry: per character its matched face, the scorer's verdict, and
+    the region the face was found in (a swapped face shows up in the other's region)."""
+    scorer = DescriptorScorer("l2")
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal(128) * 0.1, rng.standard_normal(128) * 0.1 + 1.0
+    regions = [(0, 0, 32, 64), (32, 0, 64, 64)]
+    scorer.faces = [ScoredFace((40, 10, 60, 30), 0.99, a + 0.01), ScoredFace((5, 10, 25, 30), 0.98, b - 0.01)]
+    per_char, counts = identity_report(scorer, [Image.new("RGB", (64, 64))], [a, b, None], regions)
+    assert counts == [2]
+    (ra,), (rb,), (rc,) = per_char
+    assert ra["foundInRegion"] == 1 and rb["foundInRegion"] == 0  # swapped: each face sits in the other's region
+    assert ra["sameIdentity"] is True and rb["sameIdentity"] is True
+    assert ra["faceBox"] == [40.0, 10.0, 60.0, 30.0]
+    assert rc == {"similarity": None, "distance": None, "sameIdentity": None, "faceBox": None, "foundInRegion": None}
 
 
 @pytest.fixture(scope="module")
@@ -457,8 +498,8 @@ def test_swapping_photos_swaps_the_matched_identities(tiny_engine, astronaut, gr
         plan.pixel_boxes = regions + [(0, 0, 1, 1)]
         result = GenerationResult(request=req, images=[picture], seeds=req.image_seeds())
         task.finalize(model, result, plan)
-        assert result.extra["facesDetected"] == [2]
-        return result.extra["characters"]
+        assert result.report.faces_detected == [2]
+        return result.report.to_json()["characters"]
 
     require_dlib()
     straight = report([astronaut, group_face])
@@ -470,7 +511,8 @@ def test_swapping_photos_swaps_the_matched_identities(tiny_engine, astronaut, gr
     assert [c["images"][0]["foundInRegion"] for c in swapped[:2]] == [1, 0]
     assert swapped[0]["similarity"] == straight[1]["similarity"]
     # the function the task uses, with one identity and two faces: it picks its own face, wherever it is
-    from avatar_engine.identity import face_scorer, reference_descriptor
+    from avatar_engine.faces.descriptors import reference_descriptor
+    from avatar_engine.tasks import face_scorer
 
     scorer = face_scorer(tiny_engine)
     assert straight[0]["images"][0]["sameIdentity"] and tiny_engine.face_analyzer is not scorer
@@ -504,8 +546,9 @@ def test_a_characters_photos_of_two_people_are_refused(tiny_engine, astronaut, g
 
 def test_cli_cast_writes_png_and_report(tiny_engine, tmp_path, monkeypatch, capsys, astronaut):
     import avatar_engine.cli as cli
+    import avatar_engine.cli.cast as cast_command
 
-    monkeypatch.setattr(cli, "make_engine", lambda args: tiny_engine)
+    monkeypatch.setattr(cast_command, "make_engine", lambda args: tiny_engine)
     photo = tmp_path / "a.png"
     astronaut.save(photo)
     out = tmp_path / "out"

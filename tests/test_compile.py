@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from avatar_engine import AvatarEngine, EngineConfig, GenerationRequest, SpeedOptions, load_profiles
-from avatar_engine import speed
-from avatar_engine.cast import CastCharacter, CastRequest
-from avatar_engine.identity import PercifyRequest
-from avatar_engine.warmup import compiled_graphs
+from avatar_engine.runtime import compile as speed
+from avatar_engine.requests import CastCharacter, CastRequest
+from avatar_engine.requests import PercifyRequest
+from avatar_engine.runtime.warmup import compiled_graphs
 
 RNG = np.random.default_rng(7)
 EMB = [RNG.standard_normal(512).astype(np.float32) for _ in range(4)]

@@ -3,6 +3,7 @@ import numpy as np
 from PIL import Image
 
 from avatar_engine import AvatarEngine, EngineConfig, GenerationRequest
+from avatar_engine.protocol import result_to_wire
 
 
 def pixels(image) -> np.ndarray:
@@ -69,7 +70,7 @@ def test_progress_reports_every_step(tiny_engine):
 
 def test_result_reports_seed_model_timings(tiny_engine):
     res = tiny_engine.generate(GenerationRequest(prompt="a", style_preset="fantasy", steps=3))
-    data = res.to_json()
+    data = result_to_wire(res)
     assert data["model"] == "tiny-sd15" and isinstance(data["seed"], int)
     assert data["timings"]["generationMs"] > 0 and "fantasy" in data["promptReport"]["prompt"]
     assert isinstance(res.images[0], Image.Image) and res.images[0].mode == "RGB"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from avatar_engine import GenerationRequest
-from avatar_engine.cast import CastCharacter, CastRequest
-from avatar_engine.identity import PercifyRequest
+from avatar_engine.requests import CastCharacter, CastRequest
+from avatar_engine.requests import PercifyRequest
 
 TOLERANCE = 3
 EMB = np.random.default_rng(5).standard_normal(512).astype(np.float32)

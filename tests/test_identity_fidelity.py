@@ -60,7 +60,7 @@ def test_identities_folder_and_facesim_on_real_faces(tmp_path, capsys, monkeypat
     require_dlib()
     import skimage.data
 
-    from avatar_engine.identity import PercifyTask
+    from avatar_engine.tasks import PercifyTask
 
     me = tmp_path / "people" / "astronaut"
     me.mkdir(parents=True)

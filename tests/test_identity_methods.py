@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from avatar_engine import AvatarEngine, EngineConfig, GenerationRequest, RequestValidationError
-from avatar_engine.adapters import identity_adapter, release_identity_adapter
-from avatar_engine.cast import CastCharacter, CastRequest
-from avatar_engine.identity import PercifyRequest
+from avatar_engine.model.adapters import identity_adapter, release_identity_adapter
+from avatar_engine.requests import CastCharacter, CastRequest
+from avatar_engine.requests import PercifyRequest
 
 STEPS = 2
 SECOND = {"tiny-sd15": "faceid-plus-v2", "tiny-sdxl": "instantid"}
@@ -118,7 +118,7 @@ def test_instantid_loads_the_instantx_layout(tiny_engine):
 
 
 def test_draw_kps_draws_instantids_limbs_and_points():
-    from avatar_engine.adapters import KPS_COLORS, draw_kps, frontal_kps, kps_in_box
+    from avatar_engine.model.adapters import KPS_COLORS, draw_kps, frontal_kps, kps_in_box
 
     kps = kps_in_box(frontal_kps(), (0.0, 0.0, 1.0, 1.0), 1024, 1024, face_frac=0.5)
     img = draw_kps(1024, 1024, [kps])
@@ -141,7 +141,7 @@ def test_percify_batched_equals_unbatched_with_own_identities(tiny_engine, faces
             _percify(model, method, faces["a"], identity_strength=0.0)]
     batched = tiny_engine.generate(reqs)
     assert [r.extra["batchImages"] for r in batched] == [[3]] * 3
-    assert all(r.extra["identity"]["method"] == method for r in batched)
+    assert all(r.report.method == method for r in batched)
     alone = [tiny_engine.generate(req) for req in reqs]
     for res, solo in zip(batched, alone):
         assert _diff(res.images[0], solo.images[0]) <= 2
@@ -149,7 +149,7 @@ def test_percify_batched_equals_unbatched_with_own_identities(tiny_engine, faces
     plain = tiny_engine.generate(GenerationRequest(prompt="a portrait", seed=3, steps=STEPS, model=model))
     assert np.array_equal(_pixels(alone[2].images[0]), _pixels(plain.images[0]))  # adds exactly nothing
     faceid = tiny_engine.generate(_percify(model, "faceid", faces["a"]))
-    assert faceid.extra["identity"]["method"] == "faceid"
+    assert faceid.report.method == "faceid"
     assert np.abs(_pixels(faceid.images[0]) - _pixels(batched[0].images[0])).mean() > 0.5  # another method
 
 
@@ -164,7 +164,7 @@ def test_cast_batched_equals_unbatched_per_method(tiny_engine, faces, model):
     reqs = [cast(faces["a"], faces["b"], 1), cast(faces["b"], faces["a"], 1)]
     batched = tiny_engine.generate(reqs)
     assert [r.extra["batchImages"] for r in batched] == [[2], [2]]
-    assert all(r.extra["identityMethod"] == method for r in batched)
+    assert all(r.report.identity_method == method for r in batched)
     for req, res in zip(reqs, batched):
         assert _diff(res.images[0], tiny_engine.generate(req).images[0]) <= 2
     assert np.abs(_pixels(batched[0].images[0]) - _pixels(batched[1].images[0])).mean() > 0.3  # swapped faces
@@ -174,8 +174,8 @@ def test_identitynet_residuals_stay_in_the_characters_region(tiny_engine):
     """Cast with InstantID: character k's ControlNet residuals are multiplied by its region
     mask, so they are exactly zero wherever the region does not reach; the hook exists only
     inside the call."""
-    from avatar_engine.adapters import keypoint_images, kps_in_box
-    from avatar_engine.regional import region_masks
+    from avatar_engine.model.adapters import keypoint_images, kps_in_box
+    from avatar_engine.model.regional import region_masks
 
     model = tiny_engine.load("tiny-sdxl")
     adapter, unet = identity_adapter(model, "instantid"), model.pipe.unet
@@ -224,7 +224,7 @@ def test_a_method_the_model_does_not_offer_is_refused(tiny_engine, faces):
             tiny_engine.generate(req)
         assert err.value.param == param, err.value.message
     default = tiny_engine.generate(_percify("tiny-sd15", None, faces["a"]))
-    assert default.extra["identity"]["method"] == "faceid"
+    assert default.report.method == "faceid"
 
 
 def test_release_leaves_the_pipeline_clean_and_reload_reproduces():

@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from avatar_engine import AvatarEngine, EngineConfig, GenerationRequest, NoFaceError, RequestValidationError
-from avatar_engine.identity import PercifyRequest, identity_similarity
+from avatar_engine.requests import PercifyRequest
+from avatar_engine.protocol import result_to_wire
+from avatar_engine.tasks.identity import identity_similarity
 from face_support import require_dlib
 from pg_support import in_ci
 
@@ -106,11 +108,11 @@ def test_invalid_fields_name_the_field(engine, kwargs, param):
 
 def test_several_faces_uses_the_largest_and_says_so(engine, photos):
     res = engine.generate(_percify(photos=[photos["pair"]], steps=2))
-    face = res.extra["identity"]["faces"][0]
+    face = res.report.faces[0]
     assert face["photo"] == "photos[0]" and face["found"] == 2 and face["usedRule"] == "largest"
     x0, y0, x1, y1 = face["used"]["bbox"]
     assert x1 < 200  # the left (larger) face of the pair, not the right one
-    assert any("largest" in note for note in res.extra["identity"]["notes"])
+    assert any("largest" in note for note in res.report.notes)
 
 
 # ---- one person per request -------------------------------------------------------------------
@@ -146,7 +148,7 @@ def test_photos_of_different_people_are_refused_naming_the_photo(engine, photos)
 def test_edited_copies_of_one_photo_are_one_person(engine, photos):
     require_dlib()
     res = engine.generate(_percify(photos=[photos["astronaut"], *_edited(photos["astronaut"])], steps=2))
-    ident = res.extra["identity"]
+    ident = res.report.to_json()["identity"]
     assert ident["scorer"]["name"] == "dlib-resnet" and ident["scorer"]["fallback"] is False
     check = ident["referenceCheck"]
     assert check["consistent"] and check["enforced"] and check["dropped"] == []
@@ -160,7 +162,7 @@ def test_drop_option_leaves_out_the_other_person(engine, photos):
     kw = dict(steps=2, seed=21)
     dropped = engine.generate(_percify(photos=[photos["astronaut"], photos["person_b"], photos["astronaut2"]],
                                        mismatched_photos="drop", **kw))
-    ident = dropped.extra["identity"]
+    ident = dropped.report.to_json()["identity"]
     assert [f["dropped"] for f in ident["faces"]] == [False, True, False]
     assert ident["referenceCheck"]["dropped"] == ["photos[1]"]
     assert any("photos[1] was dropped" in n for n in ident["notes"])
@@ -175,14 +177,13 @@ def test_drop_option_leaves_out_the_other_person(engine, photos):
 def test_fallback_scorer_is_labelled_in_the_report(engine, photos, monkeypatch):
     """An engine scoring with the hand-crafted fallback (what `auto` falls back to without dlib)
     says so in every report; its verdict never refuses photos."""
-    from avatar_engine import identity
     from avatar_engine.faces.scoring import scorer_from_config
 
     assert AvatarEngine(EngineConfig(device="cpu", face_scorer="handcrafted")).config.face_scorer == "handcrafted"
-    monkeypatch.setitem(identity._SCORERS, engine, scorer_from_config("handcrafted", analyzer=engine.face_analyzer))
+    monkeypatch.setattr(engine.identity, "scorer", scorer_from_config("handcrafted", analyzer=engine.face_analyzer))
     res = engine.generate(_percify(photos=[photos["astronaut"], photos["astronaut2"]], steps=1))
-    ident = res.extra["identity"]
-    assert identity.face_scorer(engine).name == ident["scorer"]["name"] == "handcrafted-hog-lbp" and ident["scorer"]["fallback"] is True
+    ident = res.report.to_json()["identity"]
+    assert engine.identity.scorer.name == ident["scorer"]["name"] == "handcrafted-hog-lbp" and ident["scorer"]["fallback"] is True
     assert ident["referenceCheck"]["enforced"] is False
     assert any("not a face-recognition model" in n for n in ident["notes"])
 
@@ -210,7 +211,7 @@ def test_several_photos_combine_into_one_identity(engine, photos):
     from avatar_engine.images import load_image
 
     both = engine.generate(_percify(photos=[photos["astronaut"], photos["astronaut2"]]))
-    ident = both.extra["identity"]
+    ident = both.report.to_json()["identity"]
     assert ident["referencePhotos"] == 2 and [f["found"] for f in ident["faces"]] == [1, 1]
     assert 0.5 < ident["consistency"] <= 1.0
     # the identity is the normed mean of the two photos' embeddings: same pixels as passing it directly
@@ -240,7 +241,7 @@ def test_batched_equals_unbatched(engine, photos):
 
 def test_identity_report_shape(engine, photos):
     res = engine.generate(_percify(photos=[photos["astronaut"]], batch_size=2))
-    doc = json.loads(json.dumps(res.to_json()))  # JSON-serialisable end to end
+    doc = json.loads(json.dumps(result_to_wire(res)))  # JSON-serialisable end to end
     ident = doc["identity"]
     assert doc["kind"] == "percify"
     assert ident["source"] == "photos" and ident["strength"] == 0.8 and ident["backend"] == "embedded"
@@ -263,7 +264,8 @@ def test_identity_report_shape(engine, photos):
 def test_identity_similarity_scores_the_output_face(engine, photos):
     """The per-image score, by the dlib scorer against the reference photos: the same person
     (another photo) is the same identity, another person is not; no face → None."""
-    from avatar_engine.identity import face_scorer, reference_descriptor
+    from avatar_engine.faces.descriptors import reference_descriptor
+    from avatar_engine.tasks import face_scorer
     from avatar_engine.images import load_image
 
     require_dlib()
@@ -286,8 +288,8 @@ def test_plain_generate_unaffected_by_adapter():
     """The adapter is attached at load, into the lifetime processors (no peft, no processor
     swaps): plain output with it attached == after percify ran == after it is released; a
     reload gives the same identity images."""
-    from avatar_engine.adapters import release_identity_adapter
-    from avatar_engine.attention import AvatarAttnProcessor
+    from avatar_engine.model.adapters import release_identity_adapter
+    from avatar_engine.model.attention import AvatarAttnProcessor
 
     eng = AvatarEngine(EngineConfig(device="cpu", default_model="tiny-sd15"))
     model = eng.load("tiny-sd15")
@@ -298,8 +300,8 @@ def test_plain_generate_unaffected_by_adapter():
     plain_req = GenerationRequest(prompt="portrait of an explorer", seed=8, steps=STEPS)
     before = _pixels(eng.generate(plain_req).images[0])
     p1 = eng.generate(_percify(identity_embedding=_embedding(1), seed=8, score_outputs=False))
-    assert p1.extra["identity"]["scored"] is False and p1.extra["identity"]["similarity"] == [None]
-    assert p1.extra["identity"]["source"] == "embedding" and p1.extra["identity"]["faces"] == []
+    assert p1.report.scored is False and p1.report.similarity == [None]
+    assert p1.report.source == "embedding" and p1.report.faces == []
     assert np.abs(_pixels(p1.images[0]) - before).mean() > 1.0
     assert np.array_equal(_pixels(eng.generate(plain_req).images[0]), before)
     assert release_identity_adapter(model) and "ip_adapter" not in model.state
@@ -314,7 +316,7 @@ def test_faceid_checkpoint_file_loads_like_the_in_memory_weights(tmp_path):
     """The real loading route: an h94-layout `.bin` file through `local_path` gives the same
     identity images as the same weights built in memory."""
     from avatar_engine import IPAdapterSource, load_profiles
-    from avatar_engine.adapters import write_faceid_checkpoint
+    from avatar_engine.model.adapters import write_faceid_checkpoint
 
     profiles = load_profiles()
     eng = AvatarEngine(EngineConfig(device="cpu", default_model="tiny-sd15"), profiles=profiles)
@@ -326,7 +328,7 @@ def test_faceid_checkpoint_file_loads_like_the_in_memory_weights(tmp_path):
     a = eng.generate(_percify(**req))
     b = eng.generate(_percify(model="tiny-sd15-file", **req))
     assert np.array_equal(_pixels(a.images[0]), _pixels(b.images[0]))
-    assert b.extra["identity"]["adapter"] == "faceid"
+    assert b.report.adapter == "faceid"
 
 
 def test_tiny_sdxl_identity(engine):
@@ -385,7 +387,7 @@ def test_adapter_configuration_errors_are_clear(tmp_path):
     from types import SimpleNamespace
 
     from avatar_engine import IPAdapterSource, ModelProfile, ProfileError
-    from avatar_engine.adapters import identity_adapter
+    from avatar_engine.model.adapters import identity_adapter
 
     bare = SimpleNamespace(state={}, applied={}, pipe=None,
                            profile=ModelProfile(name="bare", architecture="sd15", tiny=True))

@@ -3,7 +3,7 @@ import pytest
 
 from avatar_engine.prompts import STYLE_TEMPLATES, PromptBuilder
 from avatar_engine.requests import STYLE_PRESETS
-from avatar_engine.tiny import write_clip_tokenizer
+from avatar_engine.model.tiny import write_clip_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 import pytest
 
 from avatar_engine import GenerationRequest, RequestValidationError, load_profiles
-from avatar_engine.requests import request_from_dict, size_for_aspect_ratio
+from avatar_engine.protocol import request_from_dict
+from avatar_engine.requests import size_for_aspect_ratio
 
 
 @pytest.mark.parametrize("kwargs,param", [

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from avatar_engine import AvatarEngine, EngineConfig, GenerationRequest, ProfileError, SpeedOptions, load_profiles
-from avatar_engine.attention import AvatarAttnProcessor
-from avatar_engine.identity import PercifyRequest
-from avatar_engine.memory import (MemoryProfile, available_for_work, fit_line, images_that_fit, round_to_bucket)
-from avatar_engine.speed import batch_buckets, bucket_for
+from avatar_engine.model.attention import AvatarAttnProcessor
+from avatar_engine.requests import PercifyRequest
+from avatar_engine.runtime.memory import (MemoryProfile, available_for_work, fit_line, images_that_fit, round_to_bucket)
+from avatar_engine.runtime.scheduler import batch_buckets, bucket_for
 
 EMB = np.random.default_rng(3).standard_normal(512).astype(np.float32)
 
@@ -137,7 +137,7 @@ def test_step_cache_reuses_deep_features_exactly_and_is_off_at_interval_one(tiny
     (the skip connections are wired as in the full UNet); interval 1 is the plain UNet."""
     engine, name = engine_with(step_cache_interval=2)
     unet = engine.load(name).pipe.unet
-    from avatar_engine.stepcache import step_cache
+    from avatar_engine.model.stepcache import step_cache
 
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 4, 8, 8, generator=g)

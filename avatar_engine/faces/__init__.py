@@ -9,6 +9,9 @@ from ..errors import ProfileError
 from .base import (ALIGNED_SIZE, ARCFACE_TEMPLATE, EMBEDDING_DIM, Face, FaceAnalyzer, IdentityReference,
                    align_face, alignment_matrix, analyze_reference_photos, combine_embeddings,
                    cosine_similarity, l2_normalize, largest_face)
+from .embedded import EmbeddedFaceAnalyzer
+from .insightface_backend import InsightFaceAnalyzer
+from .scoring import DlibScorer, FaceScorer, Match, default_scorer, scorer_from_config
 
 BACKENDS = ("embedded", "insightface")
 
@@ -17,34 +20,14 @@ def face_analyzer_from_config(backend: str = "embedded", **options) -> FaceAnaly
     """Build a backend by name; options go to its constructor (e.g. model_root, name,
     providers, det_size for insightface; detector, max_side for embedded)."""
     if backend == "embedded":
-        from .embedded import EmbeddedFaceAnalyzer
-
         return EmbeddedFaceAnalyzer(**options)
     if backend == "insightface":
-        from .insightface_backend import InsightFaceAnalyzer
-
         return InsightFaceAnalyzer(**options)
     raise ProfileError(f"unknown face backend {backend!r}; choose one of {', '.join(BACKENDS)}",
                        param="faceBackend")
 
 
-def __getattr__(name):  # lazy: keep `import avatar_engine.faces` light (no torch/onnx import)
-    if name == "EmbeddedFaceAnalyzer":
-        from .embedded import EmbeddedFaceAnalyzer
-
-        return EmbeddedFaceAnalyzer
-    if name == "InsightFaceAnalyzer":
-        from .insightface_backend import InsightFaceAnalyzer
-
-        return InsightFaceAnalyzer
-    if name in ("FaceScorer", "DlibScorer", "Match", "default_scorer", "scorer_from_config"):
-        from . import scoring
-
-        return getattr(scoring, name)
-    raise AttributeError(name)
-
-
 __all__ = ["ALIGNED_SIZE", "ARCFACE_TEMPLATE", "BACKENDS", "EMBEDDING_DIM", "DlibScorer", "EmbeddedFaceAnalyzer",
-           "Face", "FaceAnalyzer", "FaceScorer", "Match", "default_scorer", "scorer_from_config", "IdentityReference", "InsightFaceAnalyzer", "align_face", "alignment_matrix",
-           "analyze_reference_photos", "combine_embeddings", "cosine_similarity", "face_analyzer_from_config",
-           "l2_normalize", "largest_face"]
+           "Face", "FaceAnalyzer", "FaceScorer", "Match", "default_scorer", "scorer_from_config", "IdentityReference",
+           "InsightFaceAnalyzer", "align_face", "alignment_matrix", "analyze_reference_photos", "combine_embeddings",
+           "cosine_similarity", "face_analyzer_from_config", "l2_normalize", "largest_face"]

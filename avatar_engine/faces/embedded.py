@@ -20,6 +20,7 @@ from PIL import Image
 
 from ..errors import ProfileError
 from .base import ALIGNED_SIZE, EMBEDDING_DIM, Face, FaceAnalyzer, align_face, l2_normalize, to_rgb_array
+from .cascade import CascadeDetector
 from .mtcnn import INSTALL_HINT, MTCNN, mtcnn_weights_dir
 
 DESCRIPTOR_SEED = 20_241_129
@@ -86,7 +87,6 @@ class EmbeddedFaceAnalyzer(FaceAnalyzer):
             self._mtcnn = MTCNN(weights, min_face=min_face,
                                 thresholds=(0.6, 0.7, det_threshold))
         else:
-            from .cascade import CascadeDetector
             self._cascade = CascadeDetector(min_face=max(min_face, 24))
 
     def _find(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -36,8 +36,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import ProfileError
+from ..errors import IdentityMismatchError, ProfileError
 from .base import FaceAnalyzer, to_rgb_array
+from .embedded import EmbeddedFaceAnalyzer
+from .mtcnn import MTCNN, mtcnn_weights_dir
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +176,6 @@ class DlibScorer(FaceScorer):
         if folder is None or not all(os.path.isfile(os.path.join(folder, f)) for f in DLIB_MODEL_FILES.values()):
             raise ProfileError(f"dlib's model files ({', '.join(DLIB_MODEL_FILES.values())}) were not found"
                                f"{' in ' + folder if folder else ''}; run `{DLIB_INSTALL_HINT}`", param="faceScorer")
-        from .mtcnn import MTCNN, mtcnn_weights_dir
-
         weights = mtcnn_weights_dir()
         if detector == "mtcnn" and weights is None:
             raise ProfileError("the MTCNN detector weights are not installed (pip install --no-deps "
@@ -280,8 +280,6 @@ def scorer_from_config(name: str = "auto", analyzer: FaceAnalyzer | None = None,
         log.warning("dlib is not installed: identity scores fall back to a hand-crafted descriptor that is not a "
                     "face-recognition model; run `%s`", DLIB_INSTALL_HINT)
     if analyzer is None or analyzer.name != "embedded":
-        from .embedded import EmbeddedFaceAnalyzer
-
         analyzer = EmbeddedFaceAnalyzer()
     return AnalyzerScorer(analyzer, kind="handcrafted", **options)
 
@@ -340,8 +338,6 @@ def check_same_person(scorer: FaceScorer, descriptors: Sequence[np.ndarray | Non
     scorer). policy "refuse": the photo that disagrees most → IdentityMismatchError naming
     `param[i]`; "drop": drop it with a note and check the rest again (at most half the photos
     may go; more → refused, since no majority says who the person is). Ties name the later photo."""
-    from ..errors import IdentityMismatchError
-
     if policy not in MISMATCH_POLICIES:
         raise ValueError(f"policy must be one of {MISMATCH_POLICIES}")
     n = len(descriptors)

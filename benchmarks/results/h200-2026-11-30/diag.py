@@ -71,7 +71,7 @@ for label, ov, prof in VARIANTS:
             print(label, json.dumps(entry["rows"][-1]), flush=True)
             save()
         if prof:
-            from avatar_engine.warmup import variant_requests
+            from avatar_engine.runtime.warmup import variant_requests
             model = eng.load(case.profile)
             reqs = variant_requests(model, "generate", 8, steps=case.steps)
             acts = [torch.profiler.ProfilerActivity.CPU] + ([] if CPU else [torch.profiler.ProfilerActivity.CUDA])

@@ -15,9 +15,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .config import cache_dir
+from ..config import cache_dir
+from ..io import build_dir_atomically
 
-_VOCAB_GZ = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+_VOCAB_GZ = Path(__file__).resolve().parent.parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 BUILD_VERSION = "1"  # bump when the tiny configs below change
 
 
@@ -196,7 +197,6 @@ def tiny_pipeline_dir(architecture: str) -> Path:
     target = cache_dir() / "tiny" / _build_key(architecture)
     if (target / "model_index.json").exists():
         return target
-    from .io import build_dir_atomically
 
     build_dir_atomically(target, lambda tmp: build_tiny_pipeline(architecture).save_pretrained(
         str(tmp), safe_serialization=True))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ProfileError
+from ..errors import ProfileError
 
 TAESD_REPOS = {"sd15": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
 

@@ -1,58 +1,20 @@
-"""Typed generation requests and results.
+"""The plain text-to-image request (and img2img, for remix) and the result of any request.
 
 Requests are plain dataclasses with Python (snake_case) fields; validation errors carry the
-API's camelCase field name in `param` so the HTTP layer can return it unchanged.
+API's camelCase field name in `param` so the HTTP layer can return it unchanged. Wire (JSON)
+conversions live in protocol.py.
 `resolve(profile)` returns a copy with every default filled in (seed, size, steps, guidance),
 which is what the engine batches on and what results report back.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
-from .errors import RequestValidationError
-
-STYLE_PRESETS = ("professional", "anime", "fantasy", "cyberpunk", "renaissance", "realistic")
-ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4")
-SEED_MAX = 2_147_483_647
-MAX_BATCH_SIZE = 4
-GUIDANCE_RANGE = (1.0, 20.0)
-STEPS_RANGE = (1, 150)
-PROMPT_MAX_CHARS = 2000
-IDENTITY_STRENGTH_RANGE = (0.0, 2.0)
-MAX_REFERENCE_PHOTOS = 5
-CAST_CHARACTERS_RANGE = (2, 4)
-
-
-def _check(cond: bool, param: str, message: str) -> None:
-    if not cond:
-        raise RequestValidationError(message, param=param)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def size_for_aspect_ratio(native: int, aspect_ratio: str, multiple: int = 8) -> tuple[int, int]:
-    """(width, height) with about native² pixels, each side a multiple of `multiple`.
-
-    1:1 at native 512 → 512×512; 16:9 → 680×384 rounded to multiples of 8 (the VAE factor)."""
-    w_ratio, h_ratio = (int(x) for x in aspect_ratio.split(":"))
-    area = native * native
-    height = math.sqrt(area * h_ratio / w_ratio)
-    width = height * w_ratio / h_ratio
-
-    def snap(v: float) -> int:
-        return max(multiple, int(round(v / multiple)) * multiple)
-
-    return snap(width), snap(height)
+from .common import (ASPECT_RATIOS, GUIDANCE_RANGE, MAX_BATCH_SIZE, PROMPT_MAX_CHARS, SEED_MAX, STEPS_RANGE,
+                     STYLE_PRESETS, check as _check, is_int as _is_int, is_number as _is_number, size_for_aspect_ratio)
 
 
 @dataclass
@@ -133,7 +95,8 @@ class GenerationResult:
     seeds: list[int]
     timings: dict[str, float] = field(default_factory=dict)
     prompt_report: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)  # identity report, characters, ...
+    extra: dict[str, Any] = field(default_factory=dict)  # batchImages, nsfw
+    report: Any = None  # the task's typed report (tasks/reports.py: IdentityReport, CastReport), with to_json()
 
     @property
     def seed(self) -> int:
@@ -142,27 +105,3 @@ class GenerationResult:
     @property
     def model(self) -> str:
         return self.request.model  # type: ignore[return-value]
-
-    def to_json(self) -> dict[str, Any]:
-        from .protocol import request_to_wire
-
-        out = {"kind": self.request.kind, **request_to_wire(self.request), "seeds": self.seeds,
-               "timings": self.timings, "promptReport": self.prompt_report}
-        out.update(self.extra)
-        return out
-
-
-def check_photos(photos: Sequence[Any], param: str = "photos") -> None:
-    _check(isinstance(photos, (list, tuple)) and 1 <= len(photos) <= MAX_REFERENCE_PHOTOS, param,
-           f"{param} must hold 1 to {MAX_REFERENCE_PHOTOS} photos of one person")
-
-
-def request_from_dict(data: dict[str, Any], cls: type = GenerationRequest, extra_fields: Sequence[str] = ()) -> GenerationRequest:
-    """Build and validate a request from API-style (camelCase) JSON; unknown fields are rejected
-    by name. `extra_fields` are keys the caller handles itself (e.g. an `id` in a batch file).
-    The conversion itself is `protocol.request_from_wire`."""
-    from .protocol import request_from_wire
-
-    req = request_from_wire(data, cls.kind, ignore=extra_fields)
-    req.validate()
-    return req

@@ -13,10 +13,16 @@ from __future__ import annotations
 import logging
 import time
 
+from typing import Mapping
+
 import numpy as np
 import torch
+from PIL import Image
 
-from .requests import ASPECT_RATIOS, MAX_BATCH_SIZE
+from ..identity_methods import needs_photos
+from ..requests import ASPECT_RATIOS, MAX_BATCH_SIZE, CastCharacter, CastRequest, GenerationRequest, PercifyRequest
+from .memory import PROBE_BATCHES, MemoryProfile, cuda_budget, fit_line, measure_peaks
+from .scheduler import LoadedModel, Task, execute
 
 log = logging.getLogger(__name__)
 WARMUP_STEPS = 1  # guards do not depend on the step count
@@ -24,7 +30,7 @@ WARMUP_STEPS = 1  # guards do not depend on the step count
 
 def compiled_graphs() -> int:
     """Graphs dynamo has compiled in this process (each one an inductor compile on GPU)."""
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import counters  # dynamo's internals load only when asked
 
     return int(counters["stats"]["unique_graphs"])
 
@@ -50,8 +56,7 @@ def warmup_photo():
     """A real face photo (scikit-image's astronaut) for methods that read the face crop."""
     global _WARMUP_PHOTO
     if _WARMUP_PHOTO is None:
-        from PIL import Image
-        from skimage import data
+        from skimage import data  # scikit-image: only for methods that read the face crop
 
         _WARMUP_PHOTO = Image.fromarray(data.astronaut())
     return _WARMUP_PHOTO
@@ -60,11 +65,7 @@ def warmup_photo():
 def variant_requests(model, kind: str, images: int, aspect_ratio: str = "1:1", guidance: float | None = None,
                      steps: int = WARMUP_STEPS, method: str | None = None) -> list:
     """Requests of `kind` totalling `images` images (requests hold at most MAX_BATCH_SIZE)."""
-    from .cast import CastCharacter, CastRequest
-    from .identity import NEEDS_PHOTOS, PercifyRequest
-    from .requests import GenerationRequest
-
-    photo = method in NEEDS_PHOTOS
+    photo = needs_photos(method)
     out = []
     for i in range(0, images, MAX_BATCH_SIZE):
         common = dict(prompt="warm-up portrait", seed=i, steps=steps, batch_size=min(MAX_BATCH_SIZE, images - i),
@@ -84,26 +85,22 @@ def variant_requests(model, kind: str, images: int, aspect_ratio: str = "1:1", g
 
 
 def remix_request(model):
-    from PIL import Image
-
-    from .requests import GenerationRequest
-
     res = model.profile.resolution
     return GenerationRequest(prompt="warm-up remix", seed=0, steps=WARMUP_STEPS * 2, strength=0.5,
                              init_image=Image.new("RGB", (res, res), (128, 96, 64)), model=model.profile.name)
 
 
-def run_variant(engine, model, requests) -> None:
-    """Run requests through the engine's planner and tasks on an already-locked model
-    (no scoring, no results)."""
+def run_variant(model: LoadedModel, tasks: Mapping[str, Task], requests, cap: int | None = None) -> None:
+    """Run requests through the scheduler and the given tasks (the engine's, by kind) on an
+    already-locked model (no scoring, no results)."""
     resolved = [r.resolve(model.profile) for r in requests]
-    tasks = [engine._tasks[r.kind] for r in resolved]
-    prepared = [t.prepare(model, r) for t, r in zip(tasks, resolved)]
-    items = [t.items(model, r, i, p) for i, (t, r, p) in enumerate(zip(tasks, resolved, prepared))]
-    engine._execute({model.profile.name: model}, resolved, tasks, items)
+    chosen = [tasks[r.kind] for r in resolved]
+    prepared = [t.prepare(model, r) for t, r in zip(chosen, resolved)]
+    items = [t.items(model, r, i, p) for i, (t, r, p) in enumerate(zip(chosen, resolved, prepared))]
+    execute({model.profile.name: model}, resolved, chosen, items, cap)
 
 
-def warm_up(engine, model) -> dict:
+def warm_up(model: LoadedModel, tasks: Mapping[str, Task], cap: int | None = None) -> dict:
     """Run every variant once; returns seconds, calls and graphs compiled."""
     t0, graphs0 = time.perf_counter(), compiled_graphs()
     opts = model.profile.speed
@@ -121,8 +118,8 @@ def warm_up(engine, model) -> dict:
             plan += [(kind, method, buckets[0], aspect, None) for aspect in aspects[1:]]
         plan.append((kind, method, 1, "1:1", 1.0))  # no classifier-free guidance: a UNet batch of one
     for kind, method, images, aspect, guidance in plan:
-        run_variant(engine, model, variant_requests(model, kind, images, aspect, guidance, method=method))
-    run_variant(engine, model, [remix_request(model)])  # img2img pipeline, VAE encoder
+        run_variant(model, tasks, variant_requests(model, kind, images, aspect, guidance, method=method), cap)
+    run_variant(model, tasks, [remix_request(model)], cap)  # img2img pipeline, VAE encoder
     report = {"seconds": round(time.perf_counter() - t0, 2), "calls": len(plan) + 1,
               "graphs": compiled_graphs() - graphs0,
               "kinds": sorted({k for k, _ in served_modes(model)}),
@@ -131,16 +128,14 @@ def warm_up(engine, model) -> dict:
     return report
 
 
-def probe_memory(engine, model):
+def probe_memory(model: LoadedModel, tasks: Mapping[str, Task]) -> MemoryProfile:
     """Peak memory of 1-step calls at two batch sizes, plain and regional (CUDA, before
     compiling), → memory.MemoryProfile with the budget available after load."""
-    from .memory import MemoryProfile, PROBE_BATCHES, cuda_budget, fit_line, measure_peaks
-
     res = model.profile.resolution
 
     def runner(kind):
         method = model.profile.identity_method if kind == "cast" else None  # cast with a face, as served
-        return lambda n: run_variant(engine, model, variant_requests(model, kind, n, steps=1, method=method))
+        return lambda n: run_variant(model, tasks, variant_requests(model, kind, n, steps=1, method=method))
 
     with torch.inference_mode():
         fixed, per = fit_line(measure_peaks(runner("generate"), model.device, PROBE_BATCHES))
