@@ -514,7 +514,7 @@ def cmd_cast(args) -> None:
     from .cli import make_engine, write_outputs
 
     request = request_from_args(args)
-    write_outputs(make_engine(args).generate(request), args.output, "cast")
+    write_outputs(make_engine(args).generate(request), args.output, "cast", mark=not args.no_mark)
 
 
 def add_cli(subparsers) -> None:

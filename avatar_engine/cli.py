@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import AvatarEngineError
 from .requests import ASPECT_RATIOS, STYLE_PRESETS, GenerationRequest
 
-SUBCOMMAND_MODULES = ("avatar_engine.identity", "avatar_engine.cast")
+SUBCOMMAND_MODULES = ("avatar_engine.identity", "avatar_engine.cast", "avatar_engine.provenance.cli")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -28,6 +28,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--model", default=None, help="profile name from models.yaml (see `avatar-engine models`)")
     p.add_argument("-o", "--output", default="out", help="output directory")
+    p.add_argument("--no-mark", action="store_true", help="write PNGs without watermark and Content Credentials")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -56,11 +57,11 @@ def make_engine(args):
                                      face_scorer=getattr(args, "face_scorer", "auto")))
 
 
-def write_outputs(result, out_dir: str, prefix: str) -> None:
+def write_outputs(result, out_dir: str, prefix: str, mark: bool = True) -> None:
     from .io import save_result
 
     stem = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{result.seed}"
-    paths = save_result(result, out_dir, stem)
+    paths = save_result(result, out_dir, stem, mark=mark)
     for p in paths:
         print(p)
     print(Path(out_dir) / f"{stem}.json")
@@ -69,7 +70,7 @@ def write_outputs(result, out_dir: str, prefix: str) -> None:
 def cmd_generate(args) -> None:
     engine = make_engine(args)
     req = GenerationRequest(prompt=args.prompt, **generation_kwargs(args))
-    write_outputs(engine.generate(req), args.output, "avatar")
+    write_outputs(engine.generate(req), args.output, "avatar", mark=not args.no_mark)
 
 
 def cmd_models(args) -> None:

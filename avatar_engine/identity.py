@@ -461,7 +461,7 @@ def cmd_percify(args) -> None:
                          **generation_kwargs(args))
     result = engine.generate(req)
     result.extra["identity"]["photoFiles"] = list(args.photos)
-    write_outputs(result, args.output, "percify")
+    write_outputs(result, args.output, "percify", mark=not args.no_mark)
     import sys
 
     print(identity_summary(result.extra["identity"]), file=sys.stderr)
