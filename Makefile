@@ -16,8 +16,8 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[face,serve,dev]"
-	$(BIN)/pip install -q --no-deps "insightface>=0.7.3" "facenet-pytorch==2.6.0"
+	$(BIN)/pip install -q -e ".[face,serve,dev,provenance]"
+	$(BIN)/pip install -q --no-deps "insightface>=0.7.3" "facenet-pytorch==2.6.0" "invisible-watermark==0.2.0"
 	# The identity scorer (dlib-bin + face-recognition-models, from the `face` extra) must work.
 	$(BIN)/python -c "from avatar_engine.faces.scoring import DlibScorer; print('face scorer:', DlibScorer().name)"
 	touch $@

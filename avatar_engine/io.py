@@ -9,7 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .protocol import result_to_wire
+from .protocol import request_to_wire, result_to_wire
+from .provenance.marking import default_marker
 from .requests import GenerationResult
 
 
@@ -43,18 +44,29 @@ def build_dir_atomically(target: Path, build: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_result(result: GenerationResult, out_dir: str | os.PathLike, stem: str) -> list[Path]:
+def save_result(result: GenerationResult, out_dir: str | os.PathLike, stem: str, *, mark: bool = True) -> list[Path]:
     """Write `{stem}_{i}.png` for every image, then `{stem}.json` (written last: its presence
-    means the result is complete)."""
+    means the result is complete). `mark`: each PNG carries an invisible watermark for avatar id
+    `{stem}_{i}` and signed Content Credentials (the embedded local signer)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
+    marker = default_marker() if mark else None
     for i, image in enumerate(result.images):
         p = out / f"{stem}_{i}.png"
-        atomic_write(p, lambda fh, im=image: im.save(fh, format="PNG"))
+        if marker is None:
+            atomic_write(p, lambda fh, im=image: im.save(fh, format="PNG"))
+        else:
+            data = marker.mark(image, avatar_id=p.stem, claims=marker.claims(
+                model_profile=result.model, identity_method=getattr(result.request, "identity_method", None),
+                request_params={"kind": result.request.kind, **request_to_wire(result.request)}, avatar_id=p.stem))
+            atomic_write(p, lambda fh, b=data: fh.write(b))
         paths.append(p)
     meta = result_to_wire(result)
     meta["files"] = [p.name for p in paths]
+    if marker is not None:
+        meta["provenance"] = {"watermark": marker.config.watermark, "contentCredentials": True,
+                              "trustedSigner": marker.trusted_signer}
     atomic_write(out / f"{stem}.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
     return paths
 

@@ -9,10 +9,10 @@ import os
 import sys
 
 from ..errors import AvatarEngineError
-from . import batch, cast, generate, models, percify
+from . import batch, cast, generate, models, percify, verify
 
 #: Subcommands in the order `--help` lists them.
-COMMANDS = (generate, models, batch, percify, cast)
+COMMANDS = (generate, models, batch, percify, cast, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:

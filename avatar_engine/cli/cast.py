@@ -44,7 +44,7 @@ def request_from_args(args) -> CastRequest:
 
 def cmd_cast(args) -> None:
     request = request_from_args(args)
-    write_outputs(make_engine(args).generate(request), args.output, "cast")
+    write_outputs(make_engine(args).generate(request), args.output, "cast", mark=not args.no_mark)
 
 
 def cmd_init(subparsers) -> None:

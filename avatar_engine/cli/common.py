@@ -22,6 +22,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--model", default=None, help="profile name from models.yaml (see `avatar-engine models`)")
     p.add_argument("-o", "--output", default="out", help="output directory")
+    p.add_argument("--no-mark", action="store_true", help="write PNGs without watermark and Content Credentials")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -47,10 +48,11 @@ def make_engine(args) -> AvatarEngine:
                                      face_scorer=getattr(args, "face_scorer", "auto")))
 
 
-def write_outputs(result, out_dir: str, prefix: str) -> None:
-    """PNGs + JSON sidecar named `{prefix}-{time}-{seed}`; prints each path."""
+def write_outputs(result, out_dir: str, prefix: str, mark: bool = True) -> None:
+    """PNGs + JSON sidecar named `{prefix}-{time}-{seed}`; prints each path. `mark`: watermark and
+    Content Credentials on every PNG (`--no-mark` turns them off)."""
     stem = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{result.seed}"
-    paths = save_result(result, out_dir, stem)
+    paths = save_result(result, out_dir, stem, mark=mark)
     for p in paths:
         print(p)
     print(Path(out_dir) / f"{stem}.json")

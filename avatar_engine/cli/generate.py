@@ -8,7 +8,7 @@ from .common import add_engine_args, add_generation_args, generation_kwargs, mak
 def cmd_generate(args) -> None:
     engine = make_engine(args)
     req = GenerationRequest(prompt=args.prompt, **generation_kwargs(args))
-    write_outputs(engine.generate(req), args.output, "avatar")
+    write_outputs(engine.generate(req), args.output, "avatar", mark=not args.no_mark)
 
 
 def cmd_init(sub) -> None:

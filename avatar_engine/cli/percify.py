@@ -21,7 +21,7 @@ def cmd_percify(args) -> None:
                          **generation_kwargs(args))
     result = engine.generate(req)
     result.report.photo_files = list(args.photos)
-    write_outputs(result, args.output, "percify")
+    write_outputs(result, args.output, "percify", mark=not args.no_mark)
     print(result.report.summary(), file=sys.stderr)
 
 
