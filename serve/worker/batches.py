@@ -10,13 +10,12 @@ from typing import Any
 from avatar_engine.errors import AvatarEngineError
 from avatar_engine.requests import GenerationRequest
 
-from ..assets import AssetStore
 from ..engine_client import EngineRunner
 from ..logctx import logger, request_context
 from ..loops import BackgroundLoop
 from ..store import Avatar, Store
 from ..vocab import JobErrorCode, JobStatus
-from .jobs import BatchReport, JobBuildError, Outcomes, build_engine_request
+from .jobs import BatchReport, JobBuildError, Outcomes, WorkerContext, build_engine_request
 from .liveness import Leases
 
 log = logger("serve.worker")
@@ -69,17 +68,15 @@ class ProgressWriter:
 
 
 class BatchRunner:
-    def __init__(self, store: Store, engine: EngineRunner, assets: AssetStore, leases: Leases, outcomes: Outcomes, *,
-                 worker_id: str, progress_interval_s: float, metrics: Any = None):
-        self.store, self.engine, self.assets, self.leases, self.outcomes = store, engine, assets, leases, outcomes
-        self.worker_id, self.progress_interval_s, self.metrics = worker_id, progress_interval_s, metrics
+    def __init__(self, ctx: WorkerContext, engine: EngineRunner, outcomes: Outcomes):
+        self.ctx, self.engine, self.outcomes = ctx, engine, outcomes
 
     def build(self, jobs: list[Avatar], report: BatchReport) -> list[tuple[Avatar, GenerationRequest]]:
         """Each job's engine request; a job whose stored params no longer make one fails here."""
         runnable: list[tuple[Avatar, GenerationRequest]] = []
         for job in jobs:
             try:
-                runnable.append((job, build_engine_request(job, self.assets)))
+                runnable.append((job, build_engine_request(job, self.ctx.assets)))
             except (JobBuildError, AvatarEngineError) as exc:
                 self.outcomes.fail(job, exc.code, exc.message, report)
             except Exception:  # noqa: BLE001
@@ -94,12 +91,13 @@ class BatchRunner:
         t0 = time.perf_counter()
         ids = [job.id for job, _ in runnable]
 
-        writer = ProgressWriter(self.store, self.worker_id, {job.id: job.lease_token for job, _ in runnable},
-                                self.progress_interval_s, self.leases)
+        ctx = self.ctx
+        writer = ProgressWriter(ctx.store, ctx.worker_id, {job.id: job.lease_token for job, _ in runnable},
+                                ctx.settings.progress_interval_s, ctx.leases)
 
         def progress(done: int, total: int) -> None:
             # Every job of this call was cancelled/deleted/reclaimed: stop spending the GPU on it.
-            if all(self.leases.is_lost(i) for i in ids):
+            if all(self.ctx.leases.is_lost(i) for i in ids):
                 raise BatchAbandoned()
             writer.report(done, total)  # in memory; the writer thread persists it, throttled
 
@@ -111,16 +109,16 @@ class BatchRunner:
         except BatchAbandoned:
             for job, _ in runnable:
                 self.outcomes.drop(job, report)
-                if self.store.job_statuses([job.id]).get(job.id) in (None, JobStatus.CANCELLED):
-                    self.assets.delete_avatar(job.id)
-                self.leases.release(job.id)
+                if self.ctx.store.job_statuses([job.id]).get(job.id) in (None, JobStatus.CANCELLED):
+                    self.ctx.assets.delete_avatar(job.id)
+                self.ctx.leases.release(job.id)
             return
         except Exception as exc:  # noqa: BLE001
             self._failed(runnable, exc, report, finished)
             return
         elapsed = time.perf_counter() - t0
-        if self.metrics:
-            self.metrics.observe_generation(elapsed, runnable[0][1].model or "", len(runnable))
+        if ctx.metrics:
+            ctx.metrics.observe_generation(elapsed, runnable[0][1].model or "", len(runnable))
         finished.extend((job, result, elapsed) for (job, _), result in zip(runnable, results))
 
     def _failed(self, runnable: list[tuple[Avatar, GenerationRequest]], exc: Exception, report: BatchReport,
@@ -130,11 +128,11 @@ class BatchRunner:
         if len(runnable) > 1:
             log.warning("batch of %d failed (%s); retrying one by one", len(runnable), exc)
             for item in runnable:
-                if not self.leases.is_lost(item[0].id):
+                if not self.ctx.leases.is_lost(item[0].id):
                     self.run([item], report, finished)
                 else:
                     self.outcomes.drop(item[0], report)
-                    self.leases.release(item[0].id)
+                    self.ctx.leases.release(item[0].id)
             return
         job = runnable[0][0]
         if isinstance(exc, AvatarEngineError):

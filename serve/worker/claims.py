@@ -3,33 +3,29 @@ fair order; with prefetch, the next claim runs in its own thread while a batch g
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 from ..logctx import logger
-from ..settings import ServiceSettings
-from ..store import Avatar, Store
-from .liveness import Leases
+from ..store import Avatar
+from .jobs import WorkerContext
 
 log = logger("serve.worker")
 
 
 class Claimer:
-    def __init__(self, store: Store, settings: ServiceSettings, leases: Leases, *, worker_id: str,
-                 models: list[str], metrics: Any = None):
-        self.store, self.settings, self.leases, self.metrics = store, settings, leases, metrics
-        self.worker_id, self.models = worker_id, models
+    def __init__(self, ctx: WorkerContext, models: list[str]):
+        self.ctx, self.models = ctx, models
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="job-claim")
         self._prefetched: Future | None = None
 
     def claim(self) -> list[Avatar]:
-        s = self.settings
-        jobs = self.store.claim_jobs(self.worker_id, limit=s.max_batch, lease_seconds=s.lease_seconds,
+        ctx, s = self.ctx, self.ctx.settings
+        jobs = ctx.store.claim_jobs(ctx.worker_id, limit=s.max_batch, lease_seconds=s.lease_seconds,
                                      models=self.models, max_attempts=s.max_attempts,
                                      dead_after=s.worker_dead_after_seconds)
-        self.leases.add(jobs)
-        if self.metrics:
+        ctx.leases.add(jobs)
+        if ctx.metrics:
             try:
-                self.metrics.set_queue_depth(self.store.queue_stats()["queued"])
+                ctx.metrics.set_queue_depth(ctx.store.queue_stats()["queued"])
             except Exception:  # noqa: BLE001 - metrics never break the loop
                 log.debug("queue_stats failed", exc_info=True)
         return jobs
@@ -59,7 +55,7 @@ class Claimer:
         fut, self._prefetched = self._prefetched, None
         for job in (fut.result() if fut is not None else []):
             try:
-                self.store.requeue_job(job.id, job.lease_token)
+                self.ctx.store.requeue_job(job.id, job.lease_token)
             except Exception:  # noqa: BLE001 - the lease expires instead
                 log.warning("could not requeue prefetched job %s", job.id, exc_info=True)
-            self.leases.release(job.id)
+            self.ctx.leases.release(job.id)

@@ -10,6 +10,8 @@ from avatar_engine.requests import GenerationRequest
 
 from ..assets import AssetStore
 from ..logctx import logger, request_context
+from ..policy import PolicyChecker
+from ..settings import ServiceSettings
 from ..store import Avatar, Store
 from ..vocab import JobErrorCode
 from .liveness import Leases
@@ -49,23 +51,37 @@ class BatchReport:
     retried: list[str] = field(default_factory=list)  # result not stored; back in the queue
 
 
+@dataclass
+class WorkerContext:
+    """What the roles of one worker share. `assets`, `policy` and `metrics` may be swapped on a
+    running worker (tests do), so roles read them from here at each use."""
+
+    store: Store
+    assets: AssetStore
+    settings: ServiceSettings
+    worker_id: str
+    leases: Leases
+    policy: PolicyChecker | None = None
+    metrics: Any = None
+
+
 class Outcomes:
     """Where a job's fate is recorded: failed in the store (its credits released), logged under
     the request that submitted it, counted in the metrics; its lease then no longer held."""
 
-    def __init__(self, store: Store, leases: Leases, metrics: Any = None):
-        self.store, self.leases, self.metrics = store, leases, metrics
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
 
     def fail(self, job: Avatar, code: str, message: str, report: BatchReport) -> None:
         """`code`: a `JobErrorCode`, or the `code` of the engine error that refused the job."""
         try:
-            if self.store.fail_job(job.id, job.lease_token, code, message):
+            if self.ctx.store.fail_job(job.id, job.lease_token, code, message):
                 report.failed.append(job.id)
                 self.note(job, "failed", f"{code}: {message}")
             else:
                 self.drop(job, report)
         finally:
-            self.leases.release(job.id)
+            self.ctx.leases.release(job.id)
 
     def drop(self, job: Avatar, report: BatchReport) -> None:
         """The job is no longer this worker's (cancelled, deleted, reclaimed)."""
@@ -75,5 +91,5 @@ class Outcomes:
     def note(self, job: Avatar, outcome: str, detail: str = "") -> None:
         with request_context(job.request_id):
             log.info("job %s %s%s", job.id, outcome, f" ({detail})" if detail else "")
-        if self.metrics:
-            self.metrics.job_outcome(job.kind, outcome)
+        if self.ctx.metrics:
+            self.ctx.metrics.job_outcome(job.kind, outcome)

@@ -17,7 +17,7 @@ from ..settings import ServiceSettings
 from ..store import Avatar, Store
 from .batches import BatchRunner, Finished
 from .claims import Claimer
-from .jobs import BatchReport, Outcomes
+from .jobs import BatchReport, Outcomes, WorkerContext
 from .liveness import Heartbeat, Leases, process_start_time
 from .postprocess import PostProcessor
 
@@ -41,24 +41,49 @@ class JobWorker:
     def __init__(self, store: Store, engine: Any, assets: AssetStore, settings: ServiceSettings, *,
                  worker_id: str | None = None, policy: PolicyChecker | None = None, metrics: Any = None,
                  on_batch: Callable[[BatchReport], None] | None = None, models: list[str] | None = None):
-        self.store, self.engine, self.assets, self.settings = store, EngineRunner.of(engine), assets, settings
-        self.host, self.pid = socket.gethostname(), os.getpid()
-        self.process_start = process_start_time(self.pid)
-        self.worker_id = worker_id or f"{self.host}:{self.pid}:{uuid.uuid4().hex[:8]}"
-        self.policy, self.metrics = policy, metrics
+        self.engine = EngineRunner.of(engine)
+        host, pid = socket.gethostname(), os.getpid()
+        self.host, self.pid, self.process_start = host, pid, process_start_time(pid)
+        self.worker_id = worker_id or f"{host}:{pid}:{uuid.uuid4().hex[:8]}"
         self.served_models = list(models) if models else [self.engine.default_model]
         self._leases = Leases()
-        self._outcomes = Outcomes(store, self._leases, metrics)
-        self._heartbeat = Heartbeat(store, settings, self._leases, worker_id=self.worker_id, host=self.host,
-                                    pid=self.pid, process_start=self.process_start)
-        self._claimer = Claimer(store, settings, self._leases, worker_id=self.worker_id, models=self.served_models,
-                                metrics=metrics)
-        self._batches = BatchRunner(store, self.engine, assets, self._leases, self._outcomes, worker_id=self.worker_id,
-                                    progress_interval_s=settings.progress_interval_s, metrics=metrics)
-        self._post = PostProcessor(store, assets, settings, self._leases, self._outcomes, policy=policy,
-                                   metrics=metrics, on_batch=on_batch)
+        self._ctx = WorkerContext(store, assets, settings, self.worker_id, self._leases, policy, metrics)
+        outcomes = Outcomes(self._ctx)
+        self._heartbeat = Heartbeat(store, settings, self._leases, worker_id=self.worker_id, host=host, pid=pid,
+                                    process_start=self.process_start)
+        self._claimer = Claimer(self._ctx, self.served_models)
+        self._batches = BatchRunner(self._ctx, self.engine, outcomes)
+        self._post = PostProcessor(self._ctx, outcomes, on_batch)
         self._loop = BackgroundLoop("job-worker", self._step, settings.poll_seconds)
         self._looping = False
+
+    # -- what the roles share (tests swap assets, policy, metrics on a built worker) ---------
+    store = property(lambda self: self._ctx.store)
+    settings = property(lambda self: self._ctx.settings)
+
+    @property
+    def assets(self) -> AssetStore:
+        return self._ctx.assets
+
+    @assets.setter
+    def assets(self, value: AssetStore) -> None:
+        self._ctx.assets = value
+
+    @property
+    def policy(self) -> PolicyChecker | None:
+        return self._ctx.policy
+
+    @policy.setter
+    def policy(self, value: PolicyChecker | None) -> None:
+        self._ctx.policy = value
+
+    @property
+    def metrics(self) -> Any:
+        return self._ctx.metrics
+
+    @metrics.setter
+    def metrics(self, value: Any) -> None:
+        self._ctx.metrics = value
 
     # -- one step ---------------------------------------------------------------------------
     def run_once(self) -> BatchReport:

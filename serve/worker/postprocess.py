@@ -9,26 +9,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from ..assets import AssetStore
 from ..logctx import logger, request_context
-from ..policy import PolicyChecker
-from ..settings import ServiceSettings
-from ..store import Avatar, Store
+from ..store import Avatar
 from ..vocab import JobErrorCode, JobStatus
 from .batches import Finished
-from .jobs import BatchReport, Outcomes
-from .liveness import Leases
+from .jobs import BatchReport, Outcomes, WorkerContext
 from .payload import engine_nsfw_flags, result_payload
 
 log = logger("serve.worker")
 
 
 class PostProcessor:
-    def __init__(self, store: Store, assets: AssetStore, settings: ServiceSettings, leases: Leases, outcomes: Outcomes,
-                 *, policy: PolicyChecker | None = None, metrics: Any = None,
-                 on_batch: Callable[[BatchReport], None] | None = None):
-        self.store, self.assets, self.settings, self.leases, self.outcomes = store, assets, settings, leases, outcomes
-        self.policy, self.metrics, self.on_batch = policy, metrics, on_batch
+    def __init__(self, ctx: WorkerContext, outcomes: Outcomes, on_batch: Callable[[BatchReport], None] | None = None):
+        settings = ctx.settings
+        self.ctx, self.outcomes, self.on_batch = ctx, outcomes, on_batch
         self.batches_done = 0
         self._pool = ThreadPoolExecutor(settings.resolved_post_workers, thread_name_prefix="job-post")
         self._slots = threading.BoundedSemaphore(settings.post_queue_batches)
@@ -88,52 +82,52 @@ class PostProcessor:
                 log.exception("could not store the result of job %s", job.id)
             self._retry_or_fail(job, report)
         finally:
-            self.leases.release(job.id)
+            self.ctx.leases.release(job.id)
 
     def _retry_or_fail(self, job: Avatar, report: BatchReport) -> None:
         """Saving a result failed (asset backend or store error): hand the job back to the queue
         for another attempt, or fail it (credits released) once it has used its attempts. If the
         store is down too, the lease simply expires and the job is reclaimed or reaped later."""
         try:
-            if job.attempts >= self.settings.max_attempts:
+            if job.attempts >= self.ctx.settings.max_attempts:
                 self.outcomes.fail(job, JobErrorCode.STORAGE_FAILED,
                                    "The generated images could not be stored; the credits were released", report)
-            elif self.store.requeue_job(job.id, job.lease_token):
+            elif self.ctx.store.requeue_job(job.id, job.lease_token):
                 report.retried.append(job.id)
                 self.outcomes.note(job, "retried")
             else:
-                if self.store.job_statuses([job.id]).get(job.id) in (None, JobStatus.CANCELLED):
-                    self.assets.delete_avatar(job.id)  # deleted meanwhile: drop any partial files
+                if self.ctx.store.job_statuses([job.id]).get(job.id) in (None, JobStatus.CANCELLED):
+                    self.ctx.assets.delete_avatar(job.id)  # deleted meanwhile: drop any partial files
                 self.outcomes.drop(job, report)
         except Exception:  # noqa: BLE001
             with request_context(job.request_id):
                 log.exception("could not requeue job %s; its lease will expire", job.id)
 
     def _finish(self, job: Avatar, result: Any, elapsed: float, report: BatchReport) -> None:
-        if self.leases.is_lost(job.id):
+        if self.ctx.leases.is_lost(job.id):
             self.outcomes.drop(job, report)
             return
         t0 = time.perf_counter()
         images = list(result.images)
-        if any(engine_nsfw_flags(result)) or (self.policy is not None and any(self.policy.check_images(images))):
+        if any(engine_nsfw_flags(result)) or (self.ctx.policy is not None and any(self.ctx.policy.check_images(images))):
             self.outcomes.fail(job, JobErrorCode.BLOCKED, "The generated image was blocked by the safety checker", report)
             return
         stored = []
         for i, (img, seed) in enumerate(zip(images, result.seeds)):
-            info = self.assets.put_image(job.id, i, img)
-            if self.metrics:
-                self.metrics.observe_encode(info.encode_seconds, info.width, info.height)
+            info = self.ctx.assets.put_image(job.id, i, img)
+            if self.ctx.metrics:
+                self.ctx.metrics.observe_encode(info.encode_seconds, info.width, info.height)
             stored.append({"key": info.key, "width": info.width, "height": info.height, "seed": int(seed)})
-        completed = self.store.complete_job(job.id, job.lease_token, result_payload(job.id, result, stored, elapsed))
-        if self.metrics:
-            self.metrics.observe_postprocess(time.perf_counter() - t0)
+        completed = self.ctx.store.complete_job(job.id, job.lease_token, result_payload(job.id, result, stored, elapsed))
+        if self.ctx.metrics:
+            self.ctx.metrics.observe_postprocess(time.perf_counter() - t0)
         if completed:
             report.completed.append(job.id)
             self.outcomes.note(job, "completed")
             return
         # Not ours any more: cancelled/deleted while running (drop the files) or reclaimed by
         # another worker after our lease expired (it writes the same keys; leave them).
-        status = self.store.job_statuses([job.id]).get(job.id)
+        status = self.ctx.store.job_statuses([job.id]).get(job.id)
         if status in (None, JobStatus.CANCELLED):
-            self.assets.delete_avatar(job.id)
+            self.ctx.assets.delete_avatar(job.id)
         self.outcomes.drop(job, report)
