@@ -25,8 +25,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 demo: install
 	$(BIN)/avatar-engine generate "portrait of an astronaut, studio light" --style professional --seed 42 -o $(OUT)
 
-# The default suite (store, API, webhooks, engine; SQLite and PostgreSQL) without Ray.
+# The import contracts (.importlinter: the layers of serve/), then the default suite (store, API,
+# webhooks, engine; SQLite and PostgreSQL) without Ray.
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # The end-to-end tests against a real Ray Serve app on 127.0.0.1 (marker `ray`).
