@@ -25,8 +25,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 demo: install
 	$(BIN)/avatar-engine generate "portrait of an astronaut, studio light" --style professional --seed 42 -o $(OUT)
 
-# The import contracts (.importlinter: the library's layers, no serve/Ray/HTTP in it), then the
-# default suite (store, API, webhooks, engine; SQLite and PostgreSQL) without Ray.
+# The import contracts (.importlinter: the layers of avatar_engine/ and serve/, no serve/Ray/HTTP in the
+# library), then the default suite (store, API, webhooks, engine; SQLite and PostgreSQL) without Ray.
 test: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q

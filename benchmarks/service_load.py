@@ -5,7 +5,7 @@ submit → last PNG in hand.
 
 Default run, on SQLite and on PostgreSQL (each store its own service):
 
-(a) ceiling — the BENCHMARK-ONLY engine `bench-null` (serve/bench_engine.py: deterministic noise
+(a) ceiling — the BENCHMARK-ONLY engine `bench-null` (benchmarks/bench_engine.py: deterministic noise
     images at the requested size, generation costs nothing): images/s of 512² and of 1024² PNGs
     delivered; everything measured is the service (HTTP, database, queue, encoding, upload).
 (b) overhead — the benchmark engine `sleep:<ms>` (sleeps `--gpu-ms` per 512² image, ≈ what a GPU
@@ -312,7 +312,7 @@ def summary(wall: float, lat: list[float], images: int, cpu: float = 0.0) -> dic
 def direct_engine(spec: str, n: int, batch_size: int, max_batch: int) -> dict:
     """The same requests through the benchmark engine in-process, in the chunks a worker claims."""
     from avatar_engine import GenerationRequest
-    from serve.bench_engine import BenchEngine
+    from benchmarks.bench_engine import BenchEngine
 
     engine = BenchEngine(spec)
     reqs = [GenerationRequest(prompt=f"portrait {i}", seed=i, batch_size=batch_size) for i in range(n)]
@@ -348,6 +348,12 @@ def drop_pg_schema(url: str) -> None:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
+def bench_engine(spec: str) -> dict:
+    """Settings that make the service's model replica run the benchmark engine (it is no part of
+    `serve`: the replica imports it from this repository, which is on its PYTHONPATH)."""
+    return {"engine_factory": "benchmarks.bench_engine:BenchEngine", "engine_args": {"spec": spec}}
+
+
 def bench_store(name: str, url: str, args, env) -> dict:
     data = tempfile.mkdtemp(prefix=f"ae-load-{name}-")
     common = {"max_batch": args.max_batch, "png_compress_level": args.png_level, "poll_seconds": 0.05,
@@ -355,7 +361,7 @@ def bench_store(name: str, url: str, args, env) -> dict:
     out: dict = {"store": name}
     svc = None
     try:
-        svc = start_service(url, data, {**common, "benchmark_engine": "null",
+        svc = start_service(url, data, {**common, **bench_engine("null"),
                                         "models": ["bench-null", "bench-null-1024"]}, env)
         key = _api_key(url)
         for model, size, n in (("bench-null", 512, args.requests), ("bench-null-1024", 1024, max(4, args.requests // 4))):
@@ -375,7 +381,7 @@ def bench_store(name: str, url: str, args, env) -> dict:
         svc.close()
         svc = None
         spec = f"sleep:{args.gpu_ms:g}"
-        svc = start_service(url, data, {**common, "benchmark_engine": spec, "models": ["bench-sleep"]}, env)
+        svc = start_service(url, data, {**common, **bench_engine(spec), "models": ["bench-sleep"]}, env)
         svc_r = summary(*drive(svc.base, key, "bench-sleep", args.requests, args.concurrency, args.batch_size,
                                args.poll, svc.proc.pid))
         direct = direct_engine(spec, args.requests, args.batch_size, args.max_batch)

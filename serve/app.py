@@ -16,8 +16,9 @@ from .api.textguard import reject_unstorable_text
 from .assets import AssetStore
 from .engine_client import EngineClient
 from .links import ImageLinks
-from .errors import RequestContextMiddleware, SchemaMethodGuard, install_error_handlers, store_error
+from .errors import install_error_handlers, store_error
 from .metrics import IngressMetrics, MetricsMiddleware
+from .middleware import RequestContextMiddleware, SchemaMethodGuard
 from .policy import PolicyChecker
 from .settings import ServiceSettings
 from .store import Store

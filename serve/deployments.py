@@ -17,6 +17,7 @@ path (the one `serve run <config>` takes), so every way of starting the app is t
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import time
 from typing import Any, Mapping
@@ -24,9 +25,19 @@ from typing import Any, Mapping
 import yaml
 from ray import serve
 
+from .app import create_app, event_renderer
+from .assets import AssetStore
+from .engine_client import EngineRunner, RayEngineClient, build_engine
+from .links import ImageLinks
 from .logctx import logger
 from .loops import BackgroundLoop
+from .metrics import WorkerMetrics
+from .policy import PolicyChecker
 from .settings import ServiceSettings
+from .store import open_store
+from .store.capacity import worker_load
+from .webhooks import WebhookDispatcher
+from .worker import JobWorker
 
 log = logger("serve.deployments")
 
@@ -35,21 +46,15 @@ MODEL_NAME = "AvatarModel"
 
 
 def _open_store(settings: ServiceSettings):
-    from .app import event_renderer
-    from .store import open_store
-
     if settings.resolved_db_url.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(settings.resolved_db_url[len("sqlite:///"):]) or ".", exist_ok=True)
-    from .assets import AssetStore
-    from .links import ImageLinks
-
     # Webhook payloads have no request to take a base URL from: public_base_url, else host:port.
     base = settings.public_base_url.rstrip("/") or f"http://{settings.host}:{settings.port}"
     links = ImageLinks.from_settings(settings, AssetStore.from_url(settings.resolved_assets_url))
     return open_store(settings.resolved_db_url, event_renderer=event_renderer(base, links))
 
 
-def served_models(engine: Any, settings: ServiceSettings) -> list[str]:
+def served_models(engine: EngineRunner, settings: ServiceSettings) -> list[str]:
     """Profiles this deployment serves: the configured ones, else the engine's default."""
     return list(settings.models) if settings.models else [engine.default_model]
 
@@ -61,14 +66,6 @@ class AvatarModel:
     in the worker thread, never inside a request."""
 
     def __init__(self, settings: Mapping[str, Any]):
-        from avatar_engine import AvatarEngine
-
-        from .assets import AssetStore
-        from .engine_client import EngineDescription
-        from .metrics import WorkerMetrics
-        from .policy import PolicyChecker
-        from .worker import JobWorker
-
         self.settings = ServiceSettings.from_dict(settings, env=False)
         s = self.settings
         try:
@@ -77,18 +74,11 @@ class AvatarModel:
             torch.set_num_threads(max(1, int(os.environ.get("AVATAR_TORCH_THREADS", "2"))))
         except Exception:  # noqa: BLE001
             pass
-        if s.benchmark_engine:  # benchmarks only: no model runs (serve/bench_engine.py)
-            from .bench_engine import make_engine
-
-            log.warning("BENCHMARK ENGINE %r: no model runs, images are noise", s.benchmark_engine)
-            self.engine = make_engine(s.benchmark_engine)
-        else:
-            self.engine = AvatarEngine.from_config(models_yaml_path=s.models_yaml, profile_names=s.models or None,
-                                                   device=s.device)
+        self.engine = build_engine(s)  # the models.yaml engine, or `engine_factory`'s (benchmarks)
         models = served_models(self.engine, s)
         for name in models:  # load (and warm) before accepting jobs
             self.engine.load(name)
-        self.description = EngineDescription.from_engine(self.engine, models)
+        self.description = self.engine.describe(models)
         self.store = _open_store(s)
         self.metrics = WorkerMetrics(ray_mirror=True)
         assets = AssetStore.from_url(s.resolved_assets_url, s.png_compress_level)
@@ -114,8 +104,6 @@ class AvatarModel:
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metrics (`serve.autoscale.QueueDepthPolicy`): the queue depth and
         the jobs this replica holds. Serve calls this periodically on the replica."""
-        from .store.capacity import worker_load
-
         load = await asyncio.to_thread(worker_load, self.store, self.worker.worker_id)
         return load.to_metrics()
 
@@ -167,21 +155,15 @@ class AvatarIngress:
     """HTTP entry point; the FastAPI app is built per replica by `create_app`."""
 
     def __init__(self, model_handle: Any, settings: Mapping[str, Any]):
-        from .engine_client import RayEngineClient
-
         self.settings = ServiceSettings.from_dict(settings, env=False)
         self.store = _open_store(self.settings)
         self.client = RayEngineClient(model_handle)
         # Webhook delivery is I/O only: every ingress replica runs a dispatcher; leases in the
         # outbox keep them from sending the same message concurrently.
-        from .webhooks import WebhookDispatcher
-
         self.dispatcher = WebhookDispatcher(self.store, self.settings.webhooks).start()
         self.housekeeper = Housekeeper(self.store).start()
 
     def __serve_build_asgi_app__(self):
-        from .app import create_app
-
         # Serve's proxy sets x-request-id on every response: one header, its id (see errors.py).
         return create_app(self.settings, self.store, self.client, proxy_request_id=True)
 
@@ -220,8 +202,6 @@ def default_config_path(name: str = "serve_local.yaml") -> str:
 def with_args(config: Mapping[str, Any] | str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The config (YAML path or parsed dict) with `overrides` merged into every application's
     `args` (a copy; the input is not changed)."""
-    import copy
-
     cfg = copy.deepcopy(load_config(config) if isinstance(config, str) else dict(config))
     for app_cfg in cfg["applications"]:
         app_cfg["args"] = {**(app_cfg.get("args") or {}), **(overrides or {})}

@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import importlib
+import json
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
+
+from avatar_engine import AvatarEngine
+from avatar_engine.faces import face_analyzer_from_config
 
 from .logctx import logger
+from .settings import ServiceSettings
 from .vocab import JOB_KINDS
 
 log = logger("serve.engine_client")
@@ -93,12 +99,18 @@ class EngineDescription:
         profiles = {}
         for name in names:
             info = ProfileInfo.from_profile(engine.profiles[name])
-            loaded = getattr(engine, "_models", {}).get(name)
+            loaded = _loaded_model(engine, name)
             if loaded is not None:
                 info = replace(info, engine={**loaded.applied, "warmup": dict(loaded.warmup)})
             profiles[name] = info
         default = engine.default_model if engine.default_model in profiles else names[0]
         return cls(default_model=default, profiles=profiles, face=face_config(engine))
+
+
+def _loaded_model(engine: Any, name: str) -> Any:
+    """The engine's loaded model `name` (what runs on it: `applied`, `warmup`), None if not loaded."""
+    accessor = getattr(engine, "loaded_model", None)  # absent on stand-in engines (benchmarks, tests)
+    return accessor(name) if accessor is not None else None
 
 
 def face_config(engine: Any) -> dict | None:
@@ -119,14 +131,55 @@ _ANALYZERS: dict[str, Any] = {}
 def face_analyzer_for(face: dict) -> Any:
     """The process-wide analyzer for a description's `face` config (built once; detection is
     stateless, so one instance serves every request)."""
-    import json
-
     key = json.dumps(face, sort_keys=True)
     if key not in _ANALYZERS:
-        from avatar_engine.faces import face_analyzer_from_config
-
         _ANALYZERS[key] = face_analyzer_from_config(face["backend"], **(face.get("options") or {}))
     return _ANALYZERS[key]
+
+
+class EngineRunner:
+    """The worker's side of an in-process engine: the one place (with `EngineDescription`) where
+    serve touches the engine object. The engine is anything with `profiles`, `default_model`,
+    `load(name)` and `generate(requests, progress=...)` (`AvatarEngine`, a benchmark stand-in)."""
+
+    def __init__(self, engine: Any):
+        self._engine = engine
+
+    @classmethod
+    def of(cls, engine: Any) -> "EngineRunner":
+        return engine if isinstance(engine, cls) else cls(engine)
+
+    @property
+    def default_model(self) -> str:
+        return self._engine.default_model
+
+    def load(self, name: str) -> None:
+        """Load (and warm) a profile before jobs for it are claimed."""
+        self._engine.load(name)
+
+    def generate(self, requests: list[Any], progress: Callable[[int, int], None] | None = None) -> list[Any]:
+        """One batched engine call; `progress(done, total)` may raise to abort it."""
+        return self._engine.generate(requests, progress=progress)
+
+    def describe(self, models: list[str] | None = None) -> EngineDescription:
+        return EngineDescription.from_engine(self._engine, models)
+
+
+def build_engine(settings: ServiceSettings) -> EngineRunner:
+    """The engine a model replica serves: `settings.engine_factory(**engine_args)` when set (a
+    benchmark stand-in or a plug-in, logged loudly), else the models.yaml `AvatarEngine`."""
+    if not settings.engine_factory:
+        return EngineRunner(AvatarEngine.from_config(models_yaml_path=settings.models_yaml,
+                                                     profile_names=settings.models or None, device=settings.device))
+    module_name, _, attr = settings.engine_factory.partition(":")
+    try:
+        factory: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"engine_factory {settings.engine_factory!r} cannot be imported: {exc}") from None
+    log.warning("ENGINE FACTORY %s(%s): not the models.yaml engine", settings.engine_factory, settings.engine_args)
+    return EngineRunner(factory(**settings.engine_args))
 
 
 class EngineClient(abc.ABC):
@@ -148,7 +201,7 @@ class LocalEngineClient(EngineClient):
     run anything: tests then drive the worker with `worker.run_once()` for deterministic steps."""
 
     def __init__(self, engine: Any, worker: Any = None, *, autorun: bool = False, models: list[str] | None = None):
-        self.engine = engine
+        self.engine = EngineRunner.of(engine)
         self.models = models if models is not None else getattr(worker, "served_models", None)
         self.worker = worker
         self.autorun = autorun
@@ -158,7 +211,7 @@ class LocalEngineClient(EngineClient):
 
     async def describe(self) -> EngineDescription:
         if self._desc is None:
-            self._desc = EngineDescription.from_engine(self.engine, self.models)
+            self._desc = self.engine.describe(self.models)
         return self._desc
 
     async def notify(self) -> None:

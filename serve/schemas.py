@@ -54,10 +54,15 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def dump(model: Any) -> Any:
+    """A wire model as its JSON value (camelCase)."""
+    return model.model_dump(mode="json", by_alias=True)
+
+
 class _In(BaseModel):
     # strict: JSON types are taken as declared ("7" is not an integer, true is not a number), so
     # the OpenAPI document says exactly what is accepted. Multipart form fields, which are all
-    # text, are converted by `serve.submissions.read_photo_sources` (`strict=False`).
+    # text, are converted by `serve.api.forms.read_photo_sources` (`strict=False`).
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", strict=True)
 
     @field_validator("*", mode="before")

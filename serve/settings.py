@@ -23,6 +23,8 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 ENV_PREFIX = "AVATAR_"
 WEBHOOK_PREFIX = "webhook_"
+#: `engine_factory`: a dotted module path, a colon, a dotted attribute path.
+ENGINE_FACTORY_PATTERN = r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$"
 
 
 @dataclass(frozen=True)
@@ -178,10 +180,14 @@ class ServiceSettings(BaseSettings):
     """Profile names to load; None → the engine's default selection."""
     device: Optional[str] = None
     """`cpu`, `cuda`, `cuda:1`...; None → the engine picks."""
-    benchmark_engine: Optional[str] = None
-    """BENCHMARKS ONLY (`serve/bench_engine.py`): `null` (noise images, no generation cost) or
-    `sleep:<ms>` (sleeps that long per 512² image) instead of the real engine; its profiles are
-    named `bench-…`. Never set in production: no model runs."""
+    engine_factory: Optional[str] = Field(None, pattern=ENGINE_FACTORY_PATTERN)
+    """`package.module:callable` that returns the engine to serve instead of the models.yaml
+    `AvatarEngine`, called with `engine_args` as keyword arguments; it must offer what the worker
+    uses (`profiles`, `default_model`, `load`, `generate`). For benchmarks — the noise-image
+    stand-in `benchmarks.bench_engine:BenchEngine` with `{"spec": "null"}` or `{"spec": "sleep:50"}`
+    — and plug-ins. Unset in production."""
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of `engine_factory` (JSON in `AVATAR_ENGINE_ARGS`)."""
 
     # --- accounts, limits, costs ---------------------------------------------------------
     tiers: dict[str, TierLimits] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
@@ -292,15 +298,6 @@ class ServiceSettings(BaseSettings):
         nested = nested.model_dump() if isinstance(nested, WebhookSettings) else dict(nested)
         rest = {k: v for k, v in data.items() if not k.startswith(WEBHOOK_PREFIX)}
         return {**rest, "webhooks": {**nested, **flat}}
-
-    @field_validator("benchmark_engine")
-    @classmethod
-    def _bench(cls, value: Optional[str]) -> Optional[str]:
-        if value:
-            from .bench_engine import parse_spec
-
-            parse_spec(value)
-        return value or None
 
     @field_validator("tiers", mode="before")
     @classmethod

@@ -3,7 +3,7 @@
 Photos are validated here, before a job is accepted, so a bad image is a 400 naming the part
 (`photos[1]`, `photo[0]`), never a failed job later. Decoding is the engine's
 `avatar_engine.images.load_image` (bytes → upright RGB PIL, format sniffed, size-checked) with
-the service's limits. Photo URLs are fetched by `submissions.photo_bytes_of` (through the
+the service's limits. Photo URLs are fetched by `photos.photo_bytes_of` (through the
 SSRF guard of `serve.destinations`) before they get here.
 """
 from __future__ import annotations

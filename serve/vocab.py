@@ -38,6 +38,21 @@ class JobStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+class JobErrorCode(StrEnum):
+    """`error.code` of a failed or cancelled job, besides the engine's own error codes (a job the
+    engine refused fails with the `code` of its `AvatarEngineError`). Every job failure names one
+    of these, never a string literal, so `tests/test_docs.py` can check that docs/api.md lists them."""
+
+    ASSET_MISSING = "asset_missing"  # a reference photo / init image of the job is gone
+    UNSUPPORTED_KIND = "unsupported_kind"  # the stored kind is not one this worker can build
+    INVALID_JOB = "invalid_job"  # the stored parameters no longer make an engine request
+    GENERATION_FAILED = "generation_failed"  # the engine call raised an unexpected error
+    BLOCKED = "content_policy_violation"  # the safety checker refused a generated image
+    STORAGE_FAILED = "internal_error"  # the images could not be stored, attempts used up
+    WORKER_LOST = "worker_lost"  # its worker died too often (max_attempts claims)
+    CANCELLED = "cancelled"  # deleted while queued or running
+
+
 class Visibility(StrEnum):
     PRIVATE = "private"
     UNLISTED = "unlisted"

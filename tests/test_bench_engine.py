@@ -1,5 +1,6 @@
-"""The benchmark-only engine (serve/bench_engine.py): deterministic images at the profile's size,
-the configured per-image cost, and settings that refuse anything but its two documented forms."""
+"""The benchmark-only engine (benchmarks/bench_engine.py, outside the service package):
+deterministic images at the profile's size, the configured per-image cost, only its two documented
+specs, and the `engine_factory` setting through which a model replica builds it."""
 from __future__ import annotations
 
 import time
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from avatar_engine.requests import GenerationRequest
-from serve.bench_engine import BenchEngine, parse_spec
+from benchmarks.bench_engine import BenchEngine, parse_spec
+from serve.engine_client import build_engine
 from serve.settings import ServiceSettings
 
 
@@ -34,11 +36,24 @@ def test_sleep_engine_costs_its_time_per_512_image():
     assert time.perf_counter() - t0 >= 0.06  # a lower bound: it sleeps at least that long
 
 
-def test_benchmark_engine_setting_takes_only_its_documented_forms():
-    assert ServiceSettings(benchmark_engine="null").benchmark_engine == "null"
-    assert ServiceSettings(benchmark_engine="sleep:50").benchmark_engine == "sleep:50"
-    assert ServiceSettings().benchmark_engine is None  # off unless asked for
-    for bad in ("sleep", "sleep:-1", "tiny-sd15", "sleep:abc"):
-        with pytest.raises(ValueError, match="benchmark_engine"):
-            ServiceSettings(benchmark_engine=bad)
+def test_the_benchmark_engine_takes_only_its_documented_specs():
+    assert parse_spec("null") == ("bench-null", 0.0)
     assert parse_spec("sleep:50") == ("bench-sleep", 0.05)
+    for bad in ("sleep", "sleep:-1", "tiny-sd15", "sleep:abc"):
+        with pytest.raises(ValueError, match="spec"):
+            BenchEngine(bad)
+
+
+def test_a_replica_builds_the_benchmark_engine_only_through_engine_factory():
+    assert ServiceSettings().engine_factory is None  # off unless asked for
+    settings = ServiceSettings(engine_factory="benchmarks.bench_engine:BenchEngine", engine_args={"spec": "sleep:5"})
+    runner = build_engine(settings)
+    assert runner.default_model == "bench-sleep"
+    assert set(runner.describe(["bench-sleep", "bench-sleep-1024"]).names()) == {"bench-sleep", "bench-sleep-1024"}
+    result = runner.generate([GenerationRequest(prompt="x", seed=3)])[0]
+    assert result.images[0].size == (512, 512) and result.seeds == [3]
+    for bad in ("benchmarks.bench_engine", "a:b:c", "no such:thing"):
+        with pytest.raises(ValueError, match="engine_factory"):
+            ServiceSettings(engine_factory=bad)
+    with pytest.raises(ValueError, match="cannot be imported"):
+        build_engine(ServiceSettings(engine_factory="benchmarks.bench_engine:NoSuchEngine"))

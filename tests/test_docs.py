@@ -1,8 +1,10 @@
 """docs/api.md is the served API: its endpoint, query-parameter and object tables equal what the
-app's OpenAPI document says (both ways), and every error code the service raises is listed.
-The README links the docs and points at nothing outside the repository."""
+app's OpenAPI document says (both ways), every error code the service raises is listed, and so is
+every code a failed job can carry. The README links the docs and points at nothing outside the
+repository."""
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -62,6 +64,52 @@ def test_every_error_code_the_service_raises_is_documented():
         "store_error", "not_found", "account_not_found"}
     documented = set(re.findall(r"^\| (\w+) \| \d{3} \|", _section("Errors"), re.M))
     assert raised and raised <= documented, raised - documented
+
+
+#: Calls that fail a job, and which positional argument is its error code (a `code=` keyword
+#: counts anywhere): the worker's `Outcomes.fail`, the store's `fail_job`, `JobBuildError`.
+_JOB_FAILING_CALLS = {"fail": 1, "fail_job": 2, "JobBuildError": 0}
+
+
+def _job_code_literals() -> list[str]:
+    """Job failure codes written as string literals at a raising site in serve/ (each must come
+    from `vocab.JobErrorCode`, the one table the docs are checked against)."""
+    found = []
+    for path in (REPO / "serve").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            args = [kw.value for kw in node.keywords if kw.arg == "code"]
+            if name in _JOB_FAILING_CALLS and len(node.args) > _JOB_FAILING_CALLS[name]:
+                args.append(node.args[_JOB_FAILING_CALLS[name]])
+            found += [f"{path.relative_to(REPO)}:{node.lineno} {a.value!r}" for a in args
+                      if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+    return found
+
+
+def _engine_error_codes() -> set[str]:
+    """The `code` class attribute of every engine error class (a job the engine refuses fails with it)."""
+    codes = set()
+    for path in (REPO / "avatar_engine").rglob("*.py"):
+        for cls in (n for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(n, ast.ClassDef)):
+            for stmt in cls.body:
+                if isinstance(stmt, ast.Assign) and [getattr(t, "id", None) for t in stmt.targets] == ["code"] \
+                        and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str):
+                    codes.add(stmt.value.value)
+    return codes
+
+
+def test_every_job_failure_code_is_documented():
+    from serve.vocab import JobErrorCode
+
+    assert _job_code_literals() == [], "fail jobs with a JobErrorCode member, not a string literal"
+    engine = _engine_error_codes()
+    assert {"engine_error", "invalid_request", "model_unavailable"} <= engine
+    raised = {c.value for c in JobErrorCode} | engine
+    assert {"generation_failed", "asset_missing", "unsupported_kind", "invalid_job"} <= raised
+    documented = set(re.findall(r"^\| (\w+) \| ", _section("Job failure codes"), re.M)) - {"Code"}
+    assert raised == documented, {"undocumented": raised - documented, "not raised": documented - raised}
 
 
 def test_readme_links_the_docs_and_nothing_outside_the_repository():

@@ -10,9 +10,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_LINES = 500
-# serve/ modules over the limit before the serve layout work (issue 22) lands. Delete this list
-# once that branch is merged: the check then applies to serve/ without exceptions.
-SERVE_OVERSIZED_KNOWN = {"serve/worker.py", "serve/submissions.py"}
 
 
 def _modules(package: str) -> list[Path]:
@@ -30,7 +27,7 @@ def test_no_library_module_is_over_the_limit():
 
 def test_no_service_module_is_over_the_limit():
     too_long = {str(p.relative_to(ROOT)) for p in _modules("serve") if _lines(p) > MAX_LINES}
-    assert too_long - SERVE_OVERSIZED_KNOWN == set()
+    assert too_long == set()
 
 
 def _function_level_own_imports(path: Path, root: Path = ROOT) -> list[str]:

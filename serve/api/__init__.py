@@ -7,7 +7,8 @@
     community    publish, like/unlike, comments, GET /v1/feed
     webhooks     POST/GET/DELETE /v1/webhooks[/{id}]
 
-Handlers are a few lines each: parse (FastAPI + `serve.schemas`), call the store or the
-submission service (`serve.submissions`), render (`rendering`). Shared dependencies live in
-`common` (services, auth) and `idempotency` (the Idempotency-Key dependency).
+Handlers are a few lines each: parse (FastAPI + `serve.schemas`; bodies with photos, JSON or
+multipart, in `forms`), call the store or the submission service (`serve.submissions`), render
+(`rendering`). Shared dependencies live in `common` (services, auth) and `idempotency` (the
+Idempotency-Key dependency).
 """

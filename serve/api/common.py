@@ -1,26 +1,17 @@
-"""What every router shares: the services the app was built with, auth, response helpers."""
+"""What every router shares: the services the app was built with (`serve.services`), auth,
+response helpers."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import Depends, Query, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from .. import schemas as S
-from ..assets import AssetStore
 from ..auth import Principal, authenticate
-from ..engine_client import EngineClient
-from ..errors import avatar_not_found, unauthorized_access
-from ..links import REQUEST_BASE_URL, ImageLinks
-from ..metrics import IngressMetrics
-from ..policy import PolicyChecker
-from ..settings import ServiceSettings
-from ..store import Avatar, Store
+from ..schemas import dump
+from ..services import Services, call, get_visible, visible_to
 from ..store.base import cursor_pattern
-from ..waiting import Waiters
-from ..vocab import Visibility
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": S.ErrorResponse, "description": "invalid_request / content_policy_violation"},
@@ -39,25 +30,6 @@ SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@dataclass(frozen=True)
-class Services:
-    """Everything a handler may use; built once by `create_app`."""
-
-    settings: ServiceSettings
-    store: Store
-    engine: EngineClient
-    assets: AssetStore
-    policy: PolicyChecker
-    metrics: IngressMetrics
-    links: ImageLinks
-    waiters: Waiters  # bounds on waiting requests (Prefer: wait, event streams)
-
-    @property
-    def base_url(self) -> str:
-        """Prefix of absolute URLs: `public_base_url`, else the current request's base URL."""
-        return self.settings.public_base_url.rstrip("/") or REQUEST_BASE_URL.get()
-
-
 def services(request: Request) -> Services:
     return request.app.state.services
 
@@ -65,16 +37,6 @@ def services(request: Request) -> Services:
 #: Handler parameter defaults: `svc: Services = Svc`, `principal: Principal = Auth`.
 Svc = Depends(services)
 Auth = Depends(authenticate)
-
-
-async def call(fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    """Store and asset calls are blocking: run them off the event loop."""
-    return await run_in_threadpool(fn, *args, **kwargs)
-
-
-def dump(model: Any) -> Any:
-    """A wire model as its JSON value (camelCase)."""
-    return model.model_dump(mode="json", by_alias=True)
 
 
 def json_response(model: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -91,15 +53,5 @@ def offset_query() -> Any:
     return Query(None, ge=0, le=1_000_000, description="Items to skip (after the cursor, when both are given).")
 
 
-def visible_to(av: Avatar, principal: Principal) -> bool:
-    return av.account_id == principal.id or av.visibility in (Visibility.PUBLIC, Visibility.UNLISTED) or bool(av.published)
-
-
-async def get_visible(svc: Services, avatar_id: str, principal: Principal) -> Avatar:
-    """The avatar if the caller may see it: own, public, unlisted or published (404 / 403 otherwise)."""
-    av = await call(svc.store.get_avatar, avatar_id)
-    if av is None:
-        raise avatar_not_found(avatar_id)
-    if not visible_to(av, principal):
-        raise unauthorized_access("This avatar is private to another account")
-    return av
+__all__ = ["ERROR_RESPONSES", "SUBMIT_RESPONSES", "Auth", "Principal", "Services", "Svc", "call", "cursor_query", "dump",
+           "get_visible", "json_response", "offset_query", "services", "visible_to"]

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 from sqlalchemy import Connection, bindparam, delete, func, select, true, update
 
 from ..vocab import ACTIVE_STATUSES, JOB_KINDS, JOB_STATUSES, SORT_FIELDS, SORT_ORDERS, VISIBILITIES
-from ..vocab import EventType, FeedSort, JobStatus, Visibility, values
+from ..vocab import EventType, FeedSort, JobErrorCode, JobStatus, Visibility, values
 from .base import StorePart, check_choice, check_limit, page
 from .jobs import check_tags, to_avatar
 from .records import UNSET, Avatar, InvalidArgument, InvalidState, Page
@@ -119,7 +119,7 @@ class AvatarsStore(StorePart):
         def work(conn: Connection) -> Avatar:
             avatar = to_avatar(self.owned_row(conn, avatar_id, account_id, "delete"))
             if avatar.status in ACTIVE_STATUSES:
-                avatar = self._finish(conn, avatar_id, JobStatus.CANCELLED, token=None, code="cancelled",
+                avatar = self._finish(conn, avatar_id, JobStatus.CANCELLED, token=None, code=JobErrorCode.CANCELLED,
                                       message="deleted by the user") or avatar
             conn.execute(delete(likes).where(likes.c.avatar_id == avatar_id))
             conn.execute(delete(comments).where(comments.c.avatar_id == avatar_id))

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 
 from sqlalchemy import Connection, bindparam, case, delete, false, func, insert, or_, select, update
 
-from ..vocab import ACTIVE_STATUSES, JOB_KINDS, VISIBILITIES, EventType, JobStatus, LedgerKind
+from ..vocab import ACTIVE_STATUSES, JOB_KINDS, VISIBILITIES, EventType, JobErrorCode, JobStatus, LedgerKind
 from .base import StorePart, check_choice, check_limit, new_id, new_token
 from .records import (
     DEFAULT_MAX_ATTEMPTS, WORKER_LOST_CODE, AccountNotFound, Avatar, AvatarNotFound, ConcurrencyLimitExceeded,
@@ -190,7 +190,7 @@ class JobsStore(StorePart):
         def work(conn: Connection) -> Avatar:
             row = self.owned_row(conn, avatar_id, account_id, "cancel")
             if row["status"] in ACTIVE_STATUSES:
-                done = self._finish(conn, avatar_id, JobStatus.CANCELLED, token=None, code="cancelled",
+                done = self._finish(conn, avatar_id, JobStatus.CANCELLED, token=None, code=JobErrorCode.CANCELLED,
                                     message="cancelled by the user")
                 if done is not None:
                     return done

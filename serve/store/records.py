@@ -20,6 +20,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from ..vocab import JobErrorCode
+
 #: Idempotency records live this long (seconds) after they were created.
 IDEMPOTENCY_TTL_S = 24 * 3600.0
 #: An `in_flight` idempotency record older than this is treated as abandoned (crashed replica)
@@ -28,7 +30,7 @@ IDEMPOTENCY_STALE_S = 600.0
 #: Default number of times a job may be claimed before an expired lease fails it for good.
 DEFAULT_MAX_ATTEMPTS = 3
 #: Error code stored on a job that ran out of attempts (its worker kept dying).
-WORKER_LOST_CODE = "worker_lost"
+WORKER_LOST_CODE = JobErrorCode.WORKER_LOST
 
 T = TypeVar("T")
 

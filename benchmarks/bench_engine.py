@@ -1,8 +1,10 @@
-"""BENCHMARK-ONLY engines: they measure the service, not a model. Never for production.
+"""BENCHMARK-ONLY engines: they measure the service, not a model. Never for production; not part
+of the `serve` package.
 
-`BenchEngine` stands in for `AvatarEngine` when `ServiceSettings.benchmark_engine` is set
-(`AVATAR_BENCHMARK_ENGINE`; unset by default, and nothing else selects it). Its profiles are named
-`bench-…`, so every response and `/v1/health` says what answered:
+`BenchEngine` stands in for `AvatarEngine` when the service is started with
+`engine_factory="benchmarks.bench_engine:BenchEngine"` and `engine_args={"spec": ...}`
+(`ServiceSettings`; the repository root must be importable, as it is for `benchmarks/service_load.py`).
+Its profiles are named `bench-…`, so every response and `/v1/health` says what answered:
 
 - `null` → profiles `bench-null` (512²) and `bench-null-1024` (1024²): generation costs (almost) nothing; it returns deterministic
   noise images at the requested size (a textured pattern chosen and shifted by the seed, so
@@ -12,14 +14,14 @@
   (scaled by pixel count, e.g. ×4 at 1024²), the GIL released like a GPU kernel: what a GPU
   spends per image, to measure the service's overhead over direct engine calls.
 
-`benchmarks/service_load.py` starts the service with it; the engine interface is the subset of
-`AvatarEngine` the worker and the ingress use (`profiles`, `default_model`, `load`, `generate`).
+The engine interface is the subset of `AvatarEngine` the worker and the ingress use (`profiles`,
+`default_model`, `load`, `generate`).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -53,7 +55,7 @@ def parse_spec(spec: str) -> tuple[str, float]:
             ms = -1.0
         if ms >= 0:
             return "bench-sleep", ms / 1000.0
-    raise ValueError(f"benchmark_engine must be 'null' or 'sleep:<ms per 512² image>', got {spec!r}")
+    raise ValueError(f"the benchmark engine's spec must be 'null' or 'sleep:<ms per 512² image>', got {spec!r}")
 
 
 class BenchEngine:
@@ -105,7 +107,3 @@ class BenchEngine:
             res.timings = {"total": elapsed}
         return out
 
-
-def make_engine(spec: str) -> Any:
-    """The benchmark engine for `ServiceSettings.benchmark_engine` (logged loudly by the caller)."""
-    return BenchEngine(spec)
