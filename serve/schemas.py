@@ -295,7 +295,8 @@ class Avatar(_Out):
     remixes: int = 0
     remixed_from: Optional[str] = None
     credit_cost: int = 0
-    credits_used: int = Field(0, description="Credits this job holds (reserved while it runs, charged when it "
+    # Named `credits_held` in Python so that `CreatedAvatar(**avatar.model_dump(), credits_used=…)` stays valid.
+    credits_held: int = Field(0, alias="creditsUsed", description="Credits this job holds (reserved while it runs, charged when it "
                                              "completes; 0 once failed or cancelled: they were refunded).")
     queue_position: Optional[int] = Field(None, description="While `queued`: 1 + the jobs queued before it (an "
                                                             "estimate: higher tiers go first); null otherwise.")
@@ -314,6 +315,7 @@ class Avatar(_Out):
 class CreatedAvatar(Avatar):
     """What a create call (generate, percify-yourself, cast, remix) returns: the queued Avatar."""
 
+    credits_held: int = Field(0, alias="creditsHeld", exclude=True)  # the Avatar's `creditsUsed`, given below
     credits_used: int = Field(..., description="Credits reserved for this job (charged on completion, released on failure).")
 
 

@@ -93,7 +93,7 @@ def render_avatar(av: Avatar, base_url: str = "", links: ImageLinks | None = Non
         title=av.title, description=av.description, tags=list(av.tags or []), metadata=_metadata(av, r),
         visibility=av.visibility, published=bool(av.published), published_at=iso(av.published_at),
         likes=av.likes, comments=av.comments, remixes=av.remixes, remixed_from=av.remixed_from,
-        credit_cost=av.credit_cost, credits_used=credits_held(av),
+        credit_cost=av.credit_cost, credits_held=credits_held(av),
         queue_position=queue_position if av.status == JobStatus.QUEUED else None,
         cancel_requested=av.cancel_requested_at is not None and av.status == JobStatus.PROCESSING,
         error=S.ErrorInfo(code=av.error_code, message=av.error_message or "") if av.error_code else None,

@@ -6,8 +6,9 @@ header, so no cookie exists and a forged cross-site request carries no credentia
 studio response carries a strict Content-Security-Policy: scripts and styles only from this
 origin (no inline code), images also from `data:`/`blob:` (previews, local photo thumbnails).
 
-Swagger UI's assets come from the `swagger-ui-bundle` package (Apache-2.0) instead of a CDN,
-so `/v1/docs` renders on a machine without internet.
+Swagger UI's assets (Swagger UI 5, which reads OpenAPI 3.1) come from the `fastapi-offline`
+package (MIT; the Swagger UI files in it are Apache-2.0) instead of a CDN, so `/v1/docs` renders
+on a machine without internet.
 """
 from __future__ import annotations
 
@@ -73,14 +74,13 @@ def install_studio(app: FastAPI) -> None:
 
 def install_offline_docs(app: FastAPI) -> None:
     """`GET /v1/docs`: Swagger UI with its script, CSS and icon served from the installed
-    `swagger-ui-bundle` package (the app must be built with `docs_url=None`)."""
-    from swagger_ui_bundle import swagger_ui_path
-
-    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+    `fastapi-offline` package's static folder (the app must be built with `docs_url=None`)."""
+    assets = Path(str(resources.files("fastapi_offline") / "static"))
+    app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="swagger-ui")
 
     @app.get("/v1/docs", include_in_schema=False)
     async def swagger_docs() -> HTMLResponse:
         return get_swagger_ui_html(openapi_url=app.openapi_url or "/v1/openapi.json", title=f"{app.title} — docs",
                                    swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
                                    swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
-                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png")

@@ -91,7 +91,7 @@ function renderAvatar(av, liked) {
       ? action("Unpublish", async () => renderAvatar((await api("PATCH", `/v1/avatars/${av.id}`, { json: { visibility: "private" } })).body, liked))
       : action("Publish", async () => renderAvatar((await api("POST", `/v1/avatars/${av.id}/publish`)).body, liked)));
   }
-  if (own && ["queued", "processing"].includes(av.status)) acts.push(action("Watch", async () => hooks.onWatch(av)));
+  if (own && ["queued", "processing"].includes(av.status)) acts.push(action("Watch live", async () => hooks.onWatch(av)));
   if (own) {
     acts.push(action("Delete", async () => {
       if (!window.confirm("Delete this avatar and its images?")) return;
