@@ -183,9 +183,11 @@ def test_cast_two_characters_with_drawn_boxes(server, person, tmp_path):
         page.get_by_label(f"Character {i + 1} prompt").fill(f"astronaut number {i + 1}")
         page.get_by_label(f"Character {i + 1} photos").set_input_files(str(photo))
     canvas = page.locator("#cast-canvas")
-    box = canvas.bounding_box()
-    for i, (x0, x1) in enumerate(((0.02, 0.48), (0.52, 0.98))):
+    drawn = ((0.02, 0.48), (0.52, 0.98))
+    for i, (x0, x1) in enumerate(drawn):
         page.locator("#cast-active").select_option(str(i))
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()  # viewport coordinates, after scrolling
         page.mouse.move(box["x"] + x0 * box["width"], box["y"] + 0.1 * box["height"])
         page.mouse.down()
         page.mouse.move(box["x"] + x1 * box["width"], box["y"] + 0.9 * box["height"], steps=5)
@@ -195,8 +197,11 @@ def test_cast_two_characters_with_drawn_boxes(server, person, tmp_path):
     expect(page.locator("#watch-status")).to_have_text("completed", timeout=JOB_S)
     chars = page.locator("#watch-result table.identity tbody tr")
     expect(chars).to_have_count(2)
-    expect(chars.first).not_to_contain_text("auto")  # the drawn box was sent
     s.shot("06-cast-done")
+    avatar_id = page.locator("#watch-id").text_content()
+    sent = _api(server, key).get(f"/v1/avatars/{avatar_id}").json()["characters"]
+    for c, (x0, x1) in zip(sent, drawn):  # the boxes drawn on the canvas were sent
+        assert c["box"] == pytest.approx([x0, 0.1, x1, 0.9], abs=0.02)
 
 
 def test_publish_then_like_and_comment_from_another_account(server, person):
