@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: install demo test test-ray test-cluster test-schema bench serve
+.PHONY: install demo test test-ray test-cluster test-schema test-browser browser bench serve
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,16 @@ test-cluster: install
 # Schema fuzzing: schemathesis against /v1/openapi.json, app served by uvicorn on 127.0.0.1 (marker `schema`).
 test-schema: install
 	$(BIN)/python -m pytest -q -m schema
+
+# The web studio in a real browser (marker `browser`): Debian's Chromium driven by Playwright
+# (Playwright's own browser download cannot work offline), against the app on 127.0.0.1.
+# Screenshots: out/studio-browser/.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test-browser: install browser
+	AVATAR_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q -m browser
 
 bench: install
 	$(BIN)/python benchmarks/engine_throughput.py

@@ -8,7 +8,7 @@ from fastapi import Depends, FastAPI
 
 import avatar_engine
 
-from .api import account, avatars, community, submissions, system, webhooks
+from .api import account, avatars, community, jobcontrol, submissions, system, webhooks
 from .api.common import Services
 from .api.openapi import install_openapi
 from .api.rendering import event_renderer, render_avatar
@@ -22,6 +22,7 @@ from .middleware import RequestContextMiddleware, SchemaMethodGuard
 from .policy import PolicyChecker
 from .settings import ServiceSettings
 from .store import Store
+from .studio import install_offline_docs, install_studio
 from .waiting import Waiters
 
 API_VERSION = getattr(avatar_engine, "__version__", "0.1.0")
@@ -31,7 +32,7 @@ DESCRIPTION = ("Prompt → avatar, percify-yourself and cast. Submissions return
                "`GET /v1/avatars/{avatarId}/events` (Server-Sent Events). Image URLs are absolute and open without a "
                "header: stable for public avatars, signed and expiring (`expires`, `signature`) for the others. "
                'Every error has the shape `{"error": {"code", "message", "param", "requestId"}}`.')
-ROUTERS = (system, account, submissions, avatars, community, webhooks)
+ROUTERS = (system, account, submissions, avatars, jobcontrol, community, webhooks)
 
 
 def create_app(settings: ServiceSettings, store: Store, engine_client: EngineClient, *,
@@ -41,7 +42,7 @@ def create_app(settings: ServiceSettings, store: Store, engine_client: EngineCli
     `proxy_request_id`: behind Ray Serve, whose proxy assigns each request's `x-request-id`
     and adds that header to every response: adopt its id instead of adding a second header."""
     app = FastAPI(title="Avatar API", version=API_VERSION, description=DESCRIPTION,
-                  openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
+                  openapi_url="/v1/openapi.json", docs_url=None, redoc_url=None,  # docs: install_offline_docs
                   # One check for text no store keeps (NUL, lone surrogates), before any handler.
                   dependencies=[Depends(reject_unstorable_text)])
     assets = assets or AssetStore.from_url(settings.resolved_assets_url)
@@ -60,6 +61,8 @@ def create_app(settings: ServiceSettings, store: Store, engine_client: EngineCli
     for module in ROUTERS:
         app.include_router(module.router)
     install_openapi(app)
+    install_offline_docs(app)
+    install_studio(app)
     return app
 
 

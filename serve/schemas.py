@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
 
 from avatar_engine.identity_methods import METHODS
@@ -114,18 +114,17 @@ class PercifyRequest(GenerationFields):
     as a repeated `photo` file part."""
 
     # at least one photo: `photos`, `photoUrl` or `photoUrls`
-    model_config = ConfigDict(json_schema_extra={"anyOf": [
-        {"required": ["photos"], "properties": {"photos": {"type": "array"}}},
-        {"required": ["photoUrl"], "properties": {"photoUrl": {"type": "string"}}},
-        {"required": ["photoUrls"], "properties": {"photoUrls": {"type": "array"}}}]})
+    model_config = ConfigDict(json_schema_extra=lambda schema: _percify_schema(schema))
 
     prompt: str = Field("a portrait photo of a person", min_length=1, max_length=PROMPT_MAX_CHARS, pattern=NONBLANK)
     photos: Optional[list[str]] = Field(None, min_length=1, max_length=MAX_REFERENCE_PHOTOS,
                                         description="Base64 images (PNG/JPEG/WebP), optionally as data: URLs, or "
                                                     "http(s) URLs of such images (fetched by the service).")
     photo_url: Optional[str] = Field(None, min_length=1, max_length=2000,
+                                     validation_alias=AliasChoices("photoUrl", "photo_url", "imageUrl"),
                                      description="An http(s) URL of a photo of the person (Percify's field), "
-                                                 "fetched through the SSRF guard.")
+                                                 "fetched through the SSRF guard. `imageUrl` is accepted as its "
+                                                 "alias in JSON bodies (not both).")
     photo_urls: Optional[list[str]] = Field(None, min_length=1, max_length=MAX_REFERENCE_PHOTOS,
                                             description="Several photo URLs of the same person.")
     identity_strength: Optional[float] = Field(None, ge=IDENTITY_STRENGTH_RANGE[0], le=IDENTITY_STRENGTH_RANGE[1])
@@ -139,6 +138,17 @@ class PercifyRequest(GenerationFields):
             out.append(("photoUrl", self.photo_url))
         out += [(f"photoUrls[{i}]", v) for i, v in enumerate(self.photo_urls or [])]
         return out
+
+
+def _percify_schema(schema: dict[str, Any]) -> None:
+    """At least one photo (`photos`, `photoUrl`/`imageUrl` or `photoUrls`); `imageUrl` is
+    `photoUrl` under Percify's other name, so never both."""
+    props = schema.setdefault("properties", {})
+    if "photoUrl" in props:
+        props["imageUrl"] = {**props["photoUrl"], "description": "Alias of `photoUrl` (JSON bodies)."}
+    schema["anyOf"] = [{"required": [name], "properties": {name: {"type": kind}}} for name, kind in
+                       (("photos", "array"), ("photoUrl", "string"), ("imageUrl", "string"), ("photoUrls", "array"))]
+    schema["not"] = {"required": ["photoUrl", "imageUrl"]}
 
 
 class CastCharacterIn(_In):
@@ -292,6 +302,13 @@ class Avatar(_Out):
     remixes: int = 0
     remixed_from: Optional[str] = None
     credit_cost: int = 0
+    # Named `credits_held` in Python so that `CreatedAvatar(**avatar.model_dump(), credits_used=…)` stays valid.
+    credits_held: int = Field(0, alias="creditsUsed", description="Credits this job holds (reserved while it runs, charged when it "
+                                             "completes; 0 once failed or cancelled: they were refunded).")
+    queue_position: Optional[int] = Field(None, description="While `queued`: 1 + the jobs queued before it (an "
+                                                            "estimate: higher tiers go first); null otherwise.")
+    cancel_requested: bool = Field(False, description="`POST .../cancel` asked to stop it while processing; "
+                                                      "its worker ends it (cancelled, refunded) at the next step.")
     error: Optional[ErrorInfo] = None
     timings: Timings = Field(default_factory=Timings)
     identity_method: Optional[str] = Field(None, description="percify, cast with faces: the identity method that produced the images.")
@@ -305,6 +322,7 @@ class Avatar(_Out):
 class CreatedAvatar(Avatar):
     """What a create call (generate, percify-yourself, cast, remix) returns: the queued Avatar."""
 
+    credits_held: int = Field(0, alias="creditsHeld", exclude=True)  # the Avatar's `creditsUsed`, given below
     credits_used: int = Field(..., description="Credits reserved for this job (charged on completion, released on failure).")
 
 

@@ -52,7 +52,13 @@ async def list_avatars(
 
 @router.get("/avatars/{avatarId}", response_model=S.Avatar)
 async def get_avatar(avatar_id: str = AvatarId, principal: Principal = Auth, svc: Services = Svc):
-    return json_response(render_avatar(await get_visible(svc, avatar_id, principal), svc.base_url, svc.links))
+    av = await get_visible(svc, avatar_id, principal)
+    return json_response(render_avatar(av, svc.base_url, svc.links, queue_position=await queue_position(svc, av)))
+
+
+async def queue_position(svc: Services, av: Avatar) -> int | None:
+    """The queued avatar's place in the queue (1 = next); None for any other status."""
+    return (await call(svc.store.queue_positions, [av])).get(av.id) if av.status == JobStatus.QUEUED else None
 
 
 @router.patch("/avatars/{avatarId}", response_model=S.Avatar,
@@ -88,10 +94,14 @@ async def delete_avatar(avatar_id: str = AvatarId, principal: Principal = Auth, 
 
 @router.get("/avatars/{avatarId}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}, "description": (
-                "Server-Sent Events: `status` (data: the Avatar object) on every status change, starting with "
-                "the current one; `progress` (data: `{id, status, step, totalSteps}`) while it runs; comments "
-                "(`: keep-alive`) every 15 s of silence. The stream ends after a terminal status (completed, "
-                "failed, cancelled), a `deleted` event, or `events_max_s`.")},
+                "Server-Sent Events: `status` (data: the Avatar object, with `queuePosition` while queued) on "
+                "every status change, starting with the current one; `queue` (data: `{id, status, "
+                "queuePosition}`) when a queued avatar's position changed (checked every 15 s); `progress` "
+                "(data: `{id, status, step, totalSteps}`) while it runs; `preview` (data: `{id, imageIndex, "
+                "step, dataUrl}`: a small JPEG/WebP data: URL of image `imageIndex` at denoising step `step`) "
+                "when the worker sends previews; comments (`: keep-alive`) every 15 s of silence. The stream "
+                "ends after a terminal status (completed, failed, cancelled), a `deleted` event, or "
+                "`events_max_s`.")},
                        429: {"model": S.ErrorResponse, "description": "Too many open waits/streams for this account"}},
             summary="Live status and progress of one avatar (SSE)")
 async def avatar_events(avatar_id: str = AvatarId, principal: Principal = Auth, svc: Services = Svc):
@@ -103,11 +113,19 @@ async def avatar_events(avatar_id: str = AvatarId, principal: Principal = Auth, 
     base, links, settings = svc.base_url, svc.links, svc.settings
 
     async def stream():
-        n, last_status = 0, None
+        n, last_status, last_position = 0, None, None
+        seen_previews: set[tuple] = set()
         try:
             deadline = time.monotonic() + settings.events_max_s
             async for state in watch(svc.store, avatar_id, settings, deadline, keepalive_s=15.0):
                 if state == "keepalive":
+                    if last_status == JobStatus.QUEUED:
+                        av = await call(svc.store.get_avatar, avatar_id)
+                        position = await queue_position(svc, av) if av is not None else None
+                        if position is not None and position != last_position:
+                            n, last_position = n + 1, position
+                            yield sse("queue", {"id": avatar_id, "status": av.status, "queuePosition": position}, n)
+                            continue
                     yield b": keep-alive\n\n"
                     continue
                 n += 1
@@ -120,18 +138,42 @@ async def avatar_events(avatar_id: str = AvatarId, principal: Principal = Auth, 
                     if av is None:
                         yield sse("deleted", {"id": avatar_id}, n)
                         return
-                    yield sse("status", dump(render_avatar(av, base, links)), n)
+                    last_position = await queue_position(svc, av)
+                    yield sse("status", dump(render_avatar(av, base, links, queue_position=last_position)), n)
                     last_status = status
-                    if status == JobStatus.PROCESSING and isinstance(progress, dict):
-                        n += 1
-                        yield sse("progress", {"id": avatar_id, "status": status, **progress}, n)
-                elif isinstance(progress, dict):
-                    yield sse("progress", {"id": avatar_id, "status": status, **progress}, n)
+                    if status != JobStatus.PROCESSING or not isinstance(progress, dict):
+                        continue
+                    n += 1
+                elif not isinstance(progress, dict):
+                    continue
+                yield sse("progress", {"id": avatar_id, "status": status, **progress_fields(progress)}, n)
+                for preview in new_previews(progress, seen_previews):
+                    n += 1
+                    yield sse("preview", {"id": avatar_id, **preview}, n)
         finally:
             svc.waiters.release(principal.id)
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def progress_fields(progress: dict) -> dict:
+    """The `progress` event's fields: the stored progress without its preview frames."""
+    return {k: v for k, v in progress.items() if k != "previews"}
+
+
+def new_previews(progress: dict, seen: set[tuple]) -> list[dict]:
+    """Preview frames the worker stored with its progress (`Store.set_progress(previews=...)`)
+    not yet sent on this stream, as `{imageIndex, step, dataUrl}`."""
+    out = []
+    for p in progress.get("previews") or []:
+        if not isinstance(p, dict) or not isinstance(p.get("dataUrl"), str):
+            continue
+        key = (p.get("imageIndex"), p.get("step"))
+        if key not in seen:
+            seen.add(key)
+            out.append({"imageIndex": p.get("imageIndex"), "step": p.get("step"), "dataUrl": p["dataUrl"]})
+    return out
 
 
 _LINK_PARAMS = dict(

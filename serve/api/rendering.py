@@ -65,8 +65,15 @@ def _progress(av: Avatar) -> S.Progress | None:
     return S.Progress(step=int(p.get("step", 0)), total_steps=int(p["totalSteps"]))
 
 
-def render_avatar(av: Avatar, base_url: str = "", links: ImageLinks | None = None) -> S.Avatar:
-    """Store record → the API's Avatar object (image URLs through `image_url`)."""
+def credits_held(av: Avatar) -> int:
+    """Credits the job holds: reserved or charged, 0 once refunded (failed, cancelled)."""
+    return 0 if av.status in (JobStatus.FAILED, JobStatus.CANCELLED) else av.credit_cost
+
+
+def render_avatar(av: Avatar, base_url: str = "", links: ImageLinks | None = None, *,
+                  queue_position: int | None = None) -> S.Avatar:
+    """Store record → the API's Avatar object (image URLs through `image_url`). `queue_position`
+    (a store read, `Store.queue_positions`) is shown while the avatar is queued."""
     p, r = av.params or {}, av.result or {}
     images = [S.AvatarImage(url=image_url(av, i, base_url, links), width=int(img["width"]),
                             height=int(img["height"]), seed=img.get("seed"))
@@ -86,7 +93,9 @@ def render_avatar(av: Avatar, base_url: str = "", links: ImageLinks | None = Non
         title=av.title, description=av.description, tags=list(av.tags or []), metadata=_metadata(av, r),
         visibility=av.visibility, published=bool(av.published), published_at=iso(av.published_at),
         likes=av.likes, comments=av.comments, remixes=av.remixes, remixed_from=av.remixed_from,
-        credit_cost=av.credit_cost,
+        credit_cost=av.credit_cost, credits_held=credits_held(av),
+        queue_position=queue_position if av.status == JobStatus.QUEUED else None,
+        cancel_requested=av.cancel_requested_at is not None and av.status == JobStatus.PROCESSING,
         error=S.ErrorInfo(code=av.error_code, message=av.error_message or "") if av.error_code else None,
         timings=S.Timings(queued_ms=queued_ms, generation_ms=r.get("generationMs")),
         identity_method=p.get("identityMethod") if av.kind in (JobKind.PERCIFY, JobKind.CAST) else None,

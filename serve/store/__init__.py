@@ -7,6 +7,7 @@ by aggregate, one module each:
 
     accounts   accounts, hashed API keys, credit ledger
     jobs       job submission, leases, completion (the durable queue)
+    control    cancel requests, queue positions
     avatars    reads, lists, feed, metadata updates, publish, delete
     community  likes and comments
     limits     idempotency keys and rate-limit windows
@@ -25,6 +26,7 @@ from typing import Callable
 from .accounts import AccountsStore
 from .avatars import AvatarsStore
 from .community import CommunityStore
+from .control import JobControlStore
 from .db import Database
 from .jobs import JobsStore, WorkerInstance
 from .limits import LimitsStore
@@ -37,7 +39,7 @@ from .records import (
 )
 
 
-class Store(AccountsStore, JobsStore, AvatarsStore, CommunityStore, LimitsStore, WebhooksStore):
+class Store(AccountsStore, JobsStore, JobControlStore, AvatarsStore, CommunityStore, LimitsStore, WebhooksStore):
     """The whole data layer: one `Database` shared by the aggregate parts it combines."""
 
     def __init__(self, url: str, *, clock: Callable[[], float] = time.time,

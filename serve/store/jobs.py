@@ -76,7 +76,31 @@ def to_avatar(r: Mapping[str, Any]) -> Avatar:
         started_at=r["started_at"], completed_at=r["completed_at"], lease_owner=r["lease_owner"],
         lease_token=r["lease_token"], lease_expires_at=r["lease_expires_at"], attempts=int(r["attempts"]),
         request_id=r["request_id"], progress=r.get("progress"), link_epoch=int(r.get("link_epoch") or 0),
+        cancel_requested_at=r.get("cancel_requested_at"),
     )
+
+
+#: Bounds on the preview frames kept with a job's progress (one row, rewritten at most once per
+#: `progress_interval_s`): one frame per image of the batch, each a small data: URL.
+MAX_PREVIEW_FRAMES = 4
+MAX_PREVIEW_DATA_URL = 48 * 1024
+
+
+def check_previews(frames: Any) -> list[dict[str, Any]]:
+    """Preview frames as stored: `[{"imageIndex": int, "step": int, "dataUrl": "data:image/…"}]`,
+    at most MAX_PREVIEW_FRAMES of at most MAX_PREVIEW_DATA_URL characters (InvalidArgument otherwise)."""
+    if isinstance(frames, (str, bytes)) or not isinstance(frames, Sequence) or len(frames) > MAX_PREVIEW_FRAMES:
+        raise InvalidArgument("previews", f"must be a list of at most {MAX_PREVIEW_FRAMES} frames")
+    out = []
+    for f in frames:
+        url = f.get("dataUrl") if isinstance(f, Mapping) else None
+        index, step = (f.get("imageIndex"), f.get("step")) if isinstance(f, Mapping) else (None, None)
+        if not isinstance(url, str) or not url.startswith("data:image/") or len(url) > MAX_PREVIEW_DATA_URL \
+                or not isinstance(index, int) or not isinstance(step, int):
+            raise InvalidArgument("previews", "each frame is {imageIndex: int, step: int, dataUrl: 'data:image/…' "
+                                  f"of at most {MAX_PREVIEW_DATA_URL} characters}}")
+        out.append({"imageIndex": index, "step": step, "dataUrl": url})
+    return out
 
 
 def check_tags(tags: Any) -> list[str]:
@@ -279,17 +303,26 @@ class JobsStore(StorePart):
 
         return self.db.run(work)
 
-    def set_progress(self, worker_id: str, leases: Mapping[str, str], step: int, total_steps: int) -> int:
+    def set_progress(self, worker_id: str, leases: Mapping[str, str], step: int, total_steps: int,
+                     previews: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> int:
         """Record `{"step", "totalSteps"}` on the jobs {avatar_id: lease_token} this worker still
         holds (one short transaction; the worker calls it throttled, never per denoising step).
-        Does not touch `updated_at` (progress is not an edit). Returns the rows updated."""
+        `previews`: {avatar_id: [{"imageIndex", "step", "dataUrl"}]}, the latest preview frame of
+        each image, kept with the progress for the event stream's `preview` events (bounded by
+        `check_previews`). Does not touch `updated_at` (progress is not an edit). Returns the rows updated."""
         if not leases:
             return 0
         value = {"step": int(step), "totalSteps": int(total_steps)}
+        frames = {aid: check_previews(p) for aid, p in (previews or {}).items()}
         stmt = (update(A).where(A.c.id == bindparam("aid"), A.c.lease_token == bindparam("token"),
                                 A.c.lease_owner == worker_id, A.c.status == JobStatus.PROCESSING)
-                .values(progress=value))
-        return self.db.run(lambda c: sum(c.execute(stmt, {"aid": a, "token": t}).rowcount for a, t in leases.items()))
+                .values(progress=bindparam("value")))
+
+        def work(conn: Connection) -> int:
+            return sum(conn.execute(stmt, {"aid": a, "token": t, "value": {**value, "previews": frames[a]}
+                                           if frames.get(a) else value}).rowcount for a, t in leases.items())
+
+        return self.db.run(work)
 
     def watch_rows(self, avatar_ids: Sequence[str]) -> dict[str, tuple[str, dict | None]]:
         """{avatar_id: (status, progress)} for the ids that still exist: the cheap read that

@@ -198,6 +198,7 @@ class Avatar:
     request_id: str | None = None  # the HTTP request that submitted it (log correlation)
     progress: dict[str, int] | None = None  # {"step", "totalSteps"} of a processing job (throttled)
     link_epoch: int = 0  # part of signed image links; bumped when the avatar stops being public
+    cancel_requested_at: float | None = None  # a cancel asked for while processing (the worker ends it)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (snake_case, Python values) e.g. for default webhook payloads."""

@@ -105,6 +105,7 @@ avatars = Table(
     Column("request_id", Text),  # the submitting request (log correlation)
     Column("progress", JSONText),  # {"step", "totalSteps"} while processing (throttled worker writes)
     Column("link_epoch", Integer, nullable=False, server_default=text("0")),  # bumped when it stops being public
+    Column("cancel_requested_at", Timestamp),  # set by POST .../cancel on a processing job (the worker stops it)
     Index("ix_avatars_account_status", "account_id", "status"),
     Index("ix_avatars_account_created", "account_id", "created_at", "id"),
     Index("ix_avatars_queue", "status", "created_at", "id"),
