@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import yaml
 from ray import serve
 
+from .face_settings import build_engine, check_face_setup
 from .logctx import logger
 from .loops import BackgroundLoop
 from .settings import ServiceSettings
@@ -61,8 +62,6 @@ class AvatarModel:
     in the worker thread, never inside a request."""
 
     def __init__(self, settings: Mapping[str, Any]):
-        from avatar_engine import AvatarEngine
-
         from .assets import AssetStore
         from .engine_client import EngineDescription
         from .metrics import WorkerMetrics
@@ -83,8 +82,7 @@ class AvatarModel:
             log.warning("BENCHMARK ENGINE %r: no model runs, images are noise", s.benchmark_engine)
             self.engine = make_engine(s.benchmark_engine)
         else:
-            self.engine = AvatarEngine.from_config(models_yaml_path=s.models_yaml, profile_names=s.models or None,
-                                                   device=s.device)
+            self.engine = build_engine(s)  # face settings checked, then passed into the engine config
         models = served_models(self.engine, s)
         for name in models:  # load (and warm) before accepting jobs
             self.engine.load(name)
@@ -198,6 +196,7 @@ def build_app(args: Mapping[str, Any] | None = None):
     ServiceSettings fields over `AVATAR_*` env; per-deployment options (replicas, resources,
     autoscaling) come from the config's `deployments:` section, which Serve applies itself."""
     settings = ServiceSettings.from_dict(dict(args or {}))
+    check_face_setup(settings)  # a backend that cannot condition the served weights fails the deploy here
     # Resolve paths here (where the builder runs), not in replicas whose cwd may differ.
     settings = settings.replace(data_dir=os.path.abspath(settings.data_dir), db_url=settings.resolved_db_url,
                                 assets_url=settings.resolved_assets_url)

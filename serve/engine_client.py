@@ -110,7 +110,7 @@ def face_config(engine: Any) -> dict | None:
     options = {}
     if backend == "insightface":
         options = {"model_root": config.face_model_root, "name": config.face_model_name}
-    return {"backend": backend, "options": options}
+    return {"backend": backend, "options": options, "scorer": getattr(config, "face_scorer", None)}
 
 
 _ANALYZERS: dict[str, Any] = {}
