@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import AvatarEngineError
 from .requests import ASPECT_RATIOS, STYLE_PRESETS, GenerationRequest
 
-SUBCOMMAND_MODULES = ("avatar_engine.identity", "avatar_engine.cast")
+SUBCOMMAND_MODULES = ("avatar_engine.identity", "avatar_engine.cast", "avatar_engine.setup_commands")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        args.func(args)
+        code = args.func(args)  # commands that report a state (doctor, models pull) return an exit code
     except AvatarEngineError as exc:
         where = f" ({exc.param})" if getattr(exc, "param", None) else ""
         print(f"error{where}: {exc.message}", file=sys.stderr)
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         detail = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
         print(f"error: {detail}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
