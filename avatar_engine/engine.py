@@ -26,6 +26,7 @@ from .config import EngineConfig, ModelProfile, default_profile_name, load_profi
 from .errors import ProfileError, RequestValidationError
 from .prompts import BuiltPrompt, PromptBuilder
 from .requests import GenerationRequest, GenerationResult
+from .single_file import single_file_loader
 from .speed import (batch_buckets, bucket_for, compile_pipeline, describe_pipeline, on, prepare_pipeline,
                     resolve_dtype, serving_stance, set_vae_slicing)
 
@@ -110,7 +111,10 @@ def load_pipeline(profile: ModelProfile, device: torch.device, dtype: torch.dtyp
         pipe = build_full_random_pipeline(profile.architecture, device).to(dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
-    if profile.tiny:
+    loader = cls.from_pretrained
+    if profile.single_file:  # one checkpoint in the original SD layout, local configs (single_file.py)
+        loader, source, kwargs = single_file_loader(profile, cls)
+    elif profile.tiny:
         from .tiny import tiny_pipeline_dir
 
         source, kwargs = str(tiny_pipeline_dir(profile.architecture)), {}
@@ -129,7 +133,7 @@ def load_pipeline(profile: ModelProfile, device: torch.device, dtype: torch.dtyp
     # diffusers >= 0.40 renamed torch_dtype to dtype.
     kwargs["dtype" if _diffusers_version() >= (0, 40) else "torch_dtype"] = dtype
     try:
-        pipe = cls.from_pretrained(source, **kwargs)
+        pipe = loader(source, **kwargs)
     except (OSError, ValueError) as exc:
         hint = (f"the hub is unreachable or the files are missing. Download them with "
                 f"`huggingface-cli download {profile.repo_id}` (model_index.json and the unet, vae, text_encoder*, "

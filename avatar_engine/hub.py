@@ -119,7 +119,7 @@ def _join(*parts: str | None) -> str:
     return "/".join(p.strip("/") for p in parts if p)
 
 
-def _looks_local(ref: str) -> bool:
+def looks_local(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or os.path.isabs(ref) or os.path.isdir(os.path.expanduser(ref))
 
 
@@ -141,7 +141,7 @@ def pull_plan(profile: ModelProfile, methods: list[str] | None = None,
     if single:
         plan.local.append(single)
         cfg = getattr(profile, "single_file_config", None)
-        if cfg and not _looks_local(cfg):
+        if cfg and not looks_local(cfg):
             need(cfg, profile.revision, config_patterns(profile.architecture), f"{profile.name} pipeline configs")
         elif cfg:
             plan.local.append(cfg)
@@ -174,7 +174,7 @@ def pull_plan(profile: ModelProfile, methods: list[str] | None = None,
         if method == "faceid-plus-v2" and src.image_encoder:
             enc_files = [_join(src.image_encoder_subfolder, f)
                          for f in ("config.json", "preprocessor_config.json", "model.safetensors")]
-            if _looks_local(src.image_encoder):
+            if looks_local(src.image_encoder):
                 plan.local.append(src.image_encoder)
             else:
                 need(src.image_encoder, None, enc_files, "faceid-plus-v2 image encoder (CLIP-ViT-H)")
