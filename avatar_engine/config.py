@@ -124,6 +124,8 @@ class ModelProfile:
     random_weights: bool = False  # full-size architecture, random weights, built in memory (GPU speed benchmarks)
     repo_id: str | None = None  # hub id, e.g. "stable-diffusion-v1-5/stable-diffusion-v1-5"
     local_path: str | None = None  # directory in diffusers layout; wins over repo_id
+    single_file: str | None = None  # one checkpoint in the original SD layout (.safetensors); wins over both
+    single_file_config: str | None = None  # single_file: local diffusers config folder or hub repo id (pulled)
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" weight files
     dtype: str = "auto"  # auto: bf16 on CUDA when supported else fp16; fp32 on CPU
@@ -151,8 +153,10 @@ class ModelProfile:
             raise bad("scheduler", f"must be one of {tuple(SCHEDULERS)}")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"must be one of {DTYPES}")
-        if not (self.tiny or self.random_weights) and not (self.repo_id or self.local_path):
+        if not (self.tiny or self.random_weights or self.single_file) and not (self.repo_id or self.local_path):
             raise bad("repo_id", "or local_path is required unless tiny: true")
+        if self.single_file and not self.single_file_config:
+            raise bad("single_file_config", "is required with single_file (a diffusers config folder or hub repo id)")
         if self.resolution % self.size_multiple:
             raise bad("resolution", f"must be a multiple of size_multiple ({self.size_multiple})")
         if isinstance(self.aliases, str) or not all(isinstance(a, str) and a.strip() for a in self.aliases):
@@ -203,7 +207,7 @@ class ModelProfile:
             return "tiny (built from config)"
         if self.random_weights:
             return "full-size random weights (benchmarks)"
-        return self.local_path or self.repo_id or ""
+        return self.single_file or self.local_path or self.repo_id or ""
 
 
 def _build(cls, data: dict[str, Any], where: str):

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 
+from .face_settings import check_face_setup
 from .settings import ServiceSettings
 from .vocab import TIERS
 
@@ -100,7 +101,7 @@ def start_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .deployments import default_config_path, load_config, run_config
+    from .deployments import default_config_path, load_config, run_config, with_args
 
     config = load_config(args.config or default_config_path())
     s = _settings(args)
@@ -111,6 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.device:
         overrides["device"] = args.device
     os.makedirs(overrides["data_dir"], exist_ok=True)
+    for app in with_args(config, overrides)["applications"]:  # face settings refused in one line, before Ray starts
+        check_face_setup(ServiceSettings.from_dict(app.get("args") or {}))
     start_ray(args.num_cpus)
     import ray
     from ray import serve

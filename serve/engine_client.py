@@ -18,6 +18,7 @@ from typing import Any, Callable
 from avatar_engine import AvatarEngine
 from avatar_engine.faces import face_analyzer_from_config
 
+from .face_settings import check_face_setup, engine_face_options
 from .logctx import logger
 from .settings import ServiceSettings
 from .vocab import JOB_KINDS
@@ -122,7 +123,7 @@ def face_config(engine: Any) -> dict | None:
     options = {}
     if backend == "insightface":
         options = {"model_root": config.face_model_root, "name": config.face_model_name}
-    return {"backend": backend, "options": options}
+    return {"backend": backend, "options": options, "scorer": getattr(config, "face_scorer", None)}
 
 
 _ANALYZERS: dict[str, Any] = {}
@@ -153,6 +154,11 @@ class EngineRunner:
     def default_model(self) -> str:
         return self._engine.default_model
 
+    @property
+    def engine(self) -> Any:
+        """The wrapped engine (what an in-process app is built with)."""
+        return self._engine
+
     def load(self, name: str) -> None:
         """Load (and warm) a profile before jobs for it are claimed."""
         self._engine.load(name)
@@ -169,8 +175,10 @@ def build_engine(settings: ServiceSettings) -> EngineRunner:
     """The engine a model replica serves: `settings.engine_factory(**engine_args)` when set (a
     benchmark stand-in or a plug-in, logged loudly), else the models.yaml `AvatarEngine`."""
     if not settings.engine_factory:
+        check_face_setup(settings)  # before any weights load: a misconfigured replica fails in a second
         return EngineRunner(AvatarEngine.from_config(models_yaml_path=settings.models_yaml,
-                                                     profile_names=settings.models or None, device=settings.device))
+                                                     profile_names=settings.models or None, device=settings.device,
+                                                     **engine_face_options(settings)))
     module_name, _, attr = settings.engine_factory.partition(":")
     try:
         factory: Any = importlib.import_module(module_name)

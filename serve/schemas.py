@@ -385,12 +385,23 @@ class ModelInfo(_Out):
                           "fused projections, compile scope/mode, batch buckets, identity adapter, warm-up.")
 
 
+class FaceSettings(_Out):
+    backend: str = Field(description="Face backend embedding reference photos: embedded or insightface.")
+    model_name: Optional[str] = Field(None, description="insightface model pack (insightface backend only).")
+    scorer: Optional[str] = Field(None, description="What scores identity: auto, dlib, arcface or handcrafted.")
+    arcface_embeddings: bool = Field(description="Whether the backend produces ArcFace embeddings (what trained "
+                                                 "FaceID / Plus v2 / InstantID weights expect).")
+    non_arcface_override: bool = Field(description="The explicit override (face_allow_non_arcface) is on with a "
+                                                   "non-ArcFace backend: trained identity weights start anyway.")
+
+
 class Health(_Out):
     status: Literal["ok", "degraded"]
     version: str
     default_model: Optional[str] = None
     models: list[ModelInfo] = Field(default_factory=list)
     database: Literal["ok", "error"]
+    face: Optional[FaceSettings] = None
 
 
 class LikeState(_Out):

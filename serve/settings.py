@@ -21,6 +21,9 @@ from typing import Annotated, Any, Mapping, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from avatar_engine.faces import BACKENDS
+from avatar_engine.faces.scoring import SCORERS
+
 ENV_PREFIX = "AVATAR_"
 WEBHOOK_PREFIX = "webhook_"
 #: `engine_factory`: a dotted module path, a colon, a dotted attribute path.
@@ -189,6 +192,23 @@ class ServiceSettings(BaseSettings):
     engine_args: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of `engine_factory` (JSON in `AVATAR_ENGINE_ARGS`)."""
 
+    # --- faces (serve/face_settings.py) ------------------------------------------------------
+    face_backend: str = "embedded"
+    """Face backend embedding percify/cast photos: `embedded` (offline, hand-crafted descriptor; fine for the
+    tiny profiles) or `insightface` (ArcFace embeddings, what the released FaceID / Plus v2 / InstantID
+    weights were trained on; needs `face_model_root`/`face_model_name`)."""
+    face_model_root: str = "~/.insightface"
+    """insightface model root: the pack is read from `<root>/models/<face_model_name>/*.onnx`."""
+    face_model_name: str = "buffalo_l"
+    """insightface pack: `buffalo_l` (FaceID, Plus v2) or `antelopev2` (InstantID's)."""
+    face_scorer: str = "auto"
+    """What scores identity in results: `auto` (dlib when installed), `dlib`, `arcface` (insightface backend)
+    or `handcrafted`."""
+    face_allow_non_arcface: bool = False
+    """Serve profiles with trained identity weights through a backend that does not produce ArcFace
+    embeddings (likeness suffers). Off: such a configuration is refused at start; on: it starts and
+    /v1/health reports `face.nonArcfaceOverride: true`."""
+
     # --- accounts, limits, costs ---------------------------------------------------------
     tiers: dict[str, TierLimits] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
     """Per-tier limits: `{"free": {"requests_per_minute": 10, "concurrent_jobs": 1}, ...}` or
@@ -298,6 +318,20 @@ class ServiceSettings(BaseSettings):
         nested = nested.model_dump() if isinstance(nested, WebhookSettings) else dict(nested)
         rest = {k: v for k, v in data.items() if not k.startswith(WEBHOOK_PREFIX)}
         return {**rest, "webhooks": {**nested, **flat}}
+
+    @field_validator("face_backend")
+    @classmethod
+    def _face_backend(cls, value: str) -> str:
+        if value not in BACKENDS:
+            raise ValueError(f"must be one of {', '.join(BACKENDS)}")
+        return value
+
+    @field_validator("face_scorer")
+    @classmethod
+    def _face_scorer(cls, value: str) -> str:
+        if value not in SCORERS:
+            raise ValueError(f"must be one of {', '.join(SCORERS)}")
+        return value
 
     @field_validator("tiers", mode="before")
     @classmethod

@@ -9,10 +9,10 @@ import os
 import sys
 
 from ..errors import AvatarEngineError
-from . import batch, cast, generate, models, percify, verify
+from . import batch, cast, generate, models, percify, setup, verify
 
 #: Subcommands in the order `--help` lists them.
-COMMANDS = (generate, models, batch, percify, cast, verify)
+COMMANDS = (generate, models, setup, batch, percify, cast, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        args.func(args)
+        code = args.func(args)  # commands that report a state (doctor, models pull) return an exit code
     except AvatarEngineError as exc:
         where = f" ({exc.param})" if getattr(exc, "param", None) else ""
         print(f"error{where}: {exc.message}", file=sys.stderr)
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         detail = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
         print(f"error: {detail}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 from ..config import SCHEDULERS, ModelProfile
 from ..errors import ProfileError
 from ..model.tiny import build_full_random_pipeline, tiny_pipeline_dir
+from .single_file import single_file_loader
 
 
 def _diffusers_version() -> tuple[int, int]:
@@ -28,7 +29,10 @@ def load_pipeline(profile: ModelProfile, device: torch.device, dtype: torch.dtyp
         pipe = build_full_random_pipeline(profile.architecture, device).to(dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
-    if profile.tiny:
+    loader = cls.from_pretrained
+    if profile.single_file:  # one checkpoint in the original SD layout, local configs (single_file.py)
+        loader, source, kwargs = single_file_loader(profile, cls)
+    elif profile.tiny:
         source, kwargs = str(tiny_pipeline_dir(profile.architecture)), {}
     elif profile.local_path:
         if not os.path.isdir(profile.local_path):
@@ -45,7 +49,7 @@ def load_pipeline(profile: ModelProfile, device: torch.device, dtype: torch.dtyp
     # diffusers >= 0.40 renamed torch_dtype to dtype.
     kwargs["dtype" if _diffusers_version() >= (0, 40) else "torch_dtype"] = dtype
     try:
-        pipe = cls.from_pretrained(source, **kwargs)
+        pipe = loader(source, **kwargs)
     except (OSError, ValueError) as exc:
         hint = (f"the hub is unreachable or the files are missing. Download them with "
                 f"`huggingface-cli download {profile.repo_id}` (model_index.json and the unet, vae, text_encoder*, "

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from ..logctx import logger
 from .. import schemas as S
 from ..errors import authentication_required
+from ..face_settings import face_report
 from ..metrics import CONTENT_TYPE
 from .common import Services, Svc, call, json_response
 
@@ -26,9 +27,11 @@ async def health(request: Request, svc: Services = Svc):
         db_ok = False
     models: list[S.ModelInfo] = []
     default = None
+    face = None
     try:
         desc = await svc.engine.describe()
         default = desc.default_model
+        face = face_report(desc.face, svc.settings)
         models = [S.ModelInfo(name=p.name, aliases=list(p.aliases),
                               credit_cost=svc.settings.per_image_cost(p.name, p.credit_cost),
                               resolution=p.resolution, kinds=list(p.kinds),
@@ -38,7 +41,7 @@ async def health(request: Request, svc: Services = Svc):
         log.exception("health: engine describe failed")
     ok = db_ok and bool(models)
     out = S.Health(status="ok" if ok else "degraded", version=request.app.version, default_model=default,
-                   models=models, database="ok" if db_ok else "error")
+                   models=models, database="ok" if db_ok else "error", face=face)
     return json_response(out, 200 if ok else 503)
 
 

@@ -1,0 +1,102 @@
+"""`single_file:` profiles: a checkpoint in the original Stable Diffusion (LDM) layout, written by
+the test from the tiny pipeline, loads through diffusers' from_single_file with a local config
+folder (offline) and generates the same pixels as its diffusers-layout twin."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import pytest
+from safetensors.torch import save_file
+
+from avatar_engine import AvatarEngine, EngineConfig, GenerationRequest, ModelProfile, SpeedOptions
+from avatar_engine.errors import ProfileError
+from avatar_engine.runtime.hub import pull_plan
+from avatar_engine.model.tiny import tiny_pipeline_dir
+
+from ldm_layout import pipeline_to_ldm
+
+
+def _profile(name, architecture, **source):
+    return ModelProfile(name=name, architecture=architecture, scheduler="euler", resolution=64, size_multiple=16,
+                        steps=4, guidance_scale=5.0, speed=SpeedOptions(warmup=False), **source)
+
+
+def _twin_folder(architecture: str, tmp_path):
+    """The tiny pipeline's folder. For SDXL, a copy whose two text encoders differ in width (16
+    and 48; cross-attention still sees 64): diffusers tells SDXL's CLIP-L from its OpenCLIP
+    encoder in a checkpoint by width (768 vs 1280), and the tiny pipeline's are both 32 wide."""
+    folder = tiny_pipeline_dir(architecture)
+    if architecture == "sd15":
+        return folder
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def config(hidden: int) -> CLIPTextConfig:
+        return CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=hidden,
+                              intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
+                              max_position_embeddings=77, projection_dim=32, hidden_act="gelu")
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(folder))
+    torch.manual_seed(11)
+    pipe.text_encoder = CLIPTextModel(config(16))
+    pipe.text_encoder_2 = CLIPTextModelWithProjection(config(48))
+    twin = tmp_path / "twin-sdxl"
+    pipe.save_pretrained(str(twin), safe_serialization=True)
+    return twin
+
+
+@pytest.mark.parametrize("architecture", ["sd15", "sdxl"])
+def test_a_single_file_checkpoint_generates_the_same_pixels_as_its_diffusers_twin(tmp_path, architecture):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    folder = _twin_folder(architecture, tmp_path)
+    cls = StableDiffusionXLPipeline if architecture == "sdxl" else StableDiffusionPipeline
+    ldm = pipeline_to_ldm(cls.from_pretrained(str(folder)))
+    assert any(k.startswith("model.diffusion_model.input_blocks.") for k in ldm)
+    ckpt = tmp_path / f"community-{architecture}.safetensors"
+    save_file(ldm, str(ckpt))
+    profiles = {"single": _profile("single", architecture, single_file=str(ckpt), single_file_config=str(folder)),
+                "twin": _profile("twin", architecture, local_path=str(folder))}
+    engine = AvatarEngine(EngineConfig(device="cpu", default_model="twin"), profiles=profiles)
+    images = {}
+    for name in profiles:
+        result = engine.generate(GenerationRequest(prompt="a portrait of a fox", model=name, seed=7, batch_size=2))
+        images[name] = np.stack([np.asarray(im) for im in result.images])
+    assert images["single"].shape == (2, 64, 64, 3)
+    assert images["single"].std() > 0
+    # The single file loads into exactly the twin's modules: every weight and every config equal.
+    for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = (getattr(engine.loaded_model(n).pipe, comp, None) for n in ("single", "twin"))
+        if b is None:
+            continue
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys(), comp
+        assert all(torch.equal(sa[k], sb[k]) for k in sb), comp
+        ca, cb = (dict(m.config.to_dict() if hasattr(m.config, "to_dict") else m.config) for m in (a, b))
+        assert {k: v for k, v in ca.items() if not k.startswith("_")} == \
+            {k: v for k, v in cb.items() if not k.startswith("_")}, comp
+    # sd15: identical pixels. sdxl: at most 1/255 apart (seen on this CPU after the weight/config
+    # equality above holds: float summation order between two separately loaded model instances).
+    tolerance = 0 if architecture == "sd15" else 1
+    assert np.abs(images["single"].astype(int) - images["twin"].astype(int)).max() <= tolerance
+
+
+def test_single_file_errors_and_plan(tmp_path):
+    with pytest.raises(ProfileError, match="single_file_config"):
+        _profile("x", "sd15", single_file=str(tmp_path / "m.safetensors"))
+    missing = _profile("x", "sd15", single_file=str(tmp_path / "m.safetensors"), single_file_config=str(tmp_path))
+    engine = AvatarEngine(EngineConfig(device="cpu", default_model="x"), profiles={"x": missing})
+    with pytest.raises(ProfileError, match="does not exist"):
+        engine.load("x")
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    with pytest.raises(ProfileError, match="model_index.json"):
+        engine.load("x")
+    hub_cfg = _profile("y", "sdxl", single_file=str(tmp_path / "m.safetensors"),
+                       single_file_config="stabilityai/stable-diffusion-xl-base-1.0")
+    with pytest.raises(ProfileError, match="models pull y"):
+        AvatarEngine(EngineConfig(device="cpu", default_model="y"), profiles={"y": hub_cfg}).load("y")
+    plan = pull_plan(hub_cfg)
+    assert plan.local == [str(tmp_path / "m.safetensors")]
+    [item] = plan.hub
+    assert "unet/config.json" in item.patterns and not any(p.endswith(".safetensors") for p in item.patterns)
