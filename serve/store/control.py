@@ -10,7 +10,7 @@ from typing import Sequence
 
 from sqlalchemy import Connection, and_, bindparam, func, or_, select, update
 
-from ..vocab import TERMINAL_STATUSES, JobStatus
+from ..vocab import TERMINAL_STATUSES, JobErrorCode, JobStatus
 from .base import StorePart
 from .jobs import to_avatar
 from .records import Avatar, InvalidState
@@ -41,7 +41,7 @@ class JobControlStore(StorePart):
                 raise InvalidState(avatar_id, status, "the job already ended; nothing to cancel")
             if status == JobStatus.QUEUED:
                 done = self._finish(conn, avatar_id, JobStatus.CANCELLED, token=None,  # type: ignore[attr-defined]
-                                    code="cancelled", message="cancelled by the user")
+                                    code=JobErrorCode.CANCELLED, message="cancelled by the user")
                 if done is not None:
                     return done
             if row["cancel_requested_at"] is not None:
@@ -65,7 +65,7 @@ class JobControlStore(StorePart):
         """The worker holding the lease ends a job it stopped on request: processing → cancelled,
         credits released. None when the lease is no longer this token's (reclaimed, already ended)."""
         return self.db.run(lambda c: self._finish(c, avatar_id, JobStatus.CANCELLED,  # type: ignore[attr-defined]
-                                                  token=lease_token, code="cancelled",
+                                                  token=lease_token, code=JobErrorCode.CANCELLED,
                                                   message="cancelled by the user"))
 
     def queue_positions(self, avatars: Sequence[Avatar]) -> dict[str, int]:
