@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import importlib
+import inspect
 import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
@@ -163,9 +164,21 @@ class EngineRunner:
         """Load (and warm) a profile before jobs for it are claimed."""
         self._engine.load(name)
 
-    def generate(self, requests: list[Any], progress: Callable[[int, int], None] | None = None) -> list[Any]:
-        """One batched engine call; `progress(done, total)` may raise to abort it."""
+    def generate(self, requests: list[Any], progress: Callable[[int, int], None] | None = None,
+                 preview: Callable[[int, int, int, Any], None] | None = None) -> list[Any]:
+        """One batched engine call; `progress(done, total)` may raise to abort it;
+        `preview(request_index, image_index, step, image)` gets the profile's preview images (an
+        engine stand-in whose `generate` takes no `preview` simply sends none)."""
+        if preview is not None and self._takes_preview():
+            return self._engine.generate(requests, progress=progress, preview=preview)
         return self._engine.generate(requests, progress=progress)
+
+    def _takes_preview(self) -> bool:
+        try:
+            params = inspect.signature(self._engine.generate).parameters
+        except (TypeError, ValueError):
+            return False
+        return "preview" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
     def describe(self, models: list[str] | None = None) -> EngineDescription:
         return EngineDescription.from_engine(self._engine, models)

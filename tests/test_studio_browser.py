@@ -131,6 +131,10 @@ def test_sign_in_generate_watch_and_escape(server, person):
     _generate(s, HOSTILE + " astronaut portrait", "2")
     expect(page.locator("#watch-status")).to_have_text("completed", timeout=JOB_S)
     expect(page.locator("#watch-result .images img")).to_have_count(2)
+    # The worker's live previews (the tiny profile's TAESD decoder): at least one frame was shown,
+    # a small JPEG the worker encoded, captioned with its image and step.
+    expect(page.locator("#watch-preview")).to_have_attribute("src", re.compile(r"^data:image/jpeg;base64,"))
+    expect(page.locator("#watch-preview-caption")).to_have_text(re.compile(r"^Preview of image [12] at step (5|10|15|20)$"))
     expect(page.locator("#watch-progress")).to_have_attribute("value", re.compile(r"^[1-9]"))
     expect(page.locator("#watch-result dl.facts")).to_contain_text("Seed")
     s.shot("02-watch-completed")

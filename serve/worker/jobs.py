@@ -49,6 +49,7 @@ class BatchReport:
     failed: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # lease lost (cancelled / reclaimed)
     retried: list[str] = field(default_factory=list)  # result not stored; back in the queue
+    cancelled: list[str] = field(default_factory=list)  # stopped mid-denoising on the owner's request
 
 
 @dataclass
