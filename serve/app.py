@@ -8,7 +8,7 @@ from fastapi import Depends, FastAPI
 
 import avatar_engine
 
-from .api import account, avatars, community, jobcontrol, submissions, system, webhooks
+from .api import account, avatars, community, jobcontrol, provenance, submissions, system, webhooks
 from .api.common import Services
 from .api.openapi import install_openapi
 from .api.rendering import event_renderer, render_avatar
@@ -32,7 +32,7 @@ DESCRIPTION = ("Prompt → avatar, percify-yourself and cast. Submissions return
                "`GET /v1/avatars/{avatarId}/events` (Server-Sent Events). Image URLs are absolute and open without a "
                "header: stable for public avatars, signed and expiring (`expires`, `signature`) for the others. "
                'Every error has the shape `{"error": {"code", "message", "param", "requestId"}}`.')
-ROUTERS = (system, account, submissions, avatars, jobcontrol, community, webhooks)
+ROUTERS = (system, account, submissions, avatars, jobcontrol, provenance, community, webhooks)
 
 
 def create_app(settings: ServiceSettings, store: Store, engine_client: EngineClient, *,

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import cv2
 import numpy as np
@@ -147,11 +147,15 @@ class AssetStore:
         return cls(LocalBackend(url), png_compress_level)
 
     # -- writes ------------------------------------------------------------------------------
-    def put_image(self, avatar_id: str, index: int, image: Image.Image) -> StoredImage:
+    def put_image(self, avatar_id: str, index: int, image: Image.Image,
+                  mark: Callable[..., bytes] | None = None) -> StoredImage:
+        """`mark(image, fmt, **save_kwargs) -> bytes` (watermark + signed manifest,
+        `serve.imaging.JobMarker`) encodes the PNG and the thumbnail instead of the plain encoders."""
         key = image_key(avatar_id, index)
         t0 = time.perf_counter()
-        png = encode_png(image, self.png_compress_level)
-        thumb = encode_thumbnail(image) if index == 0 else None
+        png = mark(image, "png", compress_level=self.png_compress_level) if mark else \
+            encode_png(image, self.png_compress_level)
+        thumb = encode_thumbnail(image, mark=mark) if index == 0 else None
         encode_s = time.perf_counter() - t0
         self.backend.put(key, png)
         if thumb is not None:
@@ -177,6 +181,10 @@ class AssetStore:
         return self.backend.exists(key)
 
     # -- deletes -----------------------------------------------------------------------------
+    def delete_uploads(self, upload_id: str) -> None:
+        """The reference photos (and remix init image) a job was submitted with."""
+        self.backend.delete_prefix(f"uploads/{_check_key(upload_id)}")
+
     def delete_avatar(self, avatar_id: str) -> None:
         self.backend.delete_prefix(f"avatars/{avatar_id}")
         self.backend.delete_prefix(f"uploads/{avatar_id}")
@@ -205,9 +213,11 @@ def encode_png(image: Image.Image, compress_level: int = 6) -> bytes:
     return buf.tobytes()
 
 
-def encode_thumbnail(image: Image.Image, size: int = THUMBNAIL_SIZE) -> bytes:
+def encode_thumbnail(image: Image.Image, size: int = THUMBNAIL_SIZE, mark: Callable[..., bytes] | None = None) -> bytes:
     thumb = image.convert("RGB")
     thumb.thumbnail((size, size), Image.Resampling.LANCZOS)
+    if mark is not None:
+        return mark(thumb, "webp", quality=85, method=0)
     buf = io.BytesIO()
     thumb.save(buf, format="WEBP", quality=85, method=0)  # fastest method: ~4x less CPU than the default 4
     return buf.getvalue()

@@ -21,7 +21,8 @@ from avatar_engine.errors import AvatarEngineError, ProfileError
 
 from .logctx import logger
 from .store import (
-    ConcurrencyLimitExceeded, InsufficientCredits, InvalidArgument, InvalidState, NotFound, PermissionDenied, StoreError,
+    ConcurrencyLimitExceeded, InsufficientCredits, InvalidArgument, InvalidState, NotFound, NotPublishable,
+    PermissionDenied, StoreError,
 )
 
 log = logger("serve.errors")
@@ -87,6 +88,8 @@ def store_error(exc: StoreError) -> ApiError:
         return not_found(str(exc))
     if isinstance(exc, InvalidArgument):
         return invalid_request(exc.message if exc.param in exc.message else f"{exc.param}: {exc.message}", exc.param)
+    if isinstance(exc, NotPublishable):
+        return ApiError(409, "content_policy_violation", exc.message, param="avatarId")
     if isinstance(exc, InvalidState):
         return ApiError(400, "invalid_request", exc.message, param="avatarId")
     return ApiError(500, "internal_error", "A storage error occurred")

@@ -44,6 +44,10 @@ class WorkerMetrics:
                                 buckets=_ENCODE_BUCKETS, registry=r)
         self.postprocess = Histogram("avatar_postprocess_seconds", "Post-processing time per job (encode, upload, "
                                      "complete)", buckets=_ENCODE_BUCKETS + (2, 5), registry=r)
+        self.images_checked = Counter("avatar_images_checked_total", "Generated images scored by the safety check",
+                                      ["checker"], registry=r)
+        self.images_flagged = Counter("avatar_images_flagged_total", "Images at or over the safety threshold, by "
+                                      "label and the action taken", ["label", "action"], registry=r)
         self._ray: dict[str, Any] | None = None
         if ray_mirror:
             try:
@@ -74,6 +78,13 @@ class WorkerMetrics:
 
     def observe_postprocess(self, seconds: float) -> None:
         self.postprocess.observe(seconds)
+
+    def observe_safety(self, verdicts: Any, decisions: list[str]) -> None:
+        """One job's safety verdicts and the policy's decisions (pass/flag/blur/block)."""
+        for verdict, decision in zip(verdicts, decisions):
+            self.images_checked.labels(checker=verdict.checker).inc()
+            if decision != "pass":
+                self.images_flagged.labels(label=verdict.label, action=decision).inc()
 
     def observe_queue_wait(self, seconds: float) -> None:
         self.queue_wait.observe(seconds)

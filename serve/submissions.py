@@ -28,7 +28,7 @@ from .auth import Principal
 from .engine_client import ProfileInfo
 from .errors import content_policy_violation, invalid_request, param_from_loc
 from .logctx import current_request_id, logger
-from .photos import PhotoRequest, check_faces, photo_error
+from .photos import PhotoRequest, check_faces, check_photo_safety, photo_error
 from .policy import PolicyChecker
 from .services import Services, call, get_visible
 from .store import Avatar
@@ -199,6 +199,7 @@ async def percify(svc: Services, principal: Principal, form: PhotoRequest) -> Av
     sub = await prepare(svc, JobKind.PERCIFY, body)
     method = identity_method_for(sub.profile, body.identity_method)
     await check_faces(svc, sub.profile, form.images, form.params)
+    await check_photo_safety(svc, form.images, form.params)
     try:  # the engine's own checks (one person across the photos: IdentityMismatchError), same params
         request_from_wire({**_engine_fields(body, JobKind.PERCIFY), "photos": form.images}, JobKind.PERCIFY).validate()
     except AvatarEngineError as exc:
@@ -218,6 +219,7 @@ async def cast(svc: Services, principal: Principal, form: PhotoRequest) -> Avata
     method = identity_method_for(sub.profile, body.identity_method)
     for ref in refs:  # each character's photos, as percify's: a photo without a face is refused now
         await check_faces(svc, sub.profile, ref["images"], ref["params"])
+        await check_photo_safety(svc, ref["images"], ref["params"])
     chars = []
     for i, c in enumerate(body.characters):
         keys = [sub.add_upload(img) for img in refs[i]["images"]]

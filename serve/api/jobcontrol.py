@@ -27,5 +27,8 @@ async def cancel_avatar(avatar_id: str = Path(alias="avatarId"), principal: Prin
     except InvalidState as exc:
         raise ApiError(409, "invalid_state", f"Avatar {avatar_id} is already {exc.status}: nothing to cancel",
                        param="avatarId") from None
+    upload_id = (av.params or {}).get("uploadId")
+    if av.status == JobStatus.CANCELLED and upload_id and svc.settings.photo_retention == "job":
+        await call(svc.assets.delete_uploads, upload_id)  # terminal: the reference photos go
     return json_response(render_avatar(av, svc.base_url, svc.links),
                          202 if av.status == JobStatus.PROCESSING else 200)

@@ -76,7 +76,8 @@ def render_avatar(av: Avatar, base_url: str = "", links: ImageLinks | None = Non
     (a store read, `Store.queue_positions`) is shown while the avatar is queued."""
     p, r = av.params or {}, av.result or {}
     images = [S.AvatarImage(url=image_url(av, i, base_url, links), width=int(img["width"]),
-                            height=int(img["height"]), seed=img.get("seed"))
+                            height=int(img["height"]), seed=img.get("seed"),
+                            safety=img.get("safety") if isinstance(img.get("safety"), dict) else None)
               for i, img in enumerate(r.get("images") or [])]
     queued_ms = None
     if av.started_at is not None:

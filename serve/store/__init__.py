@@ -35,7 +35,7 @@ from .records import (
     DEFAULT_MAX_ATTEMPTS, IDEMPOTENCY_STALE_S, IDEMPOTENCY_TTL_S, UNSET, WORKER_LOST_CODE, Account, AccountNotFound,
     ApiKey, Avatar, AvatarNotFound, Comment, ConcurrencyLimitExceeded, Delivery, EndpointNotFound, IdempotencyResult,
     IdempotencyState, InsufficientCredits, InvalidArgument, InvalidCursor, InvalidState, LedgerEntry, LikeResult,
-    NotFound, Page, PermissionDenied, RateLimitDecision, StoreError, StoredResponse, WebhookEndpoint,
+    NotFound, NotPublishable, Page, PermissionDenied, RateLimitDecision, StoreError, StoredResponse, WebhookEndpoint,
 )
 
 
@@ -86,7 +86,7 @@ __all__ = [
     "DEFAULT_MAX_ATTEMPTS", "IDEMPOTENCY_STALE_S", "IDEMPOTENCY_TTL_S", "UNSET", "WORKER_LOST_CODE",
     "Account", "AccountNotFound", "ApiKey", "Avatar", "AvatarNotFound", "Comment", "ConcurrencyLimitExceeded",
     "Database", "Delivery", "EndpointNotFound", "IdempotencyResult", "IdempotencyState", "InsufficientCredits",
-    "InvalidArgument", "InvalidCursor", "InvalidState", "LedgerEntry", "LikeResult", "NotFound", "Page",
+    "InvalidArgument", "InvalidCursor", "InvalidState", "LedgerEntry", "LikeResult", "NotFound", "NotPublishable", "Page",
     "PermissionDenied", "RateLimitDecision", "Store", "StoreError", "StoredResponse", "WebhookEndpoint", "WorkerInstance",
     "open_store",
 ]

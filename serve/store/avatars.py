@@ -10,7 +10,7 @@ from ..vocab import ACTIVE_STATUSES, JOB_KINDS, JOB_STATUSES, SORT_FIELDS, SORT_
 from ..vocab import EventType, FeedSort, JobErrorCode, JobStatus, Visibility, values
 from .base import StorePart, check_choice, check_limit, page
 from .jobs import check_tags, to_avatar
-from .records import UNSET, Avatar, InvalidArgument, InvalidState, Page
+from .records import UNSET, Avatar, InvalidArgument, InvalidState, NotPublishable, Page
 from .schema import avatars as A, comments, likes
 
 _GET = select(A).where(A.c.id == bindparam("aid"))
@@ -82,6 +82,8 @@ class AvatarsStore(StorePart):
             row = self.owned_row(conn, avatar_id, account_id)
             if not changes:
                 return to_avatar(row)
+            if changes.get("visibility") == Visibility.PUBLIC:
+                check_publishable(row)
             extra = {}
             if changes.get("visibility", Visibility.PUBLIC) != Visibility.PUBLIC and row["visibility"] == Visibility.PUBLIC:
                 extra["link_epoch"] = A.c.link_epoch + 1  # its public (and older signed) links stop working
@@ -101,6 +103,7 @@ class AvatarsStore(StorePart):
                 raise InvalidState(avatar_id, row["status"], "only completed avatars can be published")
             if bool(row["published"]) and row["visibility"] == Visibility.PUBLIC:
                 return to_avatar(row)
+            check_publishable(row)
             now = self._now()
             avatar = to_avatar(conn.execute(
                 update(A).where(A.c.id == avatar_id)
@@ -139,3 +142,10 @@ class AvatarsStore(StorePart):
         stmt = select(A).where(A.c.published == true(), A.c.visibility == Visibility.PUBLIC)
         return self.db.read(lambda c: page(c, stmt, column, A.c.id, "desc", str(sort), limit, cursor,
                                            to_avatar, offset))
+
+
+def check_publishable(row: Mapping[str, Any]) -> None:
+    """Public visibility and publishing need every delivered image to have passed the safety
+    check (the worker stores `publishable: false` otherwise)."""
+    if (row["result"] or {}).get("publishable") is False:
+        raise NotPublishable(row["id"])

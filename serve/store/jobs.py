@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 
 from sqlalchemy import Connection, bindparam, case, delete, false, func, insert, or_, select, update
 
-from ..vocab import ACTIVE_STATUSES, JOB_KINDS, VISIBILITIES, EventType, JobErrorCode, JobStatus, LedgerKind
+from ..vocab import ACTIVE_STATUSES, JOB_KINDS, VISIBILITIES, EventType, JobErrorCode, JobStatus, LedgerKind, Visibility
 from .base import StorePart, check_choice, check_limit, new_id, new_token
 from .records import (
     DEFAULT_MAX_ATTEMPTS, WORKER_LOST_CODE, AccountNotFound, Avatar, AvatarNotFound, ConcurrencyLimitExceeded,
@@ -171,7 +171,7 @@ class JobsStore(StorePart):
 
     def _finish(self, conn: Connection, avatar_id: str, status: JobStatus, *, token: str | None,
                 result: Mapping[str, Any] | None = None, code: str | None = None,
-                message: str | None = None) -> Avatar | None:
+                message: str | None = None, refund: int = 0) -> Avatar | None:
         """Move an active job to a terminal status with its ledger entry and event.
 
         `token` None = any active job (cancel/reap); else only processing with that token."""
@@ -180,6 +180,8 @@ class JobsStore(StorePart):
                                       updated_at=now, lease_owner=None, lease_token=None, lease_expires_at=None)
         if result is not None:
             values["result"] = dict(result)
+            if result.get("publishable") is False:  # an image did not pass the safety check
+                values.update(visibility=Visibility.PRIVATE, published=False, published_at=None)
         if token is None:
             row = conn.execute(_FINISH_ANY, {"aid": avatar_id, **values}).mappings().first()
         else:
@@ -189,7 +191,12 @@ class JobsStore(StorePart):
         avatar = to_avatar(row)
         cost = avatar.credit_cost
         if status == JobStatus.COMPLETED:
-            self.add_ledger(conn, avatar.account_id, LedgerKind.CHARGE, cost, 0, avatar.id, note=avatar.kind)
+            refund = min(max(0, int(refund)), cost)  # blocked images' share, in the same transaction
+            self.add_ledger(conn, avatar.account_id, LedgerKind.CHARGE, cost - refund, 0, avatar.id, note=avatar.kind)
+            if refund:
+                self.move_credits(conn, avatar.account_id, refund)
+                self.add_ledger(conn, avatar.account_id, LedgerKind.RELEASE, refund, refund, avatar.id,
+                                note="blocked images")
             self.emit(conn, EventType.AVATAR_COMPLETED, avatar)
         else:
             self.move_credits(conn, avatar.account_id, cost)
@@ -350,15 +357,18 @@ class JobsStore(StorePart):
         rows = self.db.read(lambda c: c.execute(_QUEUE_STATS).all())
         return {"queued": 0, "processing": 0, **{status: int(n) for status, n in rows}}
 
-    def complete_job(self, avatar_id: str, lease_token: str, result: Mapping[str, Any]) -> bool:
+    def complete_job(self, avatar_id: str, lease_token: str, result: Mapping[str, Any], refund: int = 0) -> bool:
         """processing + matching token -> completed with `result`, a `charge` ledger entry and
         an `avatar.completed` outbox message per subscribed endpoint, in one transaction.
+        `refund` credits (images the safety check blocked) go back with a `release` entry in the
+        same transaction, so the charge and refund happen exactly once whatever the retries.
+        A result with `publishable: false` makes the avatar private (and unpublished).
         False (and no change) when the token does not match or the job is no longer
         processing (cancelled, reclaimed, already completed)."""
         if not isinstance(result, Mapping):
             raise InvalidArgument("result", "must be a JSON object")
         return self.db.run(lambda c: self._finish(c, avatar_id, JobStatus.COMPLETED, token=lease_token,
-                                                  result=result) is not None)
+                                                  result=result, refund=refund) is not None)
 
     def fail_job(self, avatar_id: str, lease_token: str, code: str, message: str) -> bool:
         """processing + matching token -> failed with error code/message, a `release` (refund)

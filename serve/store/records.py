@@ -140,6 +140,18 @@ class InvalidState(StoreError):
         self.message = message
 
 
+class NotPublishable(StoreError):
+    """An image of the avatar did not pass the safety check: it cannot be public or published."""
+
+    code = "content_policy_violation"
+
+    def __init__(self, object_id: str) -> None:
+        super().__init__(f"{object_id}: not every image passed the image safety check")
+        self.object_id = object_id
+        self.message = ("This avatar cannot be public or published: not every image passed the image safety "
+                        "check (see images[].safety)")
+
+
 # --------------------------------------------------------------------------------------------
 # Records (immutable snapshots of rows)
 # --------------------------------------------------------------------------------------------

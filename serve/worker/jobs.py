@@ -79,10 +79,23 @@ class Outcomes:
             if self.ctx.store.fail_job(job.id, job.lease_token, code, message):
                 report.failed.append(job.id)
                 self.note(job, "failed", f"{code}: {message}")
+                self.release_photos(job)
             else:
                 self.drop(job, report)
         finally:
             self.ctx.leases.release(job.id)
+
+    def release_photos(self, job: Avatar) -> None:
+        """The job is terminal: its uploaded reference photos go, unless the deployment keeps them
+        with the avatar (`photo_retention: avatar`). Retries never get here, so they still have them."""
+        upload_id = (job.params or {}).get("uploadId")
+        if not upload_id or self.ctx.settings.photo_retention != "job":
+            return
+        try:
+            self.ctx.assets.delete_uploads(upload_id)
+        except Exception:  # noqa: BLE001 - the job's outcome stands; the files go with the avatar later
+            with request_context(job.request_id):
+                log.exception("could not delete the reference photos of job %s", job.id)
 
     def drop(self, job: Avatar, report: BatchReport) -> None:
         """The job is no longer this worker's (cancelled, deleted, reclaimed)."""

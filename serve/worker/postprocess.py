@@ -9,12 +9,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from ..imaging import JobMarker, image_marker
 from ..logctx import logger, request_context
 from ..store import Avatar
-from ..vocab import JobErrorCode, JobStatus
+from ..vocab import JobErrorCode, JobStatus, Visibility
 from .batches import Finished
 from .jobs import BatchReport, Outcomes, WorkerContext
-from .payload import engine_nsfw_flags, result_payload
+from .payload import refund_for, result_payload, safety_outcome
 
 log = logger("serve.worker")
 
@@ -109,21 +110,40 @@ class PostProcessor:
             return
         t0 = time.perf_counter()
         images = list(result.images)
-        if any(engine_nsfw_flags(result)) or (self.ctx.policy is not None and any(self.ctx.policy.check_images(images))):
-            self.outcomes.fail(job, JobErrorCode.BLOCKED, "The generated image was blocked by the safety checker", report)
+        outcome = safety_outcome(result, images, self.ctx.settings, self.ctx.policy)
+        if self.ctx.metrics and outcome is not None:
+            self.ctx.metrics.observe_safety(outcome.verdicts, outcome.decisions)
+        if outcome is not None and outcome.all_blocked:
+            self.outcomes.fail(job, JobErrorCode.BLOCKED, "Every generated image was blocked by the image safety "
+                                                          "check; the credits were released", report)
             return
+        mark = self._job_marker(job, result)
         stored = []
         for i, (img, seed) in enumerate(zip(images, result.seeds)):
-            info = self.ctx.assets.put_image(job.id, i, img)
+            kept = outcome.images[i] if outcome is not None else img
+            if kept is None:  # blocked: dropped, the delivered images keep consecutive indexes
+                continue
+            info = self.ctx.assets.put_image(job.id, len(stored), kept, mark)
             if self.ctx.metrics:
                 self.ctx.metrics.observe_encode(info.encode_seconds, info.width, info.height)
-            stored.append({"key": info.key, "width": info.width, "height": info.height, "seed": int(seed)})
-        completed = self.ctx.store.complete_job(job.id, job.lease_token, result_payload(job.id, result, stored, elapsed))
+            entry = {"key": info.key, "width": info.width, "height": info.height, "seed": int(seed)}
+            if outcome is not None:
+                entry["safety"] = outcome.safety_json(i)
+            stored.append(entry)
+        payload = result_payload(job.id, result, stored, elapsed)
+        refund = 0
+        if outcome is not None:
+            refund = refund_for(job.credit_cost, len(outcome.blocked), len(images))
+            payload["publishable"] = all(e["safety"]["action"] == "pass" for e in stored)
+            if refund:
+                payload["creditsRefunded"] = refund
+        completed = self.ctx.store.complete_job(job.id, job.lease_token, payload, refund=refund)
         if self.ctx.metrics:
             self.ctx.metrics.observe_postprocess(time.perf_counter() - t0)
         if completed:
             report.completed.append(job.id)
             self.outcomes.note(job, "completed")
+            self.outcomes.release_photos(job)
             return
         # Not ours any more: cancelled/deleted while running (drop the files) or reclaimed by
         # another worker after our lease expired (it writes the same keys; leave them).
@@ -131,3 +151,13 @@ class PostProcessor:
         if status in (None, JobStatus.CANCELLED):
             self.ctx.assets.delete_avatar(job.id)
         self.outcomes.drop(job, report)
+
+    def _job_marker(self, job: Avatar, result: Any) -> JobMarker | None:
+        """Watermark + Content Credentials for this job's images (None when both are off)."""
+        marker = image_marker(self.ctx.settings)
+        if marker is None:
+            return None
+        params = {"kind": job.kind, **(job.params or {})}
+        return JobMarker(marker, job.id, model=job.model or getattr(result.request, "model", "") or "",
+                         identity_method=(job.params or {}).get("identityMethod"), params=params,
+                         public=job.visibility == Visibility.PUBLIC)
