@@ -121,6 +121,24 @@ def _name(common_name: str):
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, LOCAL_CHAIN_ORG)])
 
 
+def ensure_local_chain(directory: Path) -> tuple[Path, Path]:
+    """The local chain in `directory`, made once. Check-and-create holds an exclusive lock on
+    `directory/.lock`: two workers (threads or processes) starting together would otherwise each
+    write a key, and one would sign with a key that does not match the chain it reads."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    chain_path, key_path = directory / "chain.pem", directory / "signer.key"
+    with open(directory / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (chain_path.exists() and key_path.exists()):
+                chain_path, key_path = create_local_chain(directory)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return chain_path, key_path
+
+
 def create_local_chain(directory: Path) -> tuple[Path, Path]:
     """Make a local CA and an ES256 leaf (C2PA wants a CA-issued end-entity certificate with
     digitalSignature and an emailProtection EKU); write `chain.pem` (leaf, CA) and `signer.key`
@@ -197,9 +215,7 @@ class ContentCredentials:
             self.local_chain = False
         else:
             directory = Path(self.config.key_dir) if self.config.key_dir else cache_dir() / "c2pa"
-            chain_path, key_path = directory / "chain.pem", directory / "signer.key"
-            if not (chain_path.exists() and key_path.exists()):
-                chain_path, key_path = create_local_chain(directory)
+            chain_path, key_path = ensure_local_chain(directory)
             self.local_chain = True
         try:
             self._chain, key = chain_path.read_bytes(), key_path.read_bytes()
