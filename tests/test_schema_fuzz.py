@@ -166,7 +166,7 @@ def _realistic_cast(body) -> None:
 def real_photos(context, body):
     """Photos as the app needs them and the schema cannot say (an image with a usable face):
     generated file parts become face photos, base64/URL strings in `photos` become a base64 face
-    photo, `photoUrl`/`photoUrls` the loopback photo server's URL, at most 5 photos in all. Only
+    photo, `photoUrl`/`imageUrl`/`photoUrls` the loopback photo server's URL, at most 5 photos in all. Only
     schema-valid values are rewritten, so a negative case stays negative."""
     from schemathesis.transport.serialization import Binary
 
@@ -187,7 +187,7 @@ def real_photos(context, body):
             body[key] = [real(i, v) for i, v in enumerate(value)] if isinstance(value, list) else real(0, value)
         elif key == "photos" and isinstance(value, list) and len(value) <= 5:
             body[key] = [b64(v) for v in value]
-        elif key == "photoUrl" and isinstance(value, str) and 1 <= len(value) <= 2000:
+        elif key in ("photoUrl", "imageUrl") and isinstance(value, str) and 1 <= len(value) <= 2000:
             body[key] = url(value)
         elif key == "photoUrls" and isinstance(value, list) and len(value) <= 5:
             body[key] = [url(v) for v in value]
@@ -196,9 +196,9 @@ def real_photos(context, body):
             c["photos"] = [b64(v) for v in c["photos"]]
     def total() -> int:
         return sum(len(body[k]) if isinstance(body.get(k), list) else int(k in body)
-                   for k in ("photo", "photos", "photoUrl", "photoUrls"))
+                   for k in ("photo", "photos", "photoUrl", "imageUrl", "photoUrls"))
 
-    for key in ("photoUrls", "photoUrl", "photos", "photo"):  # at most 5 photos in all
+    for key in ("photoUrls", "photoUrl", "imageUrl", "photos", "photo"):  # at most 5 photos in all
         while total() > 5 and key in body:
             if isinstance(body[key], list) and len(body[key]) > 1:
                 body[key].pop()

@@ -10,6 +10,8 @@ stream and `Prefer: wait`; selectable identity methods added `"identityMethods":
 (`userId`, `imageUrl`, `modelProfile`, `creditsUsed`, `metadata.modelVersion`/`generationTime`,
 list envelopes with `pagination`, credits endpoints, strict types, the schema's `Allow`); the
 PNG encoder's change (libpng with zlib's RLE strategy) changed the images' byte counts only.
+The studio's job control (issue 23) added `creditsUsed`, `queuePosition` and `cancelRequested` to
+every Avatar object (19 lines; nothing else changed).
 A change to any status, header or body byte of these answers fails here.
 
 Regenerate deliberately: `python tests/test_wire.py > tests/fixtures/wire_transcript.txt`.

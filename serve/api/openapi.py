@@ -57,7 +57,8 @@ PERCIFY_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {**_form_schema(
         S.PercifyRequest, ("photos",), {"photo": {**_FILES, "minItems": 1, "maxItems": 5}}, []),
         # at least one photo: file parts, photoUrl or photoUrls
-        "anyOf": [{"required": ["photo"]}, {"required": ["photoUrl"]}, {"required": ["photoUrls"]}]},
+        "anyOf": [{"required": ["photo"]}, {"required": ["photoUrl"]}, {"required": ["photoUrls"]}],
+        "not": {"required": ["photoUrl", "imageUrl"]}},  # imageUrl is photoUrl's other name
         "encoding": {"metadata": _JSON_PART}},
 }}}
 
