@@ -15,7 +15,7 @@ from avatar_engine.model.adapters import load_identity_adapter, release_identity
 from avatar_engine.requests import CastCharacter, CastRequest, PercifyRequest
 from avatar_engine.runtime import compile as speed
 from avatar_engine.runtime import compile_cache
-from avatar_engine.runtime.warmup import compiled_graphs
+from avatar_engine.runtime.warmup import compiled_graphs, warmup_photo
 from test_compile import EMB, compiled_engine, run_and_check
 
 FULL = SpeedOptions(compile=True, compile_backend="eager", batch_buckets=True, compile_scope="full", compile_vae=True)
@@ -42,9 +42,9 @@ def test_full_scope_mixed_traffic_never_recompiles(fail_on_recompile, full_engin
     run_and_check(engine, name)
     after = compiled_graphs()
     g = dict(model=name, steps=1, identity_method="faceid-plus-v2", score_outputs=False)
-    engine.generate([PercifyRequest(prompt="a knight", identity_embedding=EMB[1], seed=1, batch_size=2, **g)])
+    engine.generate([PercifyRequest(prompt="a knight", photos=[warmup_photo()], seed=1, batch_size=2, **g)])
     engine.generate([CastRequest(prompt="on mars", seed=2, characters=[
-        CastCharacter(f"p{i}", identity_embedding=EMB[i] if i % 2 else None) for i in range(3)],
+        CastCharacter(f"p{i}", photos=[warmup_photo()] if i % 2 else None) for i in range(3)],
         model=name, steps=1, identity_method="faceid-plus-v2")])
     engine.generate(GenerationRequest(prompt="and again", seed=3, model=name, steps=1))
     assert compiled_graphs() == after
@@ -60,10 +60,11 @@ def test_full_scope_adapter_reload_never_recompiles(fail_on_recompile, full_engi
         assert release_identity_adapter(model, method)
         reloaded = load_identity_adapter(model, method, download=False)
         assert reloaded.loaded
-        engine.generate([PercifyRequest(prompt="a knight", identity_embedding=EMB[0], seed=4, batch_size=3, model=name,
-                                        steps=1, identity_method=method, score_outputs=False)])
+        face = dict(photos=[warmup_photo()]) if method == "faceid-plus-v2" else dict(identity_embedding=EMB[0])
+        engine.generate([PercifyRequest(prompt="a knight", seed=4, batch_size=3, model=name, steps=1,
+                                        identity_method=method, score_outputs=False, **face)])
         engine.generate([CastRequest(prompt="on mars", seed=5, model=name, steps=1, identity_method=method,
-                                     characters=[CastCharacter("a", identity_embedding=EMB[2]), CastCharacter("b")])])
+                                     characters=[CastCharacter("a", **face), CastCharacter("b")])])
     assert compiled_graphs() == after
 
 

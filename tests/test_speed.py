@@ -190,3 +190,49 @@ def test_gpu_suite_runs_a_chosen_subset(tmp_path):
     assert [name for name, _ in picked] == ["compile ResNet blocks too (scope blocks)",
                                             "full UNet, static shapes, channels_last"]
     assert gpu_suite.select(gpu_suite.ABLATIONS, "", lambda a: a[0]) == gpu_suite.ABLATIONS
+
+
+# ---- FP8 on fused projections ----------------------------------------------------------------------
+
+def test_fp8_quantizes_each_fused_projection_once_and_keeps_no_view_copies():
+    """With fused q/k/v, FP8 quantizes the fused layer only (not its q/k/v views as separate
+    copies), then the views become slices of the quantized layer: no full-precision view of a
+    fused weight stays alive, and code calling `to_q` gets the same rows. torchao's FP8 needs an
+    SM 8.9+ GPU, so a stand-in quantizer (a fresh weight tensor, as torchao swaps it) checks the
+    selection and rewiring here."""
+    from diffusers.models.attention_processor import Attention
+
+    from avatar_engine.model.attention import fuse_projections
+    from avatar_engine.model.tiny import build_tiny_pipeline
+    from avatar_engine.runtime.optimize import FusedSlice, fp8_linear_names, quantize_linears
+
+    unet = build_tiny_pipeline("sd15").unet.eval().requires_grad_(False)
+    fuse_projections(unet)
+    attns = {n: m for n, m in unet.named_modules() if isinstance(m, Attention)}
+    selfs = {n: a for n, a in attns.items() if not a.is_cross_attention}
+    xs = {n: torch.randn(2, 5, a.to_qkv.in_features) for n, a in selfs.items()}
+    expected = {n: [a.to_q(xs[n]), a.to_k(xs[n]), a.to_v(xs[n])] for n, a in selfs.items()}
+    old_storage = {a.to_qkv.weight.untyped_storage().data_ptr() for a in selfs.values()}
+    names = fp8_linear_names(unet)
+    assert not any(n.endswith((".to_k", ".to_v")) for n in names)
+    assert all(f"{n}.to_qkv" in names for n in selfs) and all(f"{n}.to_kv" in names for n in attns if n not in selfs)
+    assert all(f"{n}.to_q" in names for n in attns if n not in selfs)  # cross-attention q is its own layer
+
+    quantized = []
+
+    def stand_in(module, keep):  # what torchao's quantize_ does: a new weight tensor per selected Linear
+        for fqn, layer in module.named_modules():
+            if isinstance(layer, torch.nn.Linear) and keep(layer, fqn):
+                layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+                quantized.append(fqn)
+
+    assert quantize_linears(unet, stand_in) == len(names) == len(quantized) == len(set(quantized))
+    for n, a in selfs.items():
+        assert all(isinstance(getattr(a, p), FusedSlice) for p in ("to_q", "to_k", "to_v"))
+        x = xs[n]
+        for got, want in zip([a.to_q(x), a.to_k(x), a.to_v(x)], expected[n]):
+            assert torch.allclose(got, want)
+    live = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    assert not live & old_storage  # the full-precision fused weights are gone
+    assert not any(n.endswith((".to_q", ".to_k", ".to_v")) and n.rsplit(".", 1)[0] in selfs
+                   for n, _ in unet.named_parameters())
