@@ -44,7 +44,7 @@ def test_full_scope_mixed_traffic_never_recompiles(fail_on_recompile, full_engin
     g = dict(model=name, steps=1, identity_method="faceid-plus-v2", score_outputs=False)
     engine.generate([PercifyRequest(prompt="a knight", photos=[warmup_photo()], seed=1, batch_size=2, **g)])
     engine.generate([CastRequest(prompt="on mars", seed=2, characters=[
-        CastCharacter(f"p{i}", photos=[warmup_photo()] if i % 2 else None) for i in range(3)],
+        CastCharacter(f"p{i}", **(dict(photos=[warmup_photo()]) if i % 2 else {})) for i in range(3)],
         model=name, steps=1, identity_method="faceid-plus-v2")])
     engine.generate(GenerationRequest(prompt="and again", seed=3, model=name, steps=1))
     assert compiled_graphs() == after

@@ -174,8 +174,24 @@ def test_gpu_suite_smoke(tmp_path):
     cases = {(r["case"], r["batch"]) for r in report["rows"]}
     assert ("tiny-sd15 generate", 2) in cases and ("tiny-sd15 cast (2 characters)", 2) in cases
     assert ("tiny-sdxl generate", 2) in cases and not report["skipped"]
-    assert all(r["images_per_s"] > 0 and r["tflop_per_image"] > 0 for r in report["rows"])
-    assert "| case | batch |" in (tmp_path / "suite.md").read_text()
+    assert not [r for r in report["rows"] if r.get("error")]
+    plain = [r for r in report["rows"] if r["case"].startswith("plain diffusers")]
+    engine_rows = [r for r in report["rows"] if r not in plain]
+    # the plain-diffusers baseline in the same run, from its own processes, each batch of each generate case
+    assert {(r["case"], r["batch"]) for r in plain} == {
+        (f"plain diffusers {v}: {c}", b) for v in ("eager", "compiled")
+        for c, bs in (("tiny-sd15 generate", (1, 2)),) for b in bs}
+    assert all(r["images_per_s"] > 0 for r in plain)
+    assert all(r["images_per_s"] > 0 and r["tflop_per_image"] > 0 for r in engine_rows)
+    for r in engine_rows:  # engine/plain ratios beside the absolute numbers of generate rows
+        base = {p["case"].split(": ")[0]: p["images_per_s"] for p in plain
+                if p["case"].endswith(r["case"]) and p["batch"] == r["batch"]}
+        if base:
+            assert r["vs_plain_eager"] == round(r["images_per_s"] / base["plain diffusers eager"], 3)
+            assert r["vs_plain_compiled"] == round(r["images_per_s"] / base["plain diffusers compiled"], 3)
+    assert sum("vs_plain_eager" in r for r in engine_rows) == 2
+    text = (tmp_path / "suite.md").read_text()
+    assert "| case | batch | images/s | vs plain eager |" in text and "plain diffusers compiled" in text
 
 
 def test_gpu_suite_runs_a_chosen_subset(tmp_path):
@@ -183,7 +199,7 @@ def test_gpu_suite_runs_a_chosen_subset(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import gpu_suite
 
-    report = gpu_suite.main(["--smoke", "--repeats", "1", "--only", "percify from a photo, SDXL",
+    report = gpu_suite.main(["--smoke", "--repeats", "1", "--only", "percify from a photo, SDXL", "--plain", "",
                              "--out", str(tmp_path / "suite")])
     assert {r["case"] for r in report["rows"]} == {"tiny-sd15 percify from a photo", "tiny-sdxl generate"}
     picked = gpu_suite.select(gpu_suite.ABLATIONS, "blocks, full unet", lambda a: a[0])
