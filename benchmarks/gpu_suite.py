@@ -398,14 +398,18 @@ def main(argv=None) -> dict:
             emit({"case": f"{name}: {case.name}", "batch": None, "images_per_s": None, "error": error})
 
     for case in cases:
-        if case.kind == "generate" and case.plain_baseline:
-            for variant in plain:
-                child(f"plain diffusers {variant}", case, child_argv(args, case, device, "--plain-worker", variant))
+        baseline = plain if case.kind == "generate" and case.plain_baseline else []
+        # Decisive rows first: plain eager, the engine configurations, then the plain compiled
+        # recipe (its max-autotune compile takes minutes on a GPU).
+        for variant in [v for v in baseline if v == "eager"]:
+            child(f"plain diffusers {variant}", case, child_argv(args, case, device, "--plain-worker", variant))
         for config in configs:
             if isolate:
                 child(f"engine {config}", case, child_argv(args, case, device, "--engine-worker", "--configs", config))
             else:
                 engine_rows(case, config, device, args, report, emit, t_start)
+        for variant in [v for v in baseline if v != "eager"]:
+            child(f"plain diffusers {variant}", case, child_argv(args, case, device, "--plain-worker", variant))
     if args.ablate and not args.smoke:
         report["ablation"] = ablate(report, select(ABLATIONS, args.ablations, lambda a: a[0]), {}, device,
                                     args, t_start)
