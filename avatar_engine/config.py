@@ -296,6 +296,8 @@ class EngineConfig:
     face_backend: "embedded" (offline, CPU) or "insightface" (needs face_model_root).
     face_scorer: what scores identity (faces/scoring.py): "auto" (dlib when installed, else the
     labelled hand-crafted fallback), "dlib", "arcface" (insightface backend) or "handcrafted".
+    compile_cache_dir: where compiled graphs are saved after warm-up and loaded before compiling
+    (runtime/compile_cache.py; None: $AVATAR_COMPILE_CACHE_DIR, else not persisted).
     """
 
     device: str | None = None
@@ -306,3 +308,4 @@ class EngineConfig:
     face_model_root: str | None = None
     face_model_name: str = "buffalo_l"
     face_scorer: str = "auto"
+    compile_cache_dir: str | None = field(default_factory=lambda: os.environ.get("AVATAR_COMPILE_CACHE_DIR") or None)

@@ -23,7 +23,8 @@ from .model.adapters import load_identity_adapter
 from .model.text import PromptEncoder
 from .prompts import PromptBuilder
 from .requests import GenerationRequest, GenerationResult
-from .runtime.compile import compile_pipeline
+from .runtime.compile import compile_pipeline, scoped_inductor_config
+from .runtime.compile_cache import cache_path, load_artifacts, save_artifacts
 from .runtime.loading import load_pipeline
 from .runtime.optimize import on, prepare_pipeline, resolve_dtype
 from .runtime.scheduler import (LoadedModel, PreviewFn, ProgressFn, Task, WorkItem, batch_buckets, execute,
@@ -123,13 +124,8 @@ class AvatarEngine:
             if self.device.type == "cuda" and not (self.config.max_batch_size or profile.max_batch_size):
                 model.memory = probe_memory(model, self._tasks)
             opts = profile.speed
-            if on(opts.compile, self.device):
-                compile_pipeline(pipe, opts, self.device)
-                model.compiled = True
-            if opts.batch_buckets if opts.batch_buckets is not None else model.compiled:
-                model.buckets = batch_buckets(self.max_batch(model, *self._native_size(profile)))
-            if opts.warmup:
-                model.warmup = warm_up(model, self._tasks, self.config.max_batch_size)
+            with scoped_inductor_config():  # the compiles' inductor settings end with them
+                self._compile_and_warm_up(model)
             # Without a warm-up a compiled model must still compile on its first calls: the serving
             # stance (run eagerly rather than compile) applies only once the warm-up has compiled.
             model.warm = bool(opts.warmup) or not model.compiled
@@ -138,6 +134,26 @@ class AvatarEngine:
             log.info("loaded %s (%s) in %.1fs: %s", profile.name, profile.source, time.perf_counter() - t0,
                      model.applied)
             return model
+
+    def _compile_and_warm_up(self, model: LoadedModel) -> None:
+        """Compile (loading saved artifacts first when a compile cache directory is set), pick
+        the batch buckets, warm up every variant, then save the compiled artifacts."""
+        profile, opts = model.profile, model.profile.speed
+        cache_file, cache = None, {}
+        if on(opts.compile, self.device):
+            if self.config.compile_cache_dir:
+                cache_file = cache_path(self.config.compile_cache_dir, profile, self.device, model.dtype)
+                cache["load"] = load_artifacts(cache_file)
+            compile_pipeline(model.pipe, opts, self.device)
+            model.compiled = True
+        if opts.batch_buckets if opts.batch_buckets is not None else model.compiled:
+            model.buckets = batch_buckets(self.max_batch(model, *self._native_size(profile)))
+        if opts.warmup:
+            model.warmup = warm_up(model, self._tasks, self.config.max_batch_size)
+            if cache_file is not None:
+                cache["save"] = save_artifacts(cache_file)
+        if cache:
+            model.warmup["compileCache"] = cache
 
     @staticmethod
     def _native_size(profile: ModelProfile) -> tuple[int, int]:

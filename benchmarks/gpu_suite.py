@@ -9,11 +9,19 @@ past the budget are reported as skipped, never silently dropped):
 - SDXL architecture (sdxl-random), 1024², 30 steps: batch 1 / 4;
 - per case: peak memory, time of the first (compiling) call, achieved TFLOP/s and % of the
   device's bf16 peak (FLOPs per image counted from the configs, benchmarks/flops.py);
-- the model's load + warm-up time and the speed options read back from the modules.
+- the model's load + warm-up time and the speed options read back from the modules;
+- plain diffusers in the same run (benchmarks/plain_baseline.py): eager, and with diffusers'
+  compile recipe, before each generate case, with engine/plain ratios beside every engine row;
+- engine configurations (`--configs`, CONFIGS): the profile's default (regional compile) and the
+  whole-UNet candidates (`full-graphs`: + CUDA graphs, max-autotune; `full-graphs-fp8`).
+Every plain variant, and on CUDA every engine configuration, runs in its own process with a
+timeout (`--child-timeout-s`); its rows are appended to OUT.json/OUT.md as they come.
 Weights are random (no download); speed does not depend on weight values.
 
     python benchmarks/gpu_suite.py                     # GPU; writes gpu_suite.json + gpu_suite.md
-    python benchmarks/gpu_suite.py --smoke             # CPU, tiny profiles, seconds (CI runs this)
+    python benchmarks/gpu_suite.py --smoke             # CPU, tiny profiles, incl. the plain rows (CI runs this)
+    python benchmarks/gpu_suite.py --only 'sd15 generate' --batches 1,8 --configs full-graphs,default
+                                                       # the decisive rows first (README "Prepared GPU run")
     python benchmarks/gpu_suite.py --ablate            # + each speed option toggled, SD1.5 batch 8 (~25 min)
     python benchmarks/gpu_suite.py --only 'sd15 generate' --ablate --ablations 'blocks,full UNet'
                                                        # a subset that fits a short device lease
@@ -29,7 +37,6 @@ import dataclasses
 import gc
 import json
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -43,6 +50,8 @@ import torch  # noqa: E402
 from avatar_engine import AvatarEngine, EngineConfig, load_profiles  # noqa: E402
 from avatar_engine.requests import PercifyRequest  # noqa: E402
 from avatar_engine.runtime.warmup import variant_requests, warmup_photo  # noqa: E402
+from plain_baseline import (PLAIN_VARIANTS, add_plain_ratios, child_models, plain_rows, run_child,  # noqa: E402
+                            timed_calls)
 
 
 @dataclasses.dataclass
@@ -53,6 +62,7 @@ class Case:
     steps: int
     kind: str  # generate | percify | percify-photo | cast
     batches: tuple[int, ...]
+    plain_baseline: bool = True  # generate cases: plain diffusers measured before it
 
 
 FULL = [
@@ -67,7 +77,7 @@ SMOKE = [
     Case("tiny-sd15 percify", "tiny-sd15", 64, 2, "percify", (2,)),
     Case("tiny-sd15 cast (2 characters)", "tiny-sd15", 64, 2, "cast", (2,)),
     Case("tiny-sd15 percify from a photo", "tiny-sd15", 64, 2, "percify-photo", (1,)),
-    Case("tiny-sdxl generate", "tiny-sdxl", 64, 2, "generate", (1, 2)),
+    Case("tiny-sdxl generate", "tiny-sdxl", 64, 2, "generate", (1, 2), plain_baseline=False),  # CI time
 ]
 ABLATIONS = [  # (label, speed overrides) measured against the profile's defaults, SD1.5 batch 8
     ("compile off", {"compile": False}),
@@ -83,13 +93,19 @@ ABLATIONS = [  # (label, speed overrides) measured against the profile's default
     ("step cache interval 3", {"step_cache_interval": 3}),
     ("fp8 on", {"fp8": True}),
 ]
+# Engine configurations (speed overrides of the profile); rows of a non-default one carry its name
+# in brackets. `full-graphs` is the CUDA candidate of issue 19 (whole UNet, VAE decoder, CUDA
+# graphs per bucket, max-autotune); `default` is what the profile serves today (regional).
+CONFIGS = {
+    "default": {},
+    "full-graphs": {"compile_scope": "full", "cuda_graphs": True, "compile_mode": "max-autotune",
+                    "compile_vae": True, "channels_last": True},
+    "full-graphs-fp8": {"compile_scope": "full", "cuda_graphs": True, "compile_mode": "max-autotune",
+                        "compile_vae": True, "channels_last": True, "fp8": True},
+    "full": {"compile_scope": "full", "compile_vae": True, "channels_last": True},
+}
 TARGETS = {"sd15 generate": "≥ 11 images/s at batch ≥ 8, batch-1 latency ≤ 0.15 s (H200)",
            "sdxl generate": "≥ 1.2 images/s (H200)"}
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_engine(case: Case, device: str | None, speed_overrides: dict | None = None,
@@ -121,19 +137,8 @@ def measure(engine: AvatarEngine, case: Case, batch: int, repeats: int) -> dict:
     device = engine.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
-    t0 = time.perf_counter()
-    engine.generate(requests)  # first call: compiles whatever this shape needs
-    sync(device)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        results = engine.generate(requests)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
+    results: list = []
+    first, med = timed_calls(lambda: results.__setitem__(slice(None), engine.generate(requests)), device, repeats)
     calls = sorted({tuple(r.extra["batchImages"]) for r in results})
     row = {"case": case.name, "batch": batch, "images_per_s": round(batch / med, 3),
            "seconds_per_call": round(med, 4), "first_call_s": round(first, 2), "calls": [list(c) for c in calls]}
@@ -181,16 +186,19 @@ def add_flops(row: dict, engine: AvatarEngine, case: Case) -> None:
     row["pct_of_bf16_peak"] = round(100 * flops * row["images_per_s"] / peak, 1) if peak else None
 
 
+
 def markdown(report: dict) -> str:
     lines = [f"GPU suite — {report['device_name']}, torch {report['torch']}, diffusers {report['diffusers']}, "
              f"dtype {report.get('dtype', '?')}; random weights; includes text encode + denoise + VAE decode + PIL.", "",
-             "| case | batch | images/s | s/call | first call (s) | peak GB | TFLOP/s | % bf16 peak |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| case | batch | images/s | vs plain eager | vs plain compiled | s/call | first call (s) | peak GB | "
+             "TFLOP/s | % bf16 peak |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         if r.get("error"):
-            lines.append(f"| {r['case']} | {r['batch']} | failed: {r['error'][:100]} | | | | | |")
+            lines.append(f"| {r['case']} | {r['batch']} | failed: {r['error'][:100]} | | | | | | | |")
             continue
-        lines.append(f"| {r['case']} | {r['batch']} | {r['images_per_s']} | {r['seconds_per_call']} | "
+        lines.append(f"| {r['case']} | {r['batch']} | {r['images_per_s']} | {r.get('vs_plain_eager', '-')} | "
+                     f"{r.get('vs_plain_compiled', '-')} | {r['seconds_per_call']} | "
                      f"{r['first_call_s']} | {r.get('peak_memory_gb', '-')} | {r.get('achieved_tflops', '-')} | "
                      f"{r.get('pct_of_bf16_peak') if r.get('pct_of_bf16_peak') is not None else '-'} |")
     for name, info in report["models"].items():
@@ -259,7 +267,7 @@ def write_report(report: dict, out: str, t_start: float) -> str:
     return md
 
 
-def main(argv=None) -> dict:
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny profiles on CPU, in seconds")
     ap.add_argument("--device", default=None)
@@ -272,57 +280,144 @@ def main(argv=None) -> dict:
                     "'sd15 generate,sdxl' — to fit a short device lease")
     ap.add_argument("--ablations", default="", help="with --ablate: comma-separated parts of option names to "
                     "toggle (default: all), e.g. 'blocks,full UNet'")
+    ap.add_argument("--configs", default="default", help=f"engine configurations, in order ({', '.join(CONFIGS)})")
+    ap.add_argument("--batches", default="", help="comma-separated batch sizes to keep (default: each case's)")
+    ap.add_argument("--plain", default=",".join(PLAIN_VARIANTS),
+                    help="plain-diffusers variants measured before each generate case ('' for none)")
+    ap.add_argument("--plain-backend", default=None, help="torch.compile backend of the plain compiled variant "
+                    "(default: inductor; eager with --smoke)")
+    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                    help="engine configurations in their own processes too (default: on CUDA)")
+    ap.add_argument("--child-timeout-s", type=float, default=None,
+                    help="time limit of one child process (default: 300 s on CUDA, 120 s with --smoke)")
     ap.add_argument("--out", default="gpu_suite", help="writes OUT.json and OUT.md")
-    args = ap.parse_args(argv)
+    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child processes: one case, exact name
+    ap.add_argument("--plain-worker", default=None, help=argparse.SUPPRESS)  # child: one plain variant
+    ap.add_argument("--engine-worker", action="store_true", help=argparse.SUPPRESS)  # child: one engine config
+    return ap.parse_args(argv)
+
+
+def case_batches(case: Case, args) -> tuple[int, ...]:
+    keep = {int(b) for b in args.batches.split(",") if b.strip()}
+    return tuple(b for b in case.batches if not keep or b in keep)
+
+
+def child_argv(args, case: Case, device: str, *extra: str) -> list[str]:
+    argv = ["--case", case.name, "--device", device, "--repeats", str(args.repeats), "--batches",
+            ",".join(map(str, case_batches(case, args))), *extra]
+    return argv + (["--smoke"] if args.smoke else []) + (["--full-warmup"] if args.full_warmup else [])
+
+
+def engine_rows(case: Case, config: str, device: str, args, report: dict, emit, t_start: float) -> None:
+    """Every batch of one case in one engine configuration, in this process; `emit(row)` as each
+    is measured. A compiled case that fails on CUDA is measured again without compile."""
+    engine = make_engine(case, device, CONFIGS[config], warmup_kinds=args.full_warmup)
+    label = case.name if config == "default" else f"{case.name} [{config}]"
+    labelled = dataclasses.replace(case, name=label)
+    loaded = False
+    for batch in case_batches(case, args):
+        if time.perf_counter() - t_start > args.budget_s:
+            report["skipped"].append(f"{label} b{batch}")
+            continue
+        if not loaded:
+            t0 = time.perf_counter()
+            try:
+                model = engine.load(case.profile)
+            except Exception as exc:  # noqa: BLE001 - report it, go on with the next case
+                emit(error_row(labelled, batch, exc, "load: "))
+                return
+            report["models"][label] = {"load_s": round(time.perf_counter() - t0, 1), "warmup": model.warmup,
+                                       "applied": model.applied, "dtype": str(model.dtype).replace("torch.", ""),
+                                       "profile": case.profile}
+            loaded = True
+            emit({"model": label, "info": report["models"][label]})
+        row = measured_row(engine, case, batch, args.repeats)
+        row["case"] = label
+        if row.get("error") and engine.load(case.profile).compiled and device == "cuda":
+            emit(row)
+            row = measure_uncompiled(case, device, batch, args.repeats)
+        emit(row)
+    del engine
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     device = args.device or ("cpu" if args.smoke else "cuda")
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_suite: no CUDA device (use --smoke for the CPU check)")
-    cases = select(SMOKE if args.smoke else FULL, args.only, lambda c: c.name)
+    all_cases = SMOKE if args.smoke else FULL
+    if args.plain_worker or args.engine_worker:  # a child process: print rows, nothing else
+        case = next(c for c in all_cases if c.name == args.case)
+        if args.plain_worker:
+            plain_rows(dataclasses.replace(case, batches=case_batches(case, args)), torch.device(device),
+                       args.plain_worker, args.plain_backend or ("eager" if args.smoke else "inductor"), args.repeats)
+        else:
+            report = {"models": {}, "skipped": []}
+            emit = lambda r: print("ROW " + json.dumps(r), flush=True)  # noqa: E731
+            engine_rows(case, args.configs, device, args, report, emit, time.perf_counter())
+        return {}
+    cases = select(all_cases, args.only, lambda c: c.name)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        sys.exit(f"gpu_suite: unknown --configs {unknown}; known: {', '.join(CONFIGS)}")
+    plain = [p.strip() for p in args.plain.split(",") if p.strip()]
+    isolate = args.isolate if args.isolate is not None else device == "cuda"
+    timeout = args.child_timeout_s or (120.0 if args.smoke else 300.0)
     t_start = time.perf_counter()
     import diffusers
 
     report = {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
               or "cpu", "torch": torch.__version__, "diffusers": diffusers.__version__, "rows": [], "models": {},
-              "skipped": [], "budget_s": args.budget_s, "targets": TARGETS}
-    engines: dict[str, AvatarEngine] = {}
+              "skipped": [], "budget_s": args.budget_s, "targets": TARGETS, "configs": {c: CONFIGS[c] for c in configs}}
+
+    def emit(row: dict) -> None:  # each row is written out as soon as it is measured
+        if "model" in row:
+            report["models"][row["model"]] = row["info"]
+            report["dtype"] = row["info"].get("dtype", report.get("dtype"))
+            return
+        report["rows"].append(row)
+        add_plain_ratios(report)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        write_report(report, args.out, t_start)  # a run cut short still leaves what it measured
+
+    def child(name: str, case: Case, argv: list[str]) -> None:
+        if time.perf_counter() - t_start > args.budget_s:
+            report["skipped"].append(f"{name} ({case.name})")
+            return
+        rows, error = run_child(argv, min(timeout, max(30.0, args.budget_s - (time.perf_counter() - t_start))))
+        measured, models = child_models(rows)
+        for label, info in models.items():
+            emit({"model": label, "info": info})
+        for row in measured:
+            emit(row)
+        if error:
+            emit({"case": f"{name}: {case.name}", "batch": None, "images_per_s": None, "error": error})
+
     for case in cases:
-        for batch in case.batches:
-            if time.perf_counter() - t_start > args.budget_s:
-                report["skipped"].append(f"{case.name} b{batch}")
-                continue
-            if case.profile not in engines:
-                for name in list(engines):  # one full-size model in memory at a time
-                    del engines[name]
-                gc.collect()
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-                engine = make_engine(case, device, warmup_kinds=args.full_warmup)
-                t0 = time.perf_counter()
-                try:
-                    model = engine.load(case.profile)
-                except Exception as exc:  # noqa: BLE001 - report it, go on with the next profile
-                    report["rows"].append(error_row(case, batch, exc, "load: "))
-                    write_report(report, args.out, t_start)
-                    break
-                report["models"][case.profile] = {"load_s": round(time.perf_counter() - t0, 1),
-                                                  "warmup": model.warmup, "applied": model.applied}
-                report["dtype"] = str(model.dtype).replace("torch.", "")
-                engines[case.profile] = engine
-            engine = engines[case.profile]
-            row = measured_row(engine, case, batch, args.repeats)
-            if row.get("error") and engine.load(case.profile).compiled and device == "cuda":
-                report["rows"].append(row)
-                row = measure_uncompiled(case, device, batch, args.repeats)
-            report["rows"].append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            write_report(report, args.out, t_start)  # a run cut short still leaves what it measured
+        baseline = plain if case.kind == "generate" and case.plain_baseline else []
+        # Decisive rows first: plain eager, the engine configurations, then the plain compiled
+        # recipe (its max-autotune compile takes minutes on a GPU).
+        for variant in [v for v in baseline if v == "eager"]:
+            child(f"plain diffusers {variant}", case, child_argv(args, case, device, "--plain-worker", variant))
+        for config in configs:
+            if isolate:
+                child(f"engine {config}", case, child_argv(args, case, device, "--engine-worker", "--configs", config))
+            else:
+                engine_rows(case, config, device, args, report, emit, t_start)
+        for variant in [v for v in baseline if v != "eager"]:
+            child(f"plain diffusers {variant}", case, child_argv(args, case, device, "--plain-worker", variant))
     if args.ablate and not args.smoke:
-        report["ablation"] = ablate(report, select(ABLATIONS, args.ablations, lambda a: a[0]), engines, device,
+        report["ablation"] = ablate(report, select(ABLATIONS, args.ablations, lambda a: a[0]), {}, device,
                                     args, t_start)
     md = write_report(report, args.out, t_start)
     print(md, file=sys.stderr)
     summary = {"device": report["device_name"], "total_s": report["total_s"], "skipped": report["skipped"],
-               "rows": [{k: r[k] for k in ("case", "batch", "images_per_s")} for r in report["rows"]]}
+               "rows": [{k: r.get(k) for k in ("case", "batch", "images_per_s", "vs_plain_eager",
+                                               "vs_plain_compiled")} for r in report["rows"]]}
     print(json.dumps(summary))
     return report
 

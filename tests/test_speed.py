@@ -174,8 +174,24 @@ def test_gpu_suite_smoke(tmp_path):
     cases = {(r["case"], r["batch"]) for r in report["rows"]}
     assert ("tiny-sd15 generate", 2) in cases and ("tiny-sd15 cast (2 characters)", 2) in cases
     assert ("tiny-sdxl generate", 2) in cases and not report["skipped"]
-    assert all(r["images_per_s"] > 0 and r["tflop_per_image"] > 0 for r in report["rows"])
-    assert "| case | batch |" in (tmp_path / "suite.md").read_text()
+    assert not [r for r in report["rows"] if r.get("error")]
+    plain = [r for r in report["rows"] if r["case"].startswith("plain diffusers")]
+    engine_rows = [r for r in report["rows"] if r not in plain]
+    # the plain-diffusers baseline in the same run, from its own processes, each batch of each generate case
+    assert {(r["case"], r["batch"]) for r in plain} == {
+        (f"plain diffusers {v}: {c}", b) for v in ("eager", "compiled")
+        for c, bs in (("tiny-sd15 generate", (1, 2)),) for b in bs}
+    assert all(r["images_per_s"] > 0 for r in plain)
+    assert all(r["images_per_s"] > 0 and r["tflop_per_image"] > 0 for r in engine_rows)
+    for r in engine_rows:  # engine/plain ratios beside the absolute numbers of generate rows
+        base = {p["case"].split(": ")[0]: p["images_per_s"] for p in plain
+                if p["case"].endswith(r["case"]) and p["batch"] == r["batch"]}
+        if base:
+            assert r["vs_plain_eager"] == round(r["images_per_s"] / base["plain diffusers eager"], 3)
+            assert r["vs_plain_compiled"] == round(r["images_per_s"] / base["plain diffusers compiled"], 3)
+    assert sum("vs_plain_eager" in r for r in engine_rows) == 2
+    text = (tmp_path / "suite.md").read_text()
+    assert "| case | batch | images/s | vs plain eager |" in text and "plain diffusers compiled" in text
 
 
 def test_gpu_suite_runs_a_chosen_subset(tmp_path):
@@ -183,10 +199,56 @@ def test_gpu_suite_runs_a_chosen_subset(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import gpu_suite
 
-    report = gpu_suite.main(["--smoke", "--repeats", "1", "--only", "percify from a photo, SDXL",
+    report = gpu_suite.main(["--smoke", "--repeats", "1", "--only", "percify from a photo, SDXL", "--plain", "",
                              "--out", str(tmp_path / "suite")])
     assert {r["case"] for r in report["rows"]} == {"tiny-sd15 percify from a photo", "tiny-sdxl generate"}
     picked = gpu_suite.select(gpu_suite.ABLATIONS, "blocks, full unet", lambda a: a[0])
     assert [name for name, _ in picked] == ["compile ResNet blocks too (scope blocks)",
                                             "full UNet, static shapes, channels_last"]
     assert gpu_suite.select(gpu_suite.ABLATIONS, "", lambda a: a[0]) == gpu_suite.ABLATIONS
+
+
+# ---- FP8 on fused projections ----------------------------------------------------------------------
+
+def test_fp8_quantizes_each_fused_projection_once_and_keeps_no_view_copies():
+    """With fused q/k/v, FP8 quantizes the fused layer only (not its q/k/v views as separate
+    copies), then the views become slices of the quantized layer: no full-precision view of a
+    fused weight stays alive, and code calling `to_q` gets the same rows. torchao's FP8 needs an
+    SM 8.9+ GPU, so a stand-in quantizer (a fresh weight tensor, as torchao swaps it) checks the
+    selection and rewiring here."""
+    from diffusers.models.attention_processor import Attention
+
+    from avatar_engine.model.attention import fuse_projections
+    from avatar_engine.model.tiny import build_tiny_pipeline
+    from avatar_engine.runtime.optimize import FusedSlice, fp8_linear_names, quantize_linears
+
+    unet = build_tiny_pipeline("sd15").unet.eval().requires_grad_(False)
+    fuse_projections(unet)
+    attns = {n: m for n, m in unet.named_modules() if isinstance(m, Attention)}
+    selfs = {n: a for n, a in attns.items() if not a.is_cross_attention}
+    xs = {n: torch.randn(2, 5, a.to_qkv.in_features) for n, a in selfs.items()}
+    expected = {n: [a.to_q(xs[n]), a.to_k(xs[n]), a.to_v(xs[n])] for n, a in selfs.items()}
+    old_storage = {a.to_qkv.weight.untyped_storage().data_ptr() for a in selfs.values()}
+    names = fp8_linear_names(unet)
+    assert not any(n.endswith((".to_k", ".to_v")) for n in names)
+    assert all(f"{n}.to_qkv" in names for n in selfs) and all(f"{n}.to_kv" in names for n in attns if n not in selfs)
+    assert all(f"{n}.to_q" in names for n in attns if n not in selfs)  # cross-attention q is its own layer
+
+    quantized = []
+
+    def stand_in(module, keep):  # what torchao's quantize_ does: a new weight tensor per selected Linear
+        for fqn, layer in module.named_modules():
+            if isinstance(layer, torch.nn.Linear) and keep(layer, fqn):
+                layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+                quantized.append(fqn)
+
+    assert quantize_linears(unet, stand_in) == len(names) == len(quantized) == len(set(quantized))
+    for n, a in selfs.items():
+        assert all(isinstance(getattr(a, p), FusedSlice) for p in ("to_q", "to_k", "to_v"))
+        x = xs[n]
+        for got, want in zip([a.to_q(x), a.to_k(x), a.to_v(x)], expected[n]):
+            assert torch.allclose(got, want)
+    live = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    assert not live & old_storage  # the full-precision fused weights are gone
+    assert not any(n.endswith((".to_q", ".to_k", ".to_v")) and n.rsplit(".", 1)[0] in selfs
+                   for n, _ in unet.named_parameters())

@@ -31,9 +31,47 @@ DIFFUSION_FAST_INDUCTOR_FLAGS = {
 }
 
 
+def compile_options(opts: SpeedOptions) -> dict:
+    """torch.compile keyword arguments for the profile's options. Inductor settings (the mode's,
+    diffusion-fast's flags, CUDA graphs) go in `options`, which inductor applies to this
+    compile only, never to the process's global config; a mode is expanded into its options
+    because torch.compile takes one or the other."""
+    import torch._inductor
+
+    kwargs: dict = dict(backend=opts.compile_backend, fullgraph=True,
+                        dynamic=True if opts.compile_dynamic else None)
+    if opts.compile_backend != "inductor":
+        return kwargs
+    mode = opts.compile_mode
+    if mode == "max-autotune" and not opts.cuda_graphs:  # max-autotune implies CUDA graphs; they are their own option
+        mode = "max-autotune-no-cudagraphs"
+    options = dict(torch._inductor.list_mode_options(mode))
+    flags = opts.inductor_flags if opts.inductor_flags is not None else mode.startswith("max-autotune")
+    if flags:
+        options.update(DIFFUSION_FAST_INDUCTOR_FLAGS)
+    options["triton.cudagraphs"] = bool(opts.cuda_graphs)
+    kwargs["options"] = options
+    return kwargs
+
+
+@contextlib.contextmanager
+def scoped_inductor_config():
+    """Inductor's global config as it was before: whatever the engine's compiles (or a caller's
+    ablation) set globally is restored on exit, even on an error, so one model's CUDA graphs or
+    autotuning flags never leak into the next model's compiles."""
+    import torch._inductor.config as inductor_config
+
+    saved = inductor_config.save_config()
+    try:
+        yield inductor_config
+    finally:
+        inductor_config.load_config(saved)
+
+
 def compile_pipeline(pipe, opts: SpeedOptions, device: torch.device) -> None:
-    """torch.compile the UNet (each transformer block, or whole) and optionally the VAE decoder,
-    in place (state-dict keys and processors unchanged)."""
+    """torch.compile the UNet (each transformer block, ResNet blocks too, or whole) and optionally
+    the VAE decoder, in place (state-dict keys and processors unchanged). With CUDA graphs on
+    CUDA, the compiled UNet and decoder copy their outputs out of the graphs' static buffers."""
     import torch._dynamo
     import torch.fx.experimental._config as fx_config
 
@@ -43,20 +81,8 @@ def compile_pipeline(pipe, opts: SpeedOptions, device: torch.device) -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            RECOMPILE_LIMIT * 16)
-    kwargs = dict(backend=opts.compile_backend, fullgraph=True, dynamic=True if opts.compile_dynamic else None)
-    if opts.compile_backend == "inductor":
-        import torch._inductor.config as inductor_config
-
-        if opts.compile_mode != "default":
-            kwargs["mode"] = opts.compile_mode
-        flags = opts.inductor_flags if opts.inductor_flags is not None else opts.compile_mode.startswith("max-autotune")
-        if flags:
-            for key, value in DIFFUSION_FAST_INDUCTOR_FLAGS.items():
-                setattr(inductor_config, key, value)
-        if opts.cuda_graphs:
-            inductor_config.triton.cudagraphs = True
-        elif opts.compile_mode == "max-autotune":  # max-autotune implies CUDA graphs; they are their own option
-            kwargs["mode"] = "max-autotune-no-cudagraphs"
+    kwargs = compile_options(opts)
+    compiled = []
     if opts.compile_scope in ("regional", "blocks"):
         names = set(getattr(pipe.unet, "_repeated_blocks", ()) or ("BasicTransformerBlock",))
         if opts.compile_scope == "blocks":  # GroupNorm+SiLU+conv of the ResNet blocks fused too (H200 profile)
@@ -64,10 +90,41 @@ def compile_pipeline(pipe, opts: SpeedOptions, device: torch.device) -> None:
         for module in pipe.unet.modules():
             if type(module).__name__ in names:
                 module.compile(**kwargs)
-    else:
+    else:  # full: one graph per UNet call (GroupNorm+SiLU fused, channels_last end to end)
         pipe.unet.compile(**kwargs)
+        compiled.append(pipe.unet)
     if on(opts.compile_vae, device):
         pipe.vae.decoder.compile(**kwargs)
+        compiled.append(pipe.vae.decoder)
+    if cuda_graphs_on(opts, device):
+        for module in compiled:
+            copy_outputs_out(module)
+
+
+def cuda_graphs_on(opts: SpeedOptions, device: torch.device) -> bool:
+    """CUDA graphs are recorded only by inductor on a CUDA device."""
+    return bool(opts.cuda_graphs) and opts.compile_backend == "inductor" and device.type == "cuda"
+
+
+def copy_outputs_out(module: torch.nn.Module) -> None:
+    """Wrap a compiled module's call so that each call starts a new CUDA-graph step and returns
+    copies of its outputs: a replay overwrites the static output buffers of the previous one,
+    and the sampler holds the previous UNet output across steps (and a batch's decoded images
+    outlive the next call). The wrapper sits outside the graph (on `_compiled_call_impl`, which
+    `nn.Module.__call__` runs), so the copies are real. One graph is recorded per attention mode
+    × identity method × batch bucket × shape; warm-up records them all."""
+    from torch.utils._pytree import tree_map_only
+
+    graphed = module._compiled_call_impl
+    if graphed is None or getattr(graphed, "copies_outputs", False):
+        return
+
+    def call(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return tree_map_only(torch.Tensor, torch.Tensor.clone, graphed(*args, **kwargs))
+
+    call.copies_outputs = True
+    module._compiled_call_impl = call
 
 
 def is_compiled(module: torch.nn.Module) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from typing import Callable
 
 import torch
 
@@ -112,16 +113,59 @@ def quantize_fp8(unet, device: torch.device, profile_name: str) -> int:
     except ImportError as exc:
         raise ProfileError(f"profile {profile_name!r}: speed.fp8 needs torchao (pip install torchao)",
                            param="speed.fp8") from exc
-    count = [0]
+    return quantize_linears(unet, lambda module, keep: quantize_(module, config, filter_fn=keep))
 
-    def eligible(module, fqn: str) -> bool:
-        ok = (isinstance(module, torch.nn.Linear) and ".processor" not in fqn and "transformer_blocks" in fqn
-              and module.in_features % 16 == 0 and module.out_features % 16 == 0)
-        count[0] += ok
-        return ok
 
-    quantize_(unet, config, filter_fn=eligible)
-    return count[0]
+def fp8_linear_names(unet) -> set[str]:
+    """The UNet Linear layers FP8 applies to: transformer-block linears (not the attention
+    processors' identity weights) with sizes cuBLAS's FP8 GEMM takes, and, where q/k/v (or k/v)
+    are fused, the fused layer only: the separate projections are views of its weight, and
+    quantizing them too made a second quantized copy of every fused weight."""
+    views = set()
+    for name, module in unet.named_modules():
+        if getattr(module, "fused_projections", False):
+            parts = ("to_k", "to_v") if hasattr(module, "to_kv") else ("to_q", "to_k", "to_v")
+            views |= {f"{name}.{part}" for part in parts}
+    return {fqn for fqn, module in unet.named_modules()
+            if isinstance(module, torch.nn.Linear) and ".processor" not in fqn and "transformer_blocks" in fqn
+            and fqn not in views and module.in_features % 16 == 0 and module.out_features % 16 == 0}
+
+
+def quantize_linears(unet, quantize: Callable[[torch.nn.Module, Callable], None]) -> int:
+    """Quantize the layers of `fp8_linear_names` with `quantize(unet, filter_fn)` (torchao's
+    `quantize_` signature), then turn the fused layers' q/k/v views into slices of the quantized
+    fused layer, so no full-precision copy of a fused weight stays alive. Returns layers quantized."""
+    names = fp8_linear_names(unet)
+    quantize(unet, lambda module, fqn: fqn in names)
+    for name, module in list(unet.named_modules()):
+        if not getattr(module, "fused_projections", False):
+            continue
+        fused_name = "to_kv" if hasattr(module, "to_kv") else "to_qkv"
+        if f"{name}.{fused_name}" in names:
+            replace_views_by_slices(module, fused_name)
+    return len(names)
+
+
+class FusedSlice(torch.nn.Module):
+    """`to_q` / `to_k` / `to_v` of a fused attention after quantization: the rows of the fused
+    layer's output, computed by it (no weight of its own). The processors call the fused layer;
+    this keeps code that calls a separate projection correct."""
+
+    def __init__(self, fused: torch.nn.Module, index: int, parts: int, out_features: int):
+        super().__init__()
+        self._fused = (fused,)  # not a submodule: the fused layer is registered once, under its own name
+        self.index, self.parts, self.out_features = index, parts, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fused[0](x).chunk(self.parts, dim=-1)[self.index]
+
+
+def replace_views_by_slices(attn, fused_name: str) -> None:
+    parts = ("to_k", "to_v") if fused_name == "to_kv" else ("to_q", "to_k", "to_v")
+    fused = getattr(attn, fused_name)
+    for index, part in enumerate(parts):
+        view = getattr(attn, part)
+        setattr(attn, part, FusedSlice(fused, index, len(parts), view.out_features))
 
 
 def set_vae_slicing(pipe, images_in_call: int, opts: SpeedOptions) -> None:

@@ -35,6 +35,30 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def compile_counts() -> dict[str, int]:
+    """Graphs compiled so far and how inductor's FX graph cache answered them (a hit loads the
+    compiled code instead of generating it: a saved compile cache, or the local one)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]),
+            "cacheHits": int(counters["inductor"]["fxgraph_cache_hit"]),
+            "cacheMisses": int(counters["inductor"]["fxgraph_cache_miss"])}
+
+
+def _variant_label(kind: str, method: str | None, images: int, aspect: str, guidance: float | None) -> str:
+    label = f"{kind}{'/' + method if method else ''} b{images} {aspect}"
+    return label + (" no-cfg" if guidance == 1.0 else "")
+
+
+def _timed(label: str, run) -> dict:
+    """One warm-up call with its time and what it compiled: seconds, graphs, cache hits/misses."""
+    before, t0 = compile_counts(), time.perf_counter()
+    run()
+    after = compile_counts()
+    return {"variant": label, "seconds": round(time.perf_counter() - t0, 3),
+            **{k: after[k] - before[k] for k in after}}
+
+
 def _unit(seed: int) -> list[float]:
     v = np.random.default_rng(seed).standard_normal(512)
     return (v / np.linalg.norm(v)).tolist()
@@ -101,7 +125,9 @@ def run_variant(model: LoadedModel, tasks: Mapping[str, Task], requests, cap: in
 
 
 def warm_up(model: LoadedModel, tasks: Mapping[str, Task], cap: int | None = None) -> dict:
-    """Run every variant once; returns seconds, calls and graphs compiled."""
+    """Run every variant once; returns seconds, calls, graphs compiled and, per variant (the
+    `variants` list), its seconds, graphs and FX-cache hits/misses: compile time vs cache-hit
+    time per graph, which /v1/health shows."""
     t0, graphs0 = time.perf_counter(), compiled_graphs()
     opts = model.profile.speed
     buckets = model.buckets or [1]
@@ -117,11 +143,20 @@ def warm_up(model: LoadedModel, tasks: Mapping[str, Task], cap: int | None = Non
         if not opts.cuda_graphs:
             plan += [(kind, method, buckets[0], aspect, None) for aspect in aspects[1:]]
         plan.append((kind, method, 1, "1:1", 1.0))  # no classifier-free guidance: a UNet batch of one
+    variants = []
     for kind, method, images, aspect, guidance in plan:
-        run_variant(model, tasks, variant_requests(model, kind, images, aspect, guidance, method=method), cap)
-    run_variant(model, tasks, [remix_request(model)], cap)  # img2img pipeline, VAE encoder
+        requests = variant_requests(model, kind, images, aspect, guidance, method=method)
+        variants.append(_timed(_variant_label(kind, method, images, aspect, guidance),
+                               lambda: run_variant(model, tasks, requests, cap)))
+    variants.append(_timed("remix", lambda: run_variant(model, tasks, [remix_request(model)], cap)))  # img2img, VAE encoder
+    compiling = [v for v in variants if v["graphs"]]
     report = {"seconds": round(time.perf_counter() - t0, 2), "calls": len(plan) + 1,
               "graphs": compiled_graphs() - graphs0,
+              "compileSeconds": round(sum(v["seconds"] for v in compiling if v["cacheMisses"] or not v["cacheHits"]), 2),
+              "cacheHitSeconds": round(sum(v["seconds"] for v in compiling if v["cacheHits"] and not v["cacheMisses"]),
+                                       2),
+              "cacheHits": sum(v["cacheHits"] for v in variants), "cacheMisses": sum(v["cacheMisses"] for v in variants),
+              "variants": variants,
               "kinds": sorted({k for k, _ in served_modes(model)}),
               "identityMethods": list(model.profile.offered_identity_methods), "buckets": list(buckets)}
     log.info("warm-up of %s: %s", model.profile.name, report)
