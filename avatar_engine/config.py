@@ -15,6 +15,7 @@ import yaml
 
 from .errors import ProfileError
 from .identity_methods import IDENTITY_METHODS, METHODS, canonical_method
+from .styles import BUILTIN_STYLES, StylePack, merged_styles, parse_styles
 
 ARCHITECTURES = ("sd15", "sdxl")
 #: Profile `scheduler` name -> (diffusers scheduler class, its from_config kwargs).
@@ -141,6 +142,8 @@ class ModelProfile:
     identity_method: str | None = None  # default method (None: ip_adapter's, else the first listed)
     face_min_size: int = 32  # faces smaller than this (pixels) are refused as references
     safety_checker: str | None = None  # dotted path "module:callable(images)->list[bool]" run on outputs
+    styles: dict = field(default_factory=dict)  # name -> StylePack: built-ins + models.yaml's shared + this profile's
+    fuse_style: str | None = None  # one LoRA style merged into the weights (one style per replica, no per-image cost)
     speed: SpeedOptions = field(default_factory=SpeedOptions)
 
     def __post_init__(self) -> None:
@@ -163,6 +166,28 @@ class ModelProfile:
             raise bad("aliases", "must be a list of non-empty names")
         self.aliases = list(self.aliases)
         self._resolve_identity_methods(bad)
+        self._resolve_styles(bad)
+
+    def _resolve_styles(self, bad) -> None:
+        """Built-in styles first, then the packs given (a profile built in code without styles
+        still offers the built-ins). With `fuse_style`, that style is the only LoRA style."""
+        own = self.styles if all(isinstance(p, StylePack) for p in (self.styles or {}).values()) \
+            else parse_styles(self.styles, f"profile {self.name!r}")
+        self.styles = merged_styles(BUILTIN_STYLES, own)
+        if self.fuse_style is not None:
+            pack = self.styles.get(self.fuse_style)
+            if pack is None or pack.lora is None:
+                raise bad("fuse_style", f"must name one of the profile's LoRA styles "
+                                        f"({', '.join(p.name for p in self.lora_styles) or 'none'})")
+            others = [p.name for p in self.lora_styles if p.name != self.fuse_style]
+            if others:
+                raise bad("fuse_style", f"merges one LoRA into the weights; the profile also lists LoRA styles "
+                                        f"{others} (serve them stacked: remove fuse_style)")
+
+    @property
+    def lora_styles(self) -> list[StylePack]:
+        """Styles that carry a LoRA, in the order they are stacked (adapter index i + 1)."""
+        return [p for p in self.styles.values() if p.lora is not None]
 
     def _resolve_identity_methods(self, bad) -> None:
         """`identity_methods` keyed by canonical method name; an explicit `ip_adapter` wins for its
@@ -220,6 +245,7 @@ def _build(cls, data: dict[str, Any], where: str):
 
 def parse_profiles(doc: dict[str, Any], where: str = "models.yaml") -> dict[str, ModelProfile]:
     profiles: dict[str, ModelProfile] = {}
+    shared = parse_styles(doc.get("styles"), where)  # top-level `styles:`: offered by every profile
     for name, body in (doc.get("profiles") or {}).items():
         body = dict(body or {})
         if isinstance(body.get("ip_adapter"), dict):
@@ -231,6 +257,7 @@ def parse_profiles(doc: dict[str, Any], where: str = "models.yaml") -> dict[str,
                 for method, src in body["identity_methods"].items()}
         if isinstance(body.get("speed"), dict):
             body["speed"] = _build(SpeedOptions, body["speed"], f"{where} {name}.speed")
+        body["styles"] = {**shared, **parse_styles(body.get("styles"), f"{where} {name}")}
         profiles[name] = _build(ModelProfile, {"name": name, **body}, f"{where} {name}")
     if not profiles:
         raise ProfileError(f"{where} defines no profiles")

@@ -107,7 +107,8 @@ class AvatarEngine:
             dtype = resolve_dtype(profile, self.device)
             pipe = load_pipeline(profile, self.device, dtype)
             prepare_pipeline(pipe, profile, self.device)
-            builder = PromptBuilder([getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)])
+            builder = PromptBuilder([getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)],
+                                    styles=profile.styles)
             model = LoadedModel(profile, pipe, self.device, dtype, builder,
                                 prompts=PromptEncoder(pipe, profile.speed.prompt_cache))
             if profile.identity_method:

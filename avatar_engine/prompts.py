@@ -8,23 +8,12 @@ callers can show it (CLIP otherwise truncates silently).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
-STYLE_TEMPLATES: dict[str, tuple[str, str]] = {
-    # preset: (positive template with {prompt}, negative additions)
-    "professional": ("professional headshot of {prompt}, studio lighting, sharp focus, neutral background",
-                     "cartoon, illustration, blurry, lowres, deformed"),
-    "anime": ("anime style portrait of {prompt}, cel shading, vibrant colors, detailed eyes",
-              "photo, realistic, 3d render, lowres, deformed"),
-    "fantasy": ("fantasy art portrait of {prompt}, epic, magical atmosphere, intricate details",
-                "modern, photo, lowres, blurry, deformed"),
-    "cyberpunk": ("cyberpunk portrait of {prompt}, neon lights, futuristic city, high contrast",
-                  "daylight, rustic, lowres, blurry, deformed"),
-    "renaissance": ("renaissance oil painting portrait of {prompt}, chiaroscuro, classical composition",
-                    "photo, modern, anime, lowres, deformed"),
-    "realistic": ("photorealistic portrait of {prompt}, natural light, 85mm, detailed skin",
-                  "cartoon, painting, illustration, lowres, deformed"),
-}
+from .styles import BUILTIN_STYLES, StylePack
+
+#: The built-in styles' (template, negative) pairs; a profile's styles are style packs (styles.py).
+STYLE_TEMPLATES: dict[str, tuple[str, str]] = {name: (p.template, p.negative) for name, p in BUILTIN_STYLES.items()}
 BASE_NEGATIVE = "worst quality, low quality"
 WINDOW = 77  # CLIP context incl. BOS/EOS
 
@@ -51,11 +40,13 @@ def _words(words: list[str]) -> list[str]:
 
 class PromptBuilder:
     """Composes prompts for one pipeline; `tokenizers` are the pipeline's CLIP tokenizers
-    (one for SD1.5, two for SDXL). The tightest window of all of them is respected."""
+    (one for SD1.5, two for SDXL). The tightest window of all of them is respected. `styles`:
+    the profile's style packs (default: the built-ins)."""
 
-    def __init__(self, tokenizers: Sequence, window: int = WINDOW):
+    def __init__(self, tokenizers: Sequence, window: int = WINDOW, styles: Mapping[str, StylePack] | None = None):
         self.tokenizers = [t for t in tokenizers if t is not None]
         self.window = window
+        self.styles = dict(BUILTIN_STYLES if styles is None else styles)
 
     def count(self, text: str) -> int:
         """Largest token count (incl. BOS/EOS) over the tokenizers."""
@@ -77,7 +68,8 @@ class PromptBuilder:
 
     def build(self, prompt: str, style_preset: str | None = None, negative_prompt: str | None = None) -> BuiltPrompt:
         user = " ".join(prompt.split())
-        template, style_negative = STYLE_TEMPLATES.get(style_preset or "", ("{prompt}", ""))
+        pack = self.styles.get(style_preset or "")
+        template, style_negative = (pack.template, pack.negative) if pack is not None else ("{prompt}", "")
         head, _, tail = template.partition("{prompt}")
         negatives = [n for n in (negative_prompt, style_negative, BASE_NEGATIVE) if n]
         negative, dropped_neg = self._fit_negative(", ".join(negatives))

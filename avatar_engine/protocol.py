@@ -20,7 +20,7 @@ from .requests import CastCharacter, CastRequest, GenerationRequest, GenerationR
 COMMON_FIELDS: dict[str, str] = {
     "prompt": "prompt", "negativePrompt": "negative_prompt", "stylePreset": "style_preset",
     "aspectRatio": "aspect_ratio", "guidanceScale": "guidance_scale", "seed": "seed", "batchSize": "batch_size",
-    "steps": "steps", "model": "model",
+    "steps": "steps", "model": "model", "styleStrength": "style_strength",
 }
 #: Wire fields of one task beyond the common ones (wire name → request field).
 TASK_FIELDS: dict[str, dict[str, str]] = {
@@ -40,7 +40,7 @@ RESOLVED_FIELDS: dict[str, str] = {"width": "width", "height": "height"}
 #: The default img2img strength of a remix that names none (the API's documented default).
 REMIX_STRENGTH = 0.6
 
-_REPORT_ORDER = ("model", "prompt", "negativePrompt", "stylePreset", "aspectRatio", "width", "height",
+_REPORT_ORDER = ("model", "prompt", "negativePrompt", "stylePreset", "styleStrength", "aspectRatio", "width", "height",
                  "guidanceScale", "steps", "seed", "batchSize")
 
 Loader = Callable[[Any], Any]

@@ -13,8 +13,21 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import RequestValidationError
+from ..styles import STYLE_NAME, STYLE_STRENGTH_RANGE
 from .common import (ASPECT_RATIOS, GUIDANCE_RANGE, MAX_BATCH_SIZE, PROMPT_MAX_CHARS, SEED_MAX, STEPS_RANGE,
                      STYLE_PRESETS, check as _check, is_int as _is_int, is_number as _is_number, size_for_aspect_ratio)
+
+
+def style_pack(profile, name: str | None):
+    """The profile's style pack called `name` (None: no style), or a 400 naming stylePreset."""
+    if name is None:
+        return None
+    styles = getattr(profile, "styles", None) or {}
+    if name not in styles:
+        raise RequestValidationError(f"unknown stylePreset {name!r} for model {profile.name!r}; accepted: "
+                                     f"{', '.join(styles) or 'none'}", param="stylePreset")
+    return styles[name]
 
 
 @dataclass
@@ -32,6 +45,7 @@ class GenerationRequest:
     model: str | None = None
     init_image: Any = None  # PIL.Image for img2img (remix)
     strength: float = 0.75
+    style_strength: float | None = None  # 0..2, scales the style's LoRA (resolve: 1.0 for a LoRA style)
     # Filled by resolve():
     width: int | None = None
     height: int | None = None
@@ -46,9 +60,13 @@ class GenerationRequest:
             _check(isinstance(self.negative_prompt, str), "negativePrompt", "negativePrompt must be a string")
             _check(len(self.negative_prompt) <= PROMPT_MAX_CHARS, "negativePrompt",
                    f"negativePrompt must be at most {PROMPT_MAX_CHARS} characters")
-        if self.style_preset is not None:
-            _check(self.style_preset in STYLE_PRESETS, "stylePreset",
-                   f"stylePreset must be one of {', '.join(STYLE_PRESETS)}")
+        if self.style_preset is not None:  # which styles exist is the profile's (resolve)
+            _check(isinstance(self.style_preset, str) and STYLE_NAME.match(self.style_preset) is not None,
+                   "stylePreset", f"stylePreset must be a style name (built-in: {', '.join(STYLE_PRESETS)})")
+        if self.style_strength is not None:
+            lo, hi = STYLE_STRENGTH_RANGE
+            _check(_is_number(self.style_strength) and lo <= self.style_strength <= hi, "styleStrength",
+                   f"styleStrength must be a number between {lo:g} and {hi:g}")
         _check(self.aspect_ratio in ASPECT_RATIOS, "aspectRatio", f"aspectRatio must be one of {', '.join(ASPECT_RATIOS)}")
         if self.guidance_scale is not None:
             lo, hi = GUIDANCE_RANGE
@@ -66,14 +84,24 @@ class GenerationRequest:
         _check(_is_number(self.strength) and 0.0 < self.strength <= 1.0, "strength", "strength must be in (0, 1]")
 
     def resolve(self, profile) -> "GenerationRequest":
-        """Validated copy with the profile's defaults and a concrete seed."""
+        """Validated copy with the profile's defaults (or its style's recommended steps and
+        guidance) and a concrete seed. A style the profile does not offer is refused, listing
+        the ones it does."""
         self.validate()
+        pack = style_pack(profile, self.style_preset)
         width, height = size_for_aspect_ratio(profile.resolution, self.aspect_ratio, profile.size_multiple)
+        guidance = pack.guidance_scale if pack is not None and pack.guidance_scale is not None \
+            else profile.guidance_scale
+        steps = pack.steps if pack is not None and pack.steps is not None else profile.steps
+        strength = self.style_strength
+        if strength is None and pack is not None and pack.lora is not None:
+            strength = 1.0
         return dataclasses.replace(
             self,
             model=profile.name,
-            guidance_scale=profile.guidance_scale if self.guidance_scale is None else float(self.guidance_scale),
-            steps=profile.steps if self.steps is None else self.steps,
+            guidance_scale=guidance if self.guidance_scale is None else float(self.guidance_scale),
+            steps=steps if self.steps is None else self.steps,
+            style_strength=None if strength is None else float(strength),
             seed=secrets.randbelow(SEED_MAX + 1) if self.seed is None else self.seed,
             width=width,
             height=height,
