@@ -20,6 +20,7 @@ from .config import EngineConfig, ModelProfile, default_profile_name, load_profi
 from .errors import ProfileError, RequestValidationError
 from .faces import face_analyzer_from_config
 from .model.adapters import load_identity_adapter
+from .model.styles import attach_styles, read_style_loras
 from .model.text import PromptEncoder
 from .prompts import PromptBuilder
 from .requests import GenerationRequest, GenerationResult
@@ -106,6 +107,8 @@ class AvatarEngine:
             t0 = time.perf_counter()
             dtype = resolve_dtype(profile, self.device)
             pipe = load_pipeline(profile, self.device, dtype)
+            loras = read_style_loras(profile, pipe)  # every style LoRA file, read before modules change
+            fused = attach_styles(pipe, profile, loras, self.device, dtype, stage="fuse")
             prepare_pipeline(pipe, profile, self.device)
             builder = PromptBuilder([getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)],
                                     styles=profile.styles)
@@ -122,6 +125,9 @@ class AvatarEngine:
                         if method == profile.identity_method:
                             raise
                         log.warning("%s: identity method %s not loaded at load: %s", profile.name, method, exc.message)
+            model.styles = fused or attach_styles(pipe, profile, loras, self.device, dtype, stage="stack")
+            if model.styles is not None:
+                model.prompts.text_adapters = model.styles.text_adapters
             if self.device.type == "cuda" and not (self.config.max_batch_size or profile.max_batch_size):
                 model.memory = probe_memory(model, self._tasks)
             opts = profile.speed
@@ -219,9 +225,24 @@ class AvatarEngine:
                              "totalMs": round((time.perf_counter() - t_start) * 1000, 2)},
                     prompt_report=items[i][0].prompt.report(), extra={"batchImages": call_sizes[i]})
                 tasks[i].finalize(models[r.model], res, prepared[i])
+                if r.style_preset:
+                    res.extra["style"] = self._style_report(models[r.model], r)
                 self._safety_check(models[r.model], res)
                 results.append(res)
         return results[0] if single else results
+
+    @staticmethod
+    def _style_report(model: LoadedModel, request: GenerationRequest) -> dict:
+        """The style pack and LoRA an image was made with (the sidecar's and the API's `style`)."""
+        pack = model.profile.styles[request.style_preset]
+        state = model.styles
+        lora = None
+        if pack.lora is not None:
+            fused = state is not None and state.fused == pack.name
+            strength = 1.0 if request.style_strength is None else request.style_strength
+            lora = {"name": pack.lora_name, "scale": round(pack.scale * (1.0 if fused else strength), 6),
+                    "mode": "fused" if fused else "stacked"}
+        return {"name": pack.name, "strength": request.style_strength, "lora": lora}
 
     def _safety_check(self, model: LoadedModel, result: GenerationResult) -> None:
         """Profiles may name an output checker "module:function(images) -> list[bool]"."""

@@ -57,10 +57,13 @@ class CallConditioning:
     lora_weight: Optional[torch.Tensor] = None
     region_weights: tuple = ()
     face_masks: tuple = ()
+    style_index: Optional[torch.Tensor] = None  # [B] style LoRA adapter per row (model/styles/stacked.py)
+    style_scale: Optional[torch.Tensor] = None  # [B] its scale; None: no styled row in this call
 
     def reset(self) -> None:
         self.mode, self.method, self.faces, self.face_scale, self.lora_weight = "plain", None, None, None, None
         self.region_weights, self.face_masks = (), ()
+        self.style_index = self.style_scale = None
 
 
 class LoRAProjection(nn.Module):
@@ -112,6 +115,8 @@ class AvatarAttnProcessor(nn.Module):
         # Per identity method (faceid, faceid-plus-v2, instantid): attached at load, picked per
         # call by `cond.method` (a guard value: one graph per method, none per request).
         self.identities = nn.ModuleDict()
+        # Stacked style LoRAs of this layer's q/k/v/out (model/styles/stacked.py), attached at load.
+        self.styles = nn.ModuleDict()
 
     @property
     def identity(self) -> IdentityWeights | None:
@@ -173,6 +178,13 @@ class AvatarAttnProcessor(nn.Module):
             return y
         return y + self.cond.lora_weight * lora[name](x)
 
+    def _style(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """+ each row's style LoRA (its adapter and scale) when the call has styled rows."""
+        index = self.cond.style_index
+        if index is None or name not in self.styles:
+            return y
+        return y + self.styles[name](x, index, self.cond.style_scale)
+
     def _qkv(self, attn, hidden: torch.Tensor, context: torch.Tensor | None):
         if context is None:  # self-attention
             if getattr(attn, "fused_projections", False) and hasattr(attn, "to_qkv"):
@@ -187,7 +199,8 @@ class AvatarAttnProcessor(nn.Module):
             else:
                 k, v = attn.to_k(context), attn.to_v(context)
             source = context
-        return self._lora("q", hidden, q), self._lora("k", source, k), self._lora("v", source, v)
+        q = self._style("q", hidden, self._lora("q", hidden, q))
+        return q, self._style("k", source, self._lora("k", source, k)), self._style("v", source, self._lora("v", source, v))
 
     # ---- cross-attention extras --------------------------------------------------------------
     def _regional_text(self, attn, q, k, v) -> torch.Tensor:
@@ -235,7 +248,7 @@ class AvatarAttnProcessor(nn.Module):
         if context is not None and ident is not None and ident.to_k_ip is not None:
             out = out + self._identities(attn, q)
 
-        out = self._lora("out", out, attn.to_out[0](out))
+        out = self._style("out", out, self._lora("out", out, attn.to_out[0](out)))
         out = attn.to_out[1](out)
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(b, c, h, w)

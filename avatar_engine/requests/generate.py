@@ -94,6 +94,10 @@ class GenerationRequest:
             else profile.guidance_scale
         steps = pack.steps if pack is not None and pack.steps is not None else profile.steps
         strength = self.style_strength
+        fused = getattr(profile, "fuse_style", None)
+        if fused and strength not in (None, 1.0):
+            raise RequestValidationError(f"model {profile.name!r} serves style {fused!r} merged into its weights; "
+                                         f"styleStrength cannot vary there (omit it or send 1)", param="styleStrength")
         if strength is None and pack is not None and pack.lora is not None:
             strength = 1.0
         return dataclasses.replace(

@@ -56,4 +56,6 @@ def describe_pipeline(model) -> dict:
         out["step_cache"] = {"interval": opts.step_cache_interval, "depth": opts.step_cache_depth}
     if opts.preview != "none":
         out["preview"] = opts.preview
+    if getattr(model, "styles", None) is not None:  # resident style LoRAs and their memory
+        out["style_loras"] = model.styles.to_json()
     return out

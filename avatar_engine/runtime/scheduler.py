@@ -12,6 +12,7 @@ defaults are the plain text-to-image / img2img call.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -20,7 +21,9 @@ import torch
 
 from ..config import ModelProfile
 from ..model.preview import decode_previews, load_preview_decoder
+from ..model.attention import conditioning
 from ..model.stepcache import step_cache
+from ..model.styles import select, style_row
 from ..prompts import BuiltPrompt, PromptBuilder
 from ..requests import GenerationRequest, GenerationResult
 from .compile import serving_stance
@@ -42,6 +45,7 @@ class WorkItem:
     seed: int
     prompt: BuiltPrompt
     conditioning: Any = None  # task-specific (e.g. an identity embedding)
+    style: tuple = (0, 0.0)  # (style LoRA adapter, scale), set by execute() before the call
 
 
 @dataclass
@@ -59,6 +63,7 @@ class LoadedModel:
     buckets: list = field(default_factory=list)  # padded call sizes when batch buckets are on
     memory: Any = None  # memory.MemoryProfile measured at load (CUDA)
     warmup: dict = field(default_factory=dict)  # seconds, calls and compiled graphs of the warm-up
+    styles: Any = None  # model.styles.StyleState: resident style LoRAs (None: no LoRA style)
 
     def refresh_applied(self) -> dict:
         """Read what runs back from the modules again (after an adapter is attached or released)."""
@@ -113,7 +118,7 @@ class Task:
             generator=[torch.Generator(device="cpu").manual_seed(it.seed) for it in items],
             callback_on_step_end=callback,
             **model.prompts.pipeline_kwargs([it.prompt.prompt for it in items],
-                                            [it.prompt.negative_prompt for it in items]),
+                                            [it.prompt.negative_prompt for it in items], [it.style for it in items]),
         )
         if first.init_image is not None:
             kwargs["image"] = [requests[it.request_index].init_image.convert("RGB").resize((first.width, first.height))
@@ -191,6 +196,19 @@ def preview_decoder(model: LoadedModel):
     return model.state["preview_decoder"]
 
 
+@contextlib.contextmanager
+def styled_call(model: LoadedModel, items: Sequence[WorkItem], first: GenerationRequest):
+    """Each image's style LoRA for the UNet call (both halves under classifier-free guidance)."""
+    cond = conditioning(model.pipe.unet)
+    if model.styles is not None:
+        select(cond, [it.style for it in items], 2 if uses_cfg(model, first.guidance_scale) else 1, model.device,
+               model.dtype)
+    try:
+        yield
+    finally:
+        cond.reset()
+
+
 def execute(models: Mapping[str, LoadedModel], resolved: Sequence[GenerationRequest], tasks: Sequence[Task],
             items: Sequence[list[WorkItem]], cap: int | None = None, progress: ProgressFn | None = None,
             preview: PreviewFn | None = None) -> tuple[list[list], list[float], list[list[int]]]:
@@ -215,6 +233,10 @@ def execute(models: Mapping[str, LoadedModel], resolved: Sequence[GenerationRequ
 
         return on_step
 
+    for request_items in items:
+        for it in request_items:
+            r = resolved[it.request_index]
+            it.style = style_row(models[r.model].styles, models[r.model].profile, r.style_preset, r.style_strength)
     images: list[list] = [[None] * r.batch_size for r in resolved]
     call_ms = [0.0] * len(resolved)
     call_sizes: list[list[int]] = [[] for _ in resolved]
@@ -225,7 +247,7 @@ def execute(models: Mapping[str, LoadedModel], resolved: Sequence[GenerationRequ
         if model.buckets:  # padding rows repeat the last image; their outputs are dropped
             padded += [chunk[-1]] * (bucket_for(len(chunk), model.buckets[-1]) - len(chunk))
         t0 = time.perf_counter()
-        with torch.inference_mode(), serving_stance(model), step_cache(model.pipe.unet):
+        with torch.inference_mode(), serving_stance(model), step_cache(model.pipe.unet), styled_call(model, padded, first):
             out = tasks[chunk[0].request_index].run(model, resolved, padded, step_callback(model, chunk))
         ms = (time.perf_counter() - t0) * 1000
         for it, img in zip(chunk, out):

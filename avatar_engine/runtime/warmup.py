@@ -86,14 +86,22 @@ def warmup_photo():
     return _WARMUP_PHOTO
 
 
+def stacked_style(model) -> str | None:
+    """A style whose LoRA is stacked (None: no stacked styles): styled calls are their own graph
+    (the per-row LoRA path), so warm-up runs every variant with one as well."""
+    state = getattr(model, "styles", None)
+    return next(iter(state.index), None) if state is not None and state.report is not None else None
+
+
 def variant_requests(model, kind: str, images: int, aspect_ratio: str = "1:1", guidance: float | None = None,
-                     steps: int = WARMUP_STEPS, method: str | None = None) -> list:
+                     steps: int = WARMUP_STEPS, method: str | None = None, style: str | None = None) -> list:
     """Requests of `kind` totalling `images` images (requests hold at most MAX_BATCH_SIZE)."""
     photo = needs_photos(method)
     out = []
     for i in range(0, images, MAX_BATCH_SIZE):
         common = dict(prompt="warm-up portrait", seed=i, steps=steps, batch_size=min(MAX_BATCH_SIZE, images - i),
-                      aspect_ratio=aspect_ratio, guidance_scale=guidance, model=model.profile.name)
+                      aspect_ratio=aspect_ratio, guidance_scale=guidance, model=model.profile.name,
+                      style_preset=style)
         if kind == "generate":
             out.append(GenerationRequest(**common))
         elif kind == "percify":
@@ -108,10 +116,11 @@ def variant_requests(model, kind: str, images: int, aspect_ratio: str = "1:1", g
     return out
 
 
-def remix_request(model):
+def remix_request(model, style: str | None = None):
     res = model.profile.resolution
     return GenerationRequest(prompt="warm-up remix", seed=0, steps=WARMUP_STEPS * 2, strength=0.5,
-                             init_image=Image.new("RGB", (res, res), (128, 96, 64)), model=model.profile.name)
+                             init_image=Image.new("RGB", (res, res), (128, 96, 64)), model=model.profile.name,
+                             style_preset=style)
 
 
 def run_variant(model: LoadedModel, tasks: Mapping[str, Task], requests, cap: int | None = None) -> None:
@@ -144,13 +153,16 @@ def warm_up(model: LoadedModel, tasks: Mapping[str, Task], cap: int | None = Non
             plan += [(kind, method, buckets[0], aspect, None) for aspect in aspects[1:]]
         plan.append((kind, method, 1, "1:1", 1.0))  # no classifier-free guidance: a UNet batch of one
     variants = []
-    for kind, method, images, aspect, guidance in plan:
-        requests = variant_requests(model, kind, images, aspect, guidance, method=method)
-        variants.append(_timed(_variant_label(kind, method, images, aspect, guidance),
-                               lambda: run_variant(model, tasks, requests, cap)))
-    variants.append(_timed("remix", lambda: run_variant(model, tasks, [remix_request(model)], cap)))  # img2img, VAE encoder
+    styles = [None] + ([stacked_style(model)] if stacked_style(model) else [])
+    for style in styles:
+        for kind, method, images, aspect, guidance in plan:
+            requests = variant_requests(model, kind, images, aspect, guidance, method=method, style=style)
+            label = _variant_label(kind, method, images, aspect, guidance) + (" styled" if style else "")
+            variants.append(_timed(label, lambda: run_variant(model, tasks, requests, cap)))
+        variants.append(_timed("remix" + (" styled" if style else ""),  # img2img, VAE encoder
+                               lambda: run_variant(model, tasks, [remix_request(model, style)], cap)))
     compiling = [v for v in variants if v["graphs"]]
-    report = {"seconds": round(time.perf_counter() - t0, 2), "calls": len(plan) + 1,
+    report = {"seconds": round(time.perf_counter() - t0, 2), "calls": (len(plan) + 1) * len(styles),
               "graphs": compiled_graphs() - graphs0,
               "compileSeconds": round(sum(v["seconds"] for v in compiling if v["cacheMisses"] or not v["cacheHits"]), 2),
               "cacheHitSeconds": round(sum(v["seconds"] for v in compiling if v["cacheHits"] and not v["cacheMisses"]),
@@ -158,7 +170,8 @@ def warm_up(model: LoadedModel, tasks: Mapping[str, Task], cap: int | None = Non
               "cacheHits": sum(v["cacheHits"] for v in variants), "cacheMisses": sum(v["cacheMisses"] for v in variants),
               "variants": variants,
               "kinds": sorted({k for k, _ in served_modes(model)}),
-              "identityMethods": list(model.profile.offered_identity_methods), "buckets": list(buckets)}
+              "identityMethods": list(model.profile.offered_identity_methods), "buckets": list(buckets),
+              "styled": len(styles) > 1}
     log.info("warm-up of %s: %s", model.profile.name, report)
     return report
 

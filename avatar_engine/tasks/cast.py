@@ -160,8 +160,9 @@ class CastTask(Task):
         # Unused character slots repeat the scene prompt (cached) under a zero weight.
         texts = [t for plan in plans for t in [plan.scene.prompt] + [p.prompt for p in plan.region_prompts]
                  + [plan.scene.prompt] * (MAX_CHARACTERS - len(plan.region_prompts))]
-        pos, pos_pooled = model.prompts.encode(texts)
-        neg, neg_pooled = model.prompts.encode([plan.scene.negative_prompt for plan in plans])
+        # One style per image (its scene and character prompts alike); a style per character is not offered.
+        pos, pos_pooled = model.prompts.encode(texts, [it.style for it in items for _ in range(slots)])
+        neg, neg_pooled = model.prompts.encode([plan.scene.negative_prompt for plan in plans], [it.style for it in items])
         tokens, dim = pos.shape[1], pos.shape[2]
         kwargs: dict[str, Any] = dict(
             prompt_embeds=pos.reshape(b, slots * tokens, dim),
