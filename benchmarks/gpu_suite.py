@@ -7,6 +7,9 @@ past the budget are reported as skipped, never silently dropped):
 - percify (FaceID, rank-128 LoRA in the released layout) and cast (2 characters, identities)
   at 512²;
 - SDXL architecture (sdxl-random), 1024², 30 steps: batch 1 / 4;
+- style LoRAs (`styles`): 8 one-image requests over three resident rank-16 LoRA styles and none,
+  one mixed call vs the same images grouped per style (one call per style), SD1.5 512², with
+  the pixel difference between the two and the bytes per resident LoRA (benchmarks/styles_workload.py);
 - per case: peak memory, time of the first (compiling) call, achieved TFLOP/s and % of the
   device's bf16 peak (FLOPs per image counted from the configs, benchmarks/flops.py);
 - the model's load + warm-up time and the speed options read back from the modules;
@@ -60,7 +63,7 @@ class Case:
     profile: str
     size: int
     steps: int
-    kind: str  # generate | percify | percify-photo | cast
+    kind: str  # generate | percify | percify-photo | cast | styles
     batches: tuple[int, ...]
     plain_baseline: bool = True  # generate cases: plain diffusers measured before it
 
@@ -71,6 +74,7 @@ FULL = [
     Case("sd15 cast (2 characters)", "sd15-random", 512, 25, "cast", (4,)),
     Case("sd15 percify from a photo", "sd15-random", 512, 25, "percify-photo", (1,)),
     Case("sdxl generate", "sdxl-random", 1024, 30, "generate", (1, 4)),
+    Case("sd15 styles (3 LoRAs + none, mixed)", "sd15-random", 512, 25, "styles", (8,), plain_baseline=False),
 ]
 SMOKE = [
     Case("tiny-sd15 generate", "tiny-sd15", 64, 2, "generate", (1, 2)),
@@ -78,6 +82,7 @@ SMOKE = [
     Case("tiny-sd15 cast (2 characters)", "tiny-sd15", 64, 2, "cast", (2,)),
     Case("tiny-sd15 percify from a photo", "tiny-sd15", 64, 2, "percify-photo", (1,)),
     Case("tiny-sdxl generate", "tiny-sdxl", 64, 2, "generate", (1, 2), plain_baseline=False),  # CI time
+    Case("tiny-sd15 styles (3 LoRAs + none, mixed)", "tiny-sd15", 64, 2, "styles", (4,), plain_baseline=False),
 ]
 ABLATIONS = [  # (label, speed overrides) measured against the profile's defaults, SD1.5 batch 8
     ("compile off", {"compile": False}),
@@ -112,6 +117,10 @@ def make_engine(case: Case, device: str | None, speed_overrides: dict | None = N
                 warmup_kinds: bool = False) -> AvatarEngine:
     profiles = load_profiles()
     profile = profiles[case.profile]
+    if case.kind == "styles":  # three rank-16 tiny LoRA styles (benchmarks/styles_workload.py)
+        from styles_workload import styles_profile
+
+        profile = styles_profile(profile, rank=16)
     speed = dataclasses.replace(profile.speed, **(speed_overrides or {}))
     if not warmup_kinds:
         # The suite warms what it measures (its first call per case is reported as compile time);
@@ -129,6 +138,8 @@ def measure(engine: AvatarEngine, case: Case, batch: int, repeats: int) -> dict:
         # configured backend, the embedding, then the identity pipeline, in the profile's defaults.
         requests = [PercifyRequest(prompt="portrait photo", photos=[warmup_photo()], seed=0, steps=case.steps,
                                    batch_size=batch, model=case.profile, score_outputs=False)]
+    elif case.kind == "styles":
+        return measure_styles(engine, case, batch, repeats)
     else:
         requests = variant_requests(model, case.kind, batch, steps=case.steps)
     for r in requests:
@@ -142,6 +153,41 @@ def measure(engine: AvatarEngine, case: Case, batch: int, repeats: int) -> dict:
     calls = sorted({tuple(r.extra["batchImages"]) for r in results})
     row = {"case": case.name, "batch": batch, "images_per_s": round(batch / med, 3),
            "seconds_per_call": round(med, 4), "first_call_s": round(first, 2), "calls": [list(c) for c in calls]}
+    if device.type == "cuda":
+        row["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    return row
+
+
+def measure_styles(engine: AvatarEngine, case: Case, batch: int, repeats: int) -> dict:
+    """`batch` one-image requests over three LoRA styles and none (A, B, C, none, ...): one mixed
+    call (each image its own adapter), then the same images grouped per style (one call per
+    style, what a weight-swapping server must do), same engine; the row is the mixed side with
+    the grouped side's images/s, the ratio and the largest pixel difference between the two."""
+    from styles_workload import groups, make_style_requests, max_diff
+
+    requests = make_style_requests(batch, case.profile, case.steps)
+    parts = groups(requests)
+    device = engine.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    mixed: list = []
+    grouped: list = [None] * batch
+    first, med = timed_calls(lambda: mixed.__setitem__(slice(None), engine.generate(requests)), device, repeats)
+
+    def run_grouped() -> None:
+        for g in parts:
+            for i, r in zip(g, engine.generate([requests[i] for i in g])):
+                grouped[i] = r
+
+    g_first, g_med = timed_calls(run_grouped, device, repeats)
+    calls = sorted({tuple(r.extra["batchImages"]) for r in mixed})
+    style_mem = engine.load(case.profile).applied.get("style_loras", {})
+    row = {"case": case.name, "batch": batch, "images_per_s": round(batch / med, 3),
+           "seconds_per_call": round(med, 4), "first_call_s": round(first, 2), "calls": [list(c) for c in calls],
+           "grouped_images_per_s": round(batch / g_med, 3), "grouped_first_call_s": round(g_first, 2),
+           "vs_grouped": round(g_med / med, 3),
+           "max_abs_diff_vs_grouped": max(max_diff(a.images[0], b.images[0]) for a, b in zip(mixed, grouped)),
+           "style_lora_bytes": style_mem.get("bytes"), "bytes_per_lora": style_mem.get("bytesPerLoRA")}
     if device.type == "cuda":
         row["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
     return row
@@ -201,6 +247,11 @@ def markdown(report: dict) -> str:
                      f"{r.get('vs_plain_compiled', '-')} | {r['seconds_per_call']} | "
                      f"{r['first_call_s']} | {r.get('peak_memory_gb', '-')} | {r.get('achieved_tflops', '-')} | "
                      f"{r.get('pct_of_bf16_peak') if r.get('pct_of_bf16_peak') is not None else '-'} |")
+    for r in report["rows"]:
+        if r.get("vs_grouped") is not None:
+            lines.append(f"\n{r['case']}, batch {r['batch']}: mixed {r['images_per_s']} images/s vs grouped per style "
+                         f"{r['grouped_images_per_s']} images/s ({r['vs_grouped']}x), one call {r['calls']}, max pixel "
+                         f"difference {r['max_abs_diff_vs_grouped']}/255, {r['bytes_per_lora']} bytes per resident LoRA")
     for name, info in report["models"].items():
         lines.append(f"\n{name}: load {info['load_s']} s (warm-up {info['warmup'].get('seconds', 0)} s, "
                      f"{info['warmup'].get('graphs', 0)} graphs); options: {json.dumps(info['applied'])}")

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from avatar_engine import AvatarEngine
 from avatar_engine.faces import face_analyzer_from_config
+from avatar_engine.styles import BUILTIN_STYLES
 
 from .face_settings import check_face_setup, engine_face_options
 from .logctx import logger
@@ -27,6 +28,24 @@ from .vocab import JOB_KINDS
 log = logger("serve.engine_client")
 
 ALL_KINDS = JOB_KINDS
+#: What a profile without `styles` (a stand-in engine's) offers: the built-in template styles.
+BUILTIN_STYLE_DESCRIPTIONS: tuple[dict, ...] = tuple(p.describe() for p in BUILTIN_STYLES.values())
+
+
+@dataclass(frozen=True)
+class StyleView:
+    """One style as `GenerationRequest.resolve` reads it at submit (the recommended steps and
+    guidance, whether it has a LoRA), built from its public description."""
+
+    name: str
+    steps: int | None = None
+    guidance_scale: float | None = None
+    lora: dict | None = None  # {name, scale}: the LoRA as GET /v1/models describes it
+
+    @classmethod
+    def of(cls, described: dict) -> "StyleView":
+        return cls(name=described["name"], steps=described.get("steps"),
+                   guidance_scale=described.get("guidanceScale"), lora=described.get("lora"))
 
 
 @dataclass(frozen=True)
@@ -44,6 +63,20 @@ class ProfileInfo:
     engine: dict | None = None  # what runs, read back from the loaded model (kernels, compile, warm-up)
     aliases: tuple[str, ...] = ()  # other names clients may send as `model` (models.yaml `aliases`)
     face_min_size: int = 32  # reference faces smaller than this (px) are refused
+    styles: tuple[dict, ...] = BUILTIN_STYLE_DESCRIPTIONS  # each style's `StylePack.describe()`, in order
+    fuse_style: str | None = None  # the LoRA style merged into the weights (styleStrength fixed at 1)
+
+    def style_names(self) -> list[str]:
+        """What `stylePreset` may name on this profile, in order."""
+        return [s["name"] for s in self.styles]
+
+    def style(self, name: str) -> dict | None:
+        """The description of style `name` (None: not offered)."""
+        return next((s for s in self.styles if s["name"] == name), None)
+
+    def for_requests(self) -> Any:
+        """This profile as `GenerationRequest.resolve` reads it (`styles` as {name: pack-like})."""
+        return _RequestProfile(self, {s["name"]: StyleView.of(s) for s in self.styles})
 
     @classmethod
     def from_profile(cls, p: Any) -> "ProfileInfo":
@@ -58,7 +91,26 @@ class ProfileInfo:
                    steps=int(getattr(p, "steps", 25)), guidance_scale=float(getattr(p, "guidance_scale", 7.5)),
                    kinds=tuple(kinds), aliases=tuple(getattr(p, "aliases", None) or ()),
                    face_min_size=int(getattr(p, "face_min_size", 32)),
-                   identity_methods=tuple(getattr(p, "offered_identity_methods", ()) or ()))
+                   identity_methods=tuple(getattr(p, "offered_identity_methods", ()) or ()),
+                   styles=_style_descriptions(p), fuse_style=getattr(p, "fuse_style", None))
+
+
+class _RequestProfile:
+    """A ProfileInfo whose `styles` is the mapping `resolve()` looks styles up in."""
+
+    def __init__(self, info: ProfileInfo, styles: dict[str, StyleView]):
+        self._info, self.styles = info, styles
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._info, name)
+
+
+def _style_descriptions(p: Any) -> tuple[dict, ...]:
+    """A profile's styles as their public descriptions (stand-ins without `styles`: the built-ins)."""
+    styles = getattr(p, "styles", None)
+    if styles is None:
+        return BUILTIN_STYLE_DESCRIPTIONS
+    return tuple(pack.describe() if hasattr(pack, "describe") else dict(pack) for pack in styles.values())
 
 
 @dataclass(frozen=True)
@@ -90,6 +142,7 @@ class EngineDescription:
             v["kinds"] = tuple(v.get("kinds", ALL_KINDS))
             v["aliases"] = tuple(v.get("aliases", ()))
             v["identity_methods"] = tuple(v.get("identity_methods", ()))
+            v["styles"] = tuple(dict(s) for s in v.get("styles", BUILTIN_STYLE_DESCRIPTIONS))
             profiles[k] = ProfileInfo(**v)
         return cls(default_model=d["default_model"], profiles=profiles, face=d.get("face"))
 

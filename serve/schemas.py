@@ -18,10 +18,19 @@ from avatar_engine.requests import (
     ASPECT_RATIOS, CAST_CHARACTERS_RANGE, GUIDANCE_RANGE, IDENTITY_STRENGTH_RANGE, MAX_BATCH_SIZE,
     MAX_REFERENCE_PHOTOS, PROMPT_MAX_CHARS, SEED_MAX, STEPS_RANGE, STYLE_PRESETS,
 )
+from avatar_engine.styles import STYLE_NAME, STYLE_STRENGTH_RANGE
 
 from .vocab import EventName, KindName, SortFieldName, SortOrderName, StatusName, VisibilityName
 
-StylePreset = Literal[STYLE_PRESETS]  # type: ignore[valid-type]
+#: A style name. Which styles exist is each model's (models.yaml `styles:`): the built-ins
+#: (`STYLE_PRESETS`) everywhere, LoRA styles where configured; GET /v1/models lists them and
+#: submit refuses one the chosen model does not offer (400 naming stylePreset).
+STYLE_PRESET_DOC = (f"A style the model offers: the built-ins {', '.join(STYLE_PRESETS)} on every model, plus the "
+                    "model's own (LoRA) styles; GET /v1/models lists each model's `styles`. A style the chosen model "
+                    "does not offer is a 400 naming stylePreset.")
+StylePreset = Annotated[str, Field(pattern=STYLE_NAME.pattern, max_length=64)]
+STYLE_STRENGTH_DOC = (f"{STYLE_STRENGTH_RANGE[0]:g}..{STYLE_STRENGTH_RANGE[1]:g}: scales the style's LoRA (its "
+                      "configured scale × this); default 1. No effect on a style without a LoRA.")
 AspectRatio = Literal[ASPECT_RATIOS]  # type: ignore[valid-type]
 Visibility = VisibilityName
 Status = StatusName
@@ -96,7 +105,9 @@ class AvatarMetaFields(_In):
 class GenerationFields(AvatarMetaFields):
     prompt: str = Field(..., min_length=1, max_length=PROMPT_MAX_CHARS, pattern=NONBLANK)
     negative_prompt: Optional[str] = Field(None, max_length=PROMPT_MAX_CHARS)
-    style_preset: Optional[StylePreset] = None
+    style_preset: Optional[StylePreset] = Field(None, description=STYLE_PRESET_DOC)
+    style_strength: Optional[float] = Field(None, ge=STYLE_STRENGTH_RANGE[0], le=STYLE_STRENGTH_RANGE[1],
+                                            description=STYLE_STRENGTH_DOC)
     aspect_ratio: AspectRatio = "1:1"
     guidance_scale: Optional[float] = Field(None, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1])
     seed: Optional[int] = Field(None, ge=0, le=SEED_MAX, description="Random when absent; always returned.")
@@ -173,7 +184,10 @@ class RemixRequest(AvatarMetaFields):
     prompt: Optional[str] = Field(None, min_length=1, max_length=PROMPT_MAX_CHARS, pattern=NONBLANK,
                                   description="Defaults to the source's prompt.")
     negative_prompt: Optional[str] = Field(None, max_length=PROMPT_MAX_CHARS)
-    style_preset: Optional[StylePreset] = None
+    style_preset: Optional[StylePreset] = Field(None, description="Defaults to the source's. " + STYLE_PRESET_DOC)
+    style_strength: Optional[float] = Field(None, ge=STYLE_STRENGTH_RANGE[0], le=STYLE_STRENGTH_RANGE[1],
+                                            description=STYLE_STRENGTH_DOC + " Defaults to the source's when the "
+                                                        "style is the source's.")
     strength: float = Field(0.6, gt=0.0, le=1.0, description="How far to move from the source image (img2img).")
     guidance_scale: Optional[float] = Field(None, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1])
     seed: Optional[int] = Field(None, ge=0, le=SEED_MAX)
@@ -257,6 +271,23 @@ class Identity(_Out):
     notes: Optional[list[str]] = None
 
 
+class StyleLoRAUsed(_Out):
+    name: str = Field(..., description="The LoRA's name (its file's or hub weight's stem; never a path).")
+    scale: float = Field(..., description="The LoRA weight applied: the style's configured scale × styleStrength "
+                                          "(the configured scale when fused).")
+    mode: Literal["stacked", "fused"] = Field(..., description="`stacked`: resident beside the model's other LoRA "
+                                                               "styles, chosen per image; `fused`: merged into the "
+                                                               "weights (the model's `fuseStyle`).")
+
+
+class StyleReport(_Out):
+    """What the engine reports it ran: the style pack and, for a LoRA style, the LoRA and its scale."""
+    name: str
+    strength: Optional[float] = Field(None, description="The styleStrength applied (null for a style without a LoRA "
+                                                        "and no styleStrength given).")
+    lora: Optional[StyleLoRAUsed] = None
+
+
 class CastCharacterOut(_Out):
     prompt: str
     avatar_id: Optional[str] = None
@@ -280,6 +311,11 @@ class Avatar(_Out):
     prompt: Optional[str] = None
     negative_prompt: Optional[str] = None
     style_preset: Optional[str] = None
+    style_strength: Optional[float] = Field(None, description="As resolved at submission: the request's, or 1 for a "
+                                                              "LoRA style when not given; null otherwise.")
+    style: Optional[StyleReport] = Field(None, description="Once completed: the style the engine applied "
+                                                           "(`{name, strength, lora: {name, scale, mode} | null}`); "
+                                                           "null without a style.")
     model: Optional[str] = Field(None, description="The model name as requested (a profile or one of its aliases; "
                                                    "the default profile's name when none was given).")
     model_profile: Optional[str] = Field(None, description="The models.yaml profile that ran it (aliases resolved).")
@@ -389,7 +425,43 @@ class ModelInfo(_Out):
     identity_methods: list[str] = Field(default_factory=list, description="Identity methods `identityMethod` may name, the default first.")
     engine: Optional[dict[str, Any]] = Field(
         None, description="What runs on the loaded model, read back from its modules: dtype, attention kernel, "
-                          "fused projections, compile scope/mode, batch buckets, identity adapter, warm-up.")
+                          "fused projections, compile scope/mode, batch buckets, identity adapter, warm-up, and "
+                          "`style_loras` (the resident style LoRAs, their layers and memory).")
+
+
+class StyleLoRA(_Out):
+    name: str = Field(..., description="The LoRA's name (the file's or hub weight's stem; never a path).")
+    scale: float = Field(..., description="Its weight at styleStrength 1.")
+
+
+class StyleInfo(_Out):
+    """One style a model offers (`StylePack.describe()`): never a file path."""
+    name: str = Field(..., description="What `stylePreset` names.")
+    description: str = ""
+    lora: Optional[StyleLoRA] = Field(None, description="The style's LoRA; null for a prompt-template style.")
+    steps: Optional[int] = Field(None, description="Recommended steps, used when the request gives none.")
+    guidance_scale: Optional[float] = Field(None, description="Recommended guidance, used when the request gives none.")
+
+
+class ServedModel(_Out):
+    name: str
+    object: Literal["model"] = "model"
+    aliases: list[str] = Field(default_factory=list, description="Other names accepted as `model` for this profile.")
+    default: bool = Field(False, description="The model a request without `model` runs on.")
+    credit_cost: int = Field(..., description="Credits per image of generate and remix.")
+    resolution: Optional[int] = None
+    kinds: list[str] = Field(default_factory=list, description="The job kinds it serves.")
+    identity_methods: list[str] = Field(default_factory=list, description="Identity methods `identityMethod` may name, the default first.")
+    styles: list[StyleInfo] = Field(default_factory=list, description="What `stylePreset` may name on this model, "
+                                                                      "built-ins first.")
+    fuse_style: Optional[str] = Field(None, description="A LoRA style merged into this model's weights: "
+                                                        "`styleStrength` other than 1 is refused on it.")
+
+
+class ModelList(_Out):
+    object: Literal["model_list"] = "model_list"
+    default_model: Optional[str] = None
+    models: list[ServedModel] = Field(default_factory=list)
 
 
 class FaceSettings(_Out):

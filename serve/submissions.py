@@ -120,6 +120,14 @@ def identity_method_for(profile: ProfileInfo, method: str | None) -> str | None:
     return method
 
 
+def check_style(profile: ProfileInfo, style: str | None) -> None:
+    """A `stylePreset` the model does not offer is a 400 invalid_request naming stylePreset and
+    listing the model's styles (GET /v1/models), before any credit is reserved."""
+    if style is not None and profile.style(style) is None:
+        raise invalid_request(f"stylePreset {style!r} is not offered by model {profile.name!r}; it offers "
+                              f"{', '.join(profile.style_names()) or 'none'}", "stylePreset")
+
+
 async def profile_for(svc: Services, model: str | None, kind: str) -> ProfileInfo:
     desc = await svc.engine.describe()
     name = model or desc.default_model
@@ -133,13 +141,15 @@ async def profile_for(svc: Services, model: str | None, kind: str) -> ProfileInf
 
 async def prepare(svc: Services, kind: str, body: Any, *, extra_prompts: list[tuple[str, str]] = (),
                   strength: float | None = None, init_image: Any = None) -> Submission:
-    """Validate the common fields against the model profile (defaults and seed resolved) and the
-    content policy; the stored params are the resolved request's wire fields."""
+    """Validate the common fields against the model profile (defaults and seed resolved; a
+    style's recommended steps and guidance when the body gives none) and the content policy; the
+    stored params are the resolved request's wire fields (`styleStrength` among them)."""
     profile = await profile_for(svc, body.model, kind)
+    check_style(profile, body.style_preset)
     request = request_from_wire(wire_fields(body), JobKind.GENERATE)
     if strength is not None:
         request.strength, request.init_image = strength, init_image
-    resolved = request.resolve(profile)
+    resolved = request.resolve(profile.for_requests())
     check_policy(svc.policy, [("prompt", body.prompt), *extra_prompts])
     params = request_to_wire(resolved)
     if body.model and body.model != profile.name:
@@ -263,12 +273,17 @@ async def remix(svc: Services, principal: Principal, avatar_id: str, body: S.Rem
 def remixed_body(body: S.RemixRequest, source_prompt: str | None, model: str | None,
                  source_params: dict[str, Any]) -> S.GenerateRequest:
     """The generate request a remix runs: the remix body's fields over the source avatar's
-    (prompt, negative prompt, style; its aspect ratio and model), validated as a GenerateRequest
-    like any generate body (a 400 naming the field if the merge is not one)."""
+    (prompt, negative prompt, style and, while the style is the source's, its styleStrength; its
+    aspect ratio and model), validated as a GenerateRequest like any generate body (a 400 naming
+    the field if the merge is not one)."""
+    style = body.style_preset if body.style_preset is not None else source_params.get("stylePreset")
+    style_strength = body.style_strength
+    if style_strength is None and style == source_params.get("stylePreset"):
+        style_strength = source_params.get("styleStrength")
     merged = {
         "prompt": body.prompt or source_prompt,
         "negative_prompt": body.negative_prompt if body.negative_prompt is not None else source_params.get("negativePrompt"),
-        "style_preset": body.style_preset if body.style_preset is not None else source_params.get("stylePreset"),
+        "style_preset": style, "style_strength": style_strength,
         "aspect_ratio": source_params.get("aspectRatio", "1:1"), "guidance_scale": body.guidance_scale,
         "seed": body.seed, "steps": body.steps, "model": model, "batch_size": body.batch_size, "title": body.title,
         "description": body.description, "tags": body.tags, "metadata": body.metadata, "visibility": body.visibility}

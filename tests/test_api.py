@@ -22,6 +22,7 @@ from PIL import Image
 
 from avatar_engine.errors import RequestValidationError
 from avatar_engine.requests import GenerationResult
+from avatar_engine.styles import BUILTIN_STYLES
 from serve.app import create_app, event_renderer
 from serve.assets import AssetStore
 from serve.engine_client import LocalEngineClient
@@ -38,7 +39,7 @@ class FakeEngine:
 
     def __init__(self, fail_prompts: tuple[str, ...] = ()):
         self.profiles = {"fake": SimpleNamespace(name="fake", credit_cost=2, resolution=64, size_multiple=8,
-                                                 steps=4, guidance_scale=5.0)}
+                                                 steps=4, guidance_scale=5.0, styles=dict(BUILTIN_STYLES))}
         self.default_model = "fake"
         self.calls: list[int] = []
         self.fail_prompts = fail_prompts

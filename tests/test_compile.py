@@ -24,8 +24,13 @@ EMB = [RNG.standard_normal(512).astype(np.float32) for _ in range(4)]
 MAX_BATCH = 4
 
 
-def compiled_engine(base: str, max_batch: int = MAX_BATCH, **profile_overrides) -> tuple[AvatarEngine, str]:
+def compiled_engine(base: str, max_batch: int = MAX_BATCH, styles: bool = False,
+                    **profile_overrides) -> tuple[AvatarEngine, str]:
+    """A compiled (no-codegen backend) twin of profile `base`; its LoRA styles only with
+    `styles=True` (tests/test_compile_styles.py: styled calls are their own graphs)."""
     profiles = load_profiles()
+    if not styles:
+        profile_overrides.setdefault("styles", {k: v for k, v in profiles[base].styles.items() if v.lora is None})
     name = f"{base}-compiled"
     options = profile_overrides.pop("speed", None) or SpeedOptions(compile=True, compile_backend="eager",
                                                                    batch_buckets=True)

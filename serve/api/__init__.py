@@ -1,6 +1,6 @@
 """The HTTP layer, one router per endpoint family (`serve.app.create_app` assembles them):
 
-    system       GET /v1/health, GET /metrics
+    system       GET /v1/health, GET /v1/models, GET /metrics
     account      GET /v1/account
     submissions  POST /v1/avatars/generate | percify-yourself | cast, POST /v1/avatars/{id}/remix
     avatars      GET/PATCH/DELETE /v1/avatars[/{id}], image and thumbnail bytes

@@ -5,8 +5,9 @@ says exactly what the app accepts (schema fuzzing checks it, `tests/test_schema_
   the multipart fields derived from the same wire models as the JSON ones (`metadata` and
   `characters` parts are JSON documents, `tags` comma-separated text, photos image files);
 - bearer auth (`components.securitySchemes`, `security`), so generated clients send the key;
-- the `model` names this deployment serves (its profiles and their aliases) as an enum: the
-  served `/v1/openapi.json` is built once per app from the engine's profile table.
+- the `model` names this deployment serves (its profiles and their aliases), the identity methods
+  and the styles its profiles offer as enums: the served `/v1/openapi.json` is built once per app
+  from the engine's profile table.
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from fastapi.responses import JSONResponse
 from .. import schemas as S
 
 #: Operations that need no API key.
-PUBLIC_PATHS = ("/v1/health",)
+PUBLIC_PATHS = ("/v1/health", "/v1/models")
 #: Request bodies that name a `model` (their JSON component and multipart variant).
 MODEL_BODIES = ("GenerateRequest", "PercifyRequest", "CastRequest")
+#: Request bodies that name a `stylePreset` (remix's runs on its source's model).
+STYLE_BODIES = (*MODEL_BODIES, "RemixRequest")
 
 _FILES = {"type": "array", "items": {"type": "string", "format": "binary"},
           "description": "Image files (PNG, JPEG or WebP; each side at least 64 px)"}
@@ -189,20 +192,25 @@ async def served_document(app: FastAPI) -> dict[str, Any]:
     if cached is None:
         desc = await app.state.services.engine.describe()
         methods = sorted({m for p in desc.profiles.values() for m in getattr(p, "identity_methods", ())})
-        cached = with_model_names(app.openapi(), desc.names(), methods)
+        styles = list(dict.fromkeys(s["name"] for p in desc.profiles.values() for s in p.styles))
+        cached = with_model_names(app.openapi(), desc.names(), methods, styles)
         app.state.served_openapi = cached
     return cached
 
 
-def with_model_names(spec: dict[str, Any], names: list[str], methods: list[str] | None = None) -> dict[str, Any]:
+def with_model_names(spec: dict[str, Any], names: list[str], methods: list[str] | None = None,
+                     styles: list[str] | None = None) -> dict[str, Any]:
     """A copy of `spec` whose request bodies accept only `names` as `model` and (when given) only
-    `methods` (the identity methods the served profiles offer) as `identityMethod`."""
+    `methods` (the identity methods the served profiles offer) as `identityMethod` and `styles`
+    (the styles they offer; each model's own list is in GET /v1/models) as `stylePreset`."""
     out = copy.deepcopy(spec)
     enums = {"model": {"type": "string", "enum": list(names)}}
     if methods:  # none served: any identityMethod is refused, and an empty enum is not valid everywhere
         enums["identityMethod"] = {"type": "string", "enum": list(methods)}
+    if styles:
+        enums["stylePreset"] = {"type": "string", "enum": list(styles)}
     comps = out["components"]["schemas"]
-    for name in MODEL_BODIES:
+    for name in STYLE_BODIES:
         props = comps.get(name, {}).get("properties", {})
         for field, enum in enums.items():
             if field in props:

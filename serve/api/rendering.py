@@ -36,6 +36,18 @@ def _identity(value: Any) -> S.Identity | None:
                       notes=[str(n) for n in notes] if isinstance(notes, list) else None)
 
 
+def _style(value: Any) -> S.StyleReport | None:
+    """The engine's style report (stored with the job result) → the Avatar's `style`."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    lora = value.get("lora")
+    used = None
+    if isinstance(lora, dict) and isinstance(lora.get("name"), str) and _num(lora.get("scale")) is not None \
+            and lora.get("mode") in ("stacked", "fused"):
+        used = S.StyleLoRAUsed(name=lora["name"], scale=_num(lora["scale"]), mode=lora["mode"])
+    return S.StyleReport(name=value["name"], strength=_num(value.get("strength")), lora=used)
+
+
 def _characters(p: dict, r: dict) -> list[S.CastCharacterOut]:
     res_chars = r.get("characters") if isinstance(r.get("characters"), list) else []
     out = []
@@ -85,6 +97,7 @@ def render_avatar(av: Avatar, base_url: str = "", links: ImageLinks | None = Non
     return S.Avatar(
         id=av.id, user_id=av.account_id, kind=av.kind, status=av.status, prompt=p.get("prompt", av.prompt),
         negative_prompt=p.get("negativePrompt"), style_preset=p.get("stylePreset"),
+        style_strength=_num(p.get("styleStrength")), style=_style(r.get("style")),
         model=p.get("requestedModel") or av.model, model_profile=av.model,
         width=p.get("width"), height=p.get("height"), aspect_ratio=p.get("aspectRatio"),
         guidance_scale=p.get("guidanceScale"), steps=p.get("steps"), seed=p.get("seed"),

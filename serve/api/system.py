@@ -1,4 +1,5 @@
-"""GET /v1/health (no auth: liveness, models, database) and GET /metrics (Prometheus)."""
+"""GET /v1/health (no auth: liveness, models, database), GET /v1/models (no auth: the served
+models with their styles) and GET /metrics (Prometheus)."""
 from __future__ import annotations
 
 import hmac
@@ -43,6 +44,18 @@ async def health(request: Request, svc: Services = Svc):
     out = S.Health(status="ok" if ok else "degraded", version=request.app.version, default_model=default,
                    models=models, database="ok" if db_ok else "error", face=face)
     return json_response(out, 200 if ok else 503)
+
+
+@router.get("/v1/models", response_model=S.ModelList, tags=["meta"],
+            summary="The served models: names and aliases, kinds, identity methods and styles")
+async def models(svc: Services = Svc):
+    desc = await svc.engine.describe()
+    return json_response(S.ModelList(default_model=desc.default_model, models=[
+        S.ServedModel(name=p.name, aliases=list(p.aliases), default=p.name == desc.default_model,
+                      credit_cost=svc.settings.per_image_cost(p.name, p.credit_cost), resolution=p.resolution,
+                      kinds=list(p.kinds), identity_methods=list(p.identity_methods),
+                      styles=[S.StyleInfo.model_validate(s) for s in p.styles], fuse_style=p.fuse_style)
+        for p in desc.profiles.values()]))
 
 
 @router.get("/metrics", include_in_schema=False)

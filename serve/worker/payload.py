@@ -33,6 +33,9 @@ def result_payload(job_id: str, result: Any, stored: list[dict[str, Any]], elaps
     for key in ("identity", "characters"):
         if key in engine_report:
             payload[key] = engine_report[key]
+    style = (getattr(result, "extra", None) or {}).get("style")
+    if isinstance(style, dict):  # the engine's style report: {name, strength, lora: {name, scale, mode} | None}
+        payload["style"] = style
     return payload
 
 

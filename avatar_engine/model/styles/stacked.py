@@ -89,7 +89,8 @@ class StyledConv2d(nn.Conv2d):
         return y + delta.permute(0, 3, 1, 2)
 
 
-def _stack(layers: Sequence[LoRALayer | None], fan_in: int, fan_out: int, device, dtype) -> StackedLoRA:
+def _stack(layers: Sequence[LoRALayer | None], fan_in: int, fan_out: int, device, dtype,
+           where: tuple[str, str, Sequence[LoRAFile]]) -> StackedLoRA:
     """Adapter 0 = zeros, then one slot per resident LoRA (zeros where it has no such layer)."""
     rank = max(l.rank for l in layers if l is not None)
     down = torch.zeros(len(layers) + 1, rank, fan_in)
@@ -99,7 +100,10 @@ def _stack(layers: Sequence[LoRALayer | None], fan_in: int, fan_out: int, device
             continue
         d, u = layer.down.flatten(1).float(), layer.up.flatten(1).float()
         if d.shape[1] != fan_in or u.shape[0] != fan_out:
-            raise ValueError(f"LoRA shape {tuple(u.shape)}·{tuple(d.shape)} does not fit a {fan_in}→{fan_out} layer")
+            part, name, loras = where
+            raise _mismatch(loras[i - 1].source, f"{part}.{name} is {fan_in}→{fan_out} in this model but "
+                                                 f"{d.shape[1]}→{u.shape[0]} in the LoRA (a LoRA for another "
+                                                 f"architecture?)")
         down[i, :layer.rank] = d
         up[i, :, :layer.rank] = u * layer.gain
     return StackedLoRA(down.to(device, dtype), up.to(device, dtype))
@@ -147,11 +151,11 @@ def install_stacked(pipe, loras: Sequence[LoRAFile], device, dtype) -> StackRepo
                 attn = model.get_submodule(m.group("attn"))
                 fan_in, fan_out = _fan(getattr(attn, m.group("proj").split(".")[0]) if m.group("proj") != "to_out.0"
                                        else attn.to_out[0])
-                stacked = _stack(per_adapter, fan_in, fan_out, device, dtype)
+                stacked = _stack(per_adapter, fan_in, fan_out, device, dtype, (part, name, loras))
                 procs[f"{m.group('attn')}.processor"].styles[_PROC_KEY[m.group("proj")]] = stacked
             else:
                 module = _target(model, name, part, loras)
-                stacked = _stack(per_adapter, *_fan(module), device, dtype)
+                stacked = _stack(per_adapter, *_fan(module), device, dtype, (part, name, loras))
                 module.__class__ = StyledConv2d if isinstance(module, nn.Conv2d) else StyledLinear
                 module.style_lora = stacked
                 module.style_selection = selection
@@ -207,7 +211,11 @@ def fuse(pipe, lora: LoRAFile, scale: float) -> int:
         for name, layer in layers.items():
             module = _target(model, name, part, [lora]) if not _ATTN_PROJ.match(name) or part != "unet" \
                 else model.get_submodule(name)
+            delta = layer.delta() * scale
+            if delta.numel() != module.weight.numel():
+                raise _mismatch(lora.source, f"{part}.{name} has {tuple(module.weight.shape)} weights in this model "
+                                             f"but the LoRA changes {tuple(delta.shape)} (another architecture?)")
             with torch.no_grad():
-                module.weight += (layer.delta() * scale).reshape(module.weight.shape).to(module.weight)
+                module.weight += delta.reshape(module.weight.shape).to(module.weight)
             fused += 1
     return fused
