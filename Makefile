@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: install demo test test-ray test-cluster test-schema test-browser browser bench serve
+.PHONY: install demo test test-compile test-ray test-cluster test-schema test-browser browser bench serve
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo: install
 test: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+# Whole-UNet compile checks (marker `compile`, ~5 CPU-minutes): style LoRAs varying within and across batches on
+# `compile_scope: full` never recompile after warm-up (no-codegen backend on CPU).
+test-compile: install
+	$(BIN)/python -m pytest -q -m compile
 
 # The end-to-end tests against a real Ray Serve app on 127.0.0.1 (marker `ray`).
 test-ray: install

@@ -234,7 +234,6 @@ def test_cast_takes_one_style_per_image(tiny_engine):
         assert max_diff(r.images[0], tiny_engine.generate(one).images[0]) <= 2
 
 
-@pytest.mark.slow  # ~40 CPU-seconds: tiny SDXL, LoRA on both text encoders
 def test_sdxl_mixed_styles_equal_alone():
     engine = AvatarEngine(EngineConfig(device="cpu", default_model="tiny-sdxl"))
     batch = [req("pixel-art", seed=1), req(None, seed=2), req("pixel-art", 0.4, seed=3)]
@@ -242,3 +241,21 @@ def test_sdxl_mixed_styles_equal_alone():
     assert engine.load().applied["style_loras"]["layers"].get("text_encoder_2", 0) > 0
     for r, one in zip(mixed, batch):
         assert max_diff(r.images[0], engine.generate(one).images[0]) <= 2
+
+
+def test_hub_style_loras_are_pulled_and_read_from_the_hub_cache_only(tmp_path, monkeypatch):
+    """`models pull` plans each hub style LoRA's one file; loading never downloads: a LoRA not in
+    the local hub cache is refused naming the command that fetches it."""
+    from avatar_engine.runtime.hub import pull_plan
+
+    profiles = load_profiles()
+    styles = parse_styles({"pix": {"lora": {"repo_id": "someone/pixel-lora", "weight_name": "pix.safetensors"}},
+                           "ink": {"lora": {"path": "/models/ink.safetensors"}}}, "t")
+    sd15 = dataclasses.replace(profiles["sd15"], styles={**profiles["sd15"].styles, **styles})
+    plan = pull_plan(sd15)
+    assert {i.repo_id: set(i.patterns) for i in plan.hub}["someone/pixel-lora"] == {"pix.safetensors"}
+    assert "/models/ink.safetensors" in plan.local
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    engine = engine_with({"pix": {"lora": {"repo_id": "someone/pixel-lora", "weight_name": "pix.safetensors"}}})
+    with pytest.raises(ProfileError, match="models pull"):
+        engine.load()

@@ -14,7 +14,10 @@ from ..requests import ASPECT_RATIOS, STYLE_PRESETS
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every generating subcommand."""
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--style", choices=STYLE_PRESETS, default=None, help="style preset")
+    p.add_argument("--style", default=None,
+                   help=f"style pack of the model (built-in: {', '.join(STYLE_PRESETS)}; `avatar-engine models` lists "
+                        f"each model's LoRA styles)")
+    p.add_argument("--style-strength", type=float, default=None, help="scales the style's LoRA, 0..2 (default 1)")
     p.add_argument("--aspect-ratio", choices=ASPECT_RATIOS, default="1:1")
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="random when absent; always written to the sidecar")
@@ -36,7 +39,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def generation_kwargs(args) -> dict:
-    return dict(negative_prompt=args.negative_prompt, style_preset=args.style, aspect_ratio=args.aspect_ratio,
+    return dict(negative_prompt=args.negative_prompt, style_preset=args.style, style_strength=args.style_strength,
+                aspect_ratio=args.aspect_ratio,
                 guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size, steps=args.steps,
                 model=args.model)
 

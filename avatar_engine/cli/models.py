@@ -12,12 +12,16 @@ def cmd_models(args) -> None:
     if args.json:
         print(json.dumps({n: {"architecture": p.architecture, "source": p.source, "resolution": p.resolution,
                               "steps": p.steps, "guidanceScale": p.guidance_scale, "creditCost": p.credit_cost,
-                              "default": n == default} for n, p in profiles.items()}, indent=2))
+                              "default": n == default, "styles": [s.describe() for s in p.styles.values()],
+                              "fuseStyle": p.fuse_style} for n, p in profiles.items()}, indent=2))
         return
     for name, p in profiles.items():
         mark = "*" if name == default else " "
         print(f"{mark} {name:12s} {p.architecture:5s} {p.resolution:5d}px {p.steps:3d} steps  "
               f"cfg {p.guidance_scale:<4g} cost {p.credit_cost}  {p.source}")
+        loras = [f"{s.name} (LoRA {s.lora_name})" for s in p.lora_styles]
+        if loras:
+            print(f"  {'':12s} styles with LoRA: {', '.join(loras)}{' [fused]' if p.fuse_style else ''}")
 
 
 def cmd_init(sub) -> None:

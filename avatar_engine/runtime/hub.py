@@ -2,7 +2,7 @@
 
 `pull_plan(profile)` lists, per hub repository, the exact files (or small-file patterns) the
 profile loads: the pipeline's folders in its variant, each identity method's weights (FaceID Plus
-v2's CLIP-ViT-H image encoder, InstantID's ControlNet + ip-adapter.bin), a single-file
+v2's CLIP-ViT-H image encoder, InstantID's ControlNet + ip-adapter.bin), its style LoRAs, a single-file
 checkpoint's config repository; plus what no official hub hosts (insightface model packs) and
 local paths, which are only checked. `pull(plan)` runs `snapshot_download` with those
 `allow_patterns` (resumable, progress bars, HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE / HF_TOKEN
@@ -180,6 +180,15 @@ def pull_plan(profile: ModelProfile, methods: list[str] | None = None,
                 need(src.image_encoder, None, enc_files, "faceid-plus-v2 image encoder (CLIP-ViT-H)")
         if method in trained:
             packs.setdefault(METHOD_FACE_PACK[method], []).append(method)
+    for pack in profile.lora_styles:  # style LoRAs: the one weight file each, or a local file to check
+        src = pack.lora
+        if src.tiny:
+            continue
+        if src.path:
+            plan.local.append(src.path)
+        else:
+            need(src.repo_id, src.revision, [_join(src.subfolder, src.weight_name or "pytorch_lora_weights.safetensors")],
+                 f"style {pack.name} LoRA")
     plan.hub = [HubItem(repo, tuple(pats), tuple(purposes), rev) for (repo, rev), (pats, purposes) in wanted.items()]
     for pack, users in packs.items():
         plan.manual.append(insightface_item(pack, face_model_root, ", ".join(users)))

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...errors import ProfileError
 from ..attention import conditioning, processors
 from .files import LoRAFile, LoRALayer
 
@@ -180,9 +181,7 @@ def _target(model: nn.Module, name: str, part: str, loras: Sequence[LoRAFile]) -
                            f"convolution layers")
 
 
-def _mismatch(files: str, why: str):
-    from ...errors import ProfileError
-
+def _mismatch(files: str, why: str) -> ProfileError:
     return ProfileError(f"style LoRA {files}: {why}", param="styles")
 
 

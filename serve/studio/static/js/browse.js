@@ -48,6 +48,7 @@ export function curlFor(av) {
   const body = { prompt: av.prompt, model: av.model, aspectRatio: av.aspectRatio, seed: av.seed, batchSize: av.batchSize };
   if (av.negativePrompt) body.negativePrompt = av.negativePrompt;
   if (av.stylePreset) body.stylePreset = av.stylePreset;
+  if (typeof av.styleStrength === "number") body.styleStrength = av.styleStrength;
   const path = { generate: "generate", percify: "percify-yourself", cast: "cast" }[av.kind];
   const json = JSON.stringify(body).replace(/'/g, "'\\''");
   if (av.kind === "remix" && av.remixedFrom) {
@@ -70,6 +71,16 @@ function action(label, fn) {
   } }, label);
 }
 
+/** The style the engine applied (the Avatar's `style`), or the requested one until it completes. */
+function styleNode(av) {
+  const style = av.style;
+  if (!style && !av.stylePreset) return null;
+  let text = style ? style.name : av.stylePreset;
+  if (style && style.lora) text += ` · LoRA ${style.lora.name} × ${style.lora.scale} (${style.lora.mode})`;
+  if (style && typeof style.strength === "number") text += ` · strength ${style.strength}`;
+  return el("p", { class: "avatar-style" }, el("strong", {}, "Style: "), el("span", {}, text));
+}
+
 function renderAvatar(av, liked) {
   shown = av;
   const own = av.userId === me.id;
@@ -78,6 +89,7 @@ function renderAvatar(av, liked) {
     el("p", { class: "prompt" }, el("strong", {}, "Prompt: "), el("span", { class: "avatar-prompt" }, av.prompt || "")),
     el("p", {}, `${av.kind} · ${av.status} · ${av.visibility}${av.published ? " · published" : ""} · ♥ `,
       el("span", { id: "avatar-likes" }, String(av.likes)), ` · created ${fmtDate(av.createdAt)}`),
+    styleNode(av),
     ...resultNodes(av));
   const acts = [];
   if (av.status === "completed") {

@@ -21,17 +21,50 @@ function commonFields(kind, meta) {
       el("textarea", { id: id("prompt"), name: "prompt", rows: 3, required: true, "data-param": "prompt" },
         kind === "percify" ? "a portrait photo of a person" : "")),
     ...field("negativePrompt", "Negative prompt", el("input", { id: id("negativePrompt"), name: "negativePrompt", type: "text", "data-param": "negativePrompt" })),
-    ...field("stylePreset", "Style", select("stylePreset", [["", "none"], ...meta.styles.map((s) => [s, s])], "")),
-    ...field("aspectRatio", "Aspect ratio", select("aspectRatio", meta.ratios.map((r) => [r, r]), "1:1")),
     ...field("model", "Model", select("model", models, meta.defaultModel)),
+    ...field("stylePreset", "Style", select("stylePreset", [["", "none"]], "")),
+    el("div", { class: "style-strength", hidden: true },
+      ...field("styleStrength", ["Style strength ", el("output", { id: id("styleStrength-out"), for: id("styleStrength") }, "1")],
+        el("input", { id: id("styleStrength"), name: "styleStrength", type: "range", min: 0, max: 2, step: 0.1, value: 1, "data-param": "styleStrength" }))),
+    ...field("aspectRatio", "Aspect ratio", select("aspectRatio", meta.ratios.map((r) => [r, r]), "1:1")),
     ...field("seed", "Seed (empty: random)", el("input", { id: id("seed"), name: "seed", type: "number", min: 0, "data-param": "seed" })),
     ...field("visibility", "Visibility", select("visibility", [["private", "private"], ["unlisted", "unlisted"], ["public", "public"]], "private")),
   ];
 }
 
+function modelOf(name) {
+  return state.meta.models.find((p) => p.name === name || p.aliases.includes(name)) || null;
+}
+
 function profileOf(name) {
-  const m = state.meta.models.find((p) => p.name === name || p.aliases.includes(name));
+  const m = modelOf(name);
   return m ? m.name : name;
+}
+
+/** The chosen style's description from GET /v1/models (null: none chosen or not offered). */
+function chosenStyle(form) {
+  const m = modelOf(form.elements.model.value);
+  return (m && (m.styles || []).find((s) => s.name === form.elements.stylePreset.value)) || null;
+}
+
+/** The style picker lists the chosen model's styles (GET /v1/models), keeping the choice when the
+ * model offers it too; the strength slider shows only for a style with a LoRA. */
+function updateStyles(form) {
+  const sel = form.elements.stylePreset;
+  const m = modelOf(form.elements.model.value);
+  const styles = (m && m.styles) || [];
+  const keep = styles.some((s) => s.name === sel.value) ? sel.value : "";
+  clear(sel).append(el("option", { value: "" }, "none"), ...styles.map((s) =>
+    el("option", { value: s.name }, s.description ? `${s.name} (${s.description})` : s.name)));
+  sel.value = keep;
+  updateStrength(form);
+}
+
+function updateStrength(form) {
+  const style = chosenStyle(form);
+  const box = form.querySelector(".style-strength");
+  box.hidden = !(style && style.lora);
+  form.querySelector(".style-strength output").textContent = Number(form.elements.styleStrength.value).toFixed(1);
 }
 
 /** Credits the form's request will reserve (the API's pricing from GET /v1/account `costs`). */
@@ -63,6 +96,7 @@ function jsonBody(form) {
   const body = { prompt: f.prompt.value, aspectRatio: f.aspectRatio.value, model: f.model.value, visibility: f.visibility.value };
   if (f.negativePrompt.value) body.negativePrompt = f.negativePrompt.value;
   if (f.stylePreset.value) body.stylePreset = f.stylePreset.value;
+  if (!form.querySelector(".style-strength").hidden) body.styleStrength = Number(f.styleStrength.value);
   const seed = numberOrText(f.seed.value);
   if (seed !== undefined) body.seed = seed;
   if (f.batchSize) body.batchSize = numberOrText(f.batchSize.value) ?? 1;
@@ -232,12 +266,16 @@ function setupCast() {
   });
 }
 
-/** Build the forms from the deployment's models, styles and prices. */
+/** Build the forms from the deployment's models (with their styles: GET /v1/models) and prices. */
 export function setupCreate(meta, onSubmitted) {
   state.meta = meta;
   state.onSubmitted = onSubmitted;
   for (const form of $$(".create-form")) {
     clear(form.querySelector(".common-fields")).append(...commonFields(form.dataset.kind, meta));
+    updateStyles(form);
+    form.elements.model.addEventListener("change", () => updateStyles(form));
+    form.elements.stylePreset.addEventListener("change", () => updateStrength(form));
+    form.elements.styleStrength.addEventListener("input", () => updateStrength(form));
     form.addEventListener("input", () => updateCost(form));
     form.addEventListener("change", () => updateCost(form));
     form.addEventListener("submit", (e) => { e.preventDefault(); submit(form); });

@@ -18,14 +18,13 @@ function show(view) {
   if (LOADERS[view]) LOADERS[view]();
 }
 
-/** Styles and aspect ratios from the OpenAPI document, models from /v1/health, prices from /v1/account. */
+/** Aspect ratios from the OpenAPI document, models and each model's styles from /v1/models, prices from /v1/account. */
 async function loadMeta() {
-  const [{ body: spec }, { body: health }, { body: account }] = await Promise.all([
-    api("GET", "/v1/openapi.json"), api("GET", "/v1/health").catch((e) => ({ body: e.body || { models: [] } })), api("GET", "/v1/account")]);
+  const [{ body: spec }, { body: catalog }, { body: account }] = await Promise.all([
+    api("GET", "/v1/openapi.json"), api("GET", "/v1/models").catch(() => ({ body: { models: [] } })), api("GET", "/v1/account")]);
   const gen = spec.components.schemas.GenerateRequest.properties;
   const enumOf = (p) => p.enum || (p.anyOf || []).flatMap((o) => o.enum || []);
-  return { styles: enumOf(gen.stylePreset), ratios: enumOf(gen.aspectRatio), models: health.models || [],
-    defaultModel: health.defaultModel, account };
+  return { ratios: enumOf(gen.aspectRatio), models: catalog.models || [], defaultModel: catalog.defaultModel, account };
 }
 
 async function start() {

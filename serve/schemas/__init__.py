@@ -3,15 +3,14 @@
 Request bodies forbid unknown fields so a typo comes back as a 400 naming it, and take JSON types
 strictly (no "7" → 7, no true → 1.0). Ranges are taken
 from `avatar_engine.requests` so the schema and the engine's own validation cannot drift.
-Timestamps are ISO 8601 UTC strings (`2026-11-29T07:24:00.123Z`).
+Timestamps are ISO 8601 UTC strings (`2026-11-29T07:24:00.123Z`). The bases are in `base`, the
+account, model catalog and health objects in `catalog`; every model is importable from here.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-from pydantic.alias_generators import to_camel
+from pydantic import AliasChoices, ConfigDict, Field
 
 from avatar_engine.identity_methods import METHODS
 from avatar_engine.requests import (
@@ -20,7 +19,10 @@ from avatar_engine.requests import (
 )
 from avatar_engine.styles import STYLE_NAME, STYLE_STRENGTH_RANGE
 
-from .vocab import EventName, KindName, SortFieldName, SortOrderName, StatusName, VisibilityName
+from ..vocab import EventName, KindName, SortFieldName, SortOrderName, StatusName, VisibilityName
+from .base import _In, _Out, dump, iso  # noqa: F401 - `dump`, `iso` are imported from here
+from .catalog import (Account, Costs, FaceSettings, Health, Limits, ModelInfo, ModelList,  # noqa: F401 - re-exported
+                      ServedModel, StyleInfo, StyleLoRA)
 
 #: A style name. Which styles exist is each model's (models.yaml `styles:`): the built-ins
 #: (`STYLE_PRESETS`) everywhere, LoRA styles where configured; GET /v1/models lists them and
@@ -47,46 +49,9 @@ MAX_TAG_CHARS = 50
 #: alike (Python's str.strip() also strips \x1c-\x1f, which Rust's \s does not match).
 NONBLANK = r"[^\s\x1c-\x1f]"
 Tag = Annotated[str, Field(min_length=1, max_length=50, pattern=NONBLANK)]
-
-
-def _takes_int(annotation: Any) -> bool:
-    return annotation is int or (get_origin(annotation) is Union and int in get_args(annotation))
 MAX_TITLE_CHARS = 200
 MAX_DESCRIPTION_CHARS = 2000
 COMMENT_MAX_CHARS = 2000
-
-
-def iso(ts: float | None) -> str | None:
-    """Epoch seconds → the wire's timestamp format (`2026-11-29T07:24:00.123Z`)."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def dump(model: Any) -> Any:
-    """A wire model as its JSON value (camelCase)."""
-    return model.model_dump(mode="json", by_alias=True)
-
-
-class _In(BaseModel):
-    # strict: JSON types are taken as declared ("7" is not an integer, true is not a number), so
-    # the OpenAPI document says exactly what is accepted. Multipart form fields, which are all
-    # text, are converted by `serve.api.forms.read_photo_sources` (`strict=False`).
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", strict=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _integral_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        """JSON Schema's `integer` includes numbers with a zero fraction (7.0): take those as ints
-        (strings and booleans still fail the strict check)."""
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**63 and info.field_name \
-                and _takes_int(cls.model_fields[info.field_name].annotation):
-            return int(value)
-        return value
-
-
-class _Out(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +78,7 @@ class GenerationFields(AvatarMetaFields):
     seed: Optional[int] = Field(None, ge=0, le=SEED_MAX, description="Random when absent; always returned.")
     steps: Optional[int] = Field(None, ge=STEPS_RANGE[0], le=STEPS_RANGE[1])
     model: Optional[str] = Field(None, min_length=1, max_length=100,
-                                 description="A model profile name or alias (GET /v1/health lists them).")
+                                 description="A model profile name or alias (GET /v1/models lists them).")
 
 
 class GenerateRequest(GenerationFields):
@@ -395,94 +360,6 @@ class DeletedAvatar(_Out):
     status: Status
 
 
-class Limits(_Out):
-    requests_per_minute: int
-    concurrent_generations: int
-
-
-class Costs(_Out):
-    generate_per_image: dict[str, int]
-    percify: int
-    cast: int
-
-
-class Account(_Out):
-    id: str
-    object: Literal["account"] = "account"
-    tier: str
-    credits: int
-    limits: Limits
-    costs: Costs
-    created_at: str
-
-
-class ModelInfo(_Out):
-    name: str
-    aliases: list[str] = Field(default_factory=list, description="Other names accepted as `model` for this profile.")
-    credit_cost: int
-    resolution: Optional[int] = None
-    kinds: list[str] = Field(default_factory=list)
-    identity_methods: list[str] = Field(default_factory=list, description="Identity methods `identityMethod` may name, the default first.")
-    engine: Optional[dict[str, Any]] = Field(
-        None, description="What runs on the loaded model, read back from its modules: dtype, attention kernel, "
-                          "fused projections, compile scope/mode, batch buckets, identity adapter, warm-up, and "
-                          "`style_loras` (the resident style LoRAs, their layers and memory).")
-
-
-class StyleLoRA(_Out):
-    name: str = Field(..., description="The LoRA's name (the file's or hub weight's stem; never a path).")
-    scale: float = Field(..., description="Its weight at styleStrength 1.")
-
-
-class StyleInfo(_Out):
-    """One style a model offers (`StylePack.describe()`): never a file path."""
-    name: str = Field(..., description="What `stylePreset` names.")
-    description: str = ""
-    lora: Optional[StyleLoRA] = Field(None, description="The style's LoRA; null for a prompt-template style.")
-    steps: Optional[int] = Field(None, description="Recommended steps, used when the request gives none.")
-    guidance_scale: Optional[float] = Field(None, description="Recommended guidance, used when the request gives none.")
-
-
-class ServedModel(_Out):
-    name: str
-    object: Literal["model"] = "model"
-    aliases: list[str] = Field(default_factory=list, description="Other names accepted as `model` for this profile.")
-    default: bool = Field(False, description="The model a request without `model` runs on.")
-    credit_cost: int = Field(..., description="Credits per image of generate and remix.")
-    resolution: Optional[int] = None
-    kinds: list[str] = Field(default_factory=list, description="The job kinds it serves.")
-    identity_methods: list[str] = Field(default_factory=list, description="Identity methods `identityMethod` may name, the default first.")
-    styles: list[StyleInfo] = Field(default_factory=list, description="What `stylePreset` may name on this model, "
-                                                                      "built-ins first.")
-    fuse_style: Optional[str] = Field(None, description="A LoRA style merged into this model's weights: "
-                                                        "`styleStrength` other than 1 is refused on it.")
-
-
-class ModelList(_Out):
-    object: Literal["model_list"] = "model_list"
-    default_model: Optional[str] = None
-    models: list[ServedModel] = Field(default_factory=list)
-
-
-class FaceSettings(_Out):
-    backend: str = Field(description="Face backend embedding reference photos: embedded or insightface.")
-    model_name: Optional[str] = Field(None, description="insightface model pack (insightface backend only).")
-    scorer: Optional[str] = Field(None, description="What scores identity: auto, dlib, arcface or handcrafted.")
-    arcface_embeddings: bool = Field(description="Whether the backend produces ArcFace embeddings (what trained "
-                                                 "FaceID / Plus v2 / InstantID weights expect).")
-    non_arcface_override: bool = Field(description="The explicit override (face_allow_non_arcface) is on with a "
-                                                   "non-ArcFace backend: trained identity weights start anyway.")
-
-
-class Health(_Out):
-    status: Literal["ok", "degraded"]
-    version: str
-    default_model: Optional[str] = None
-    models: list[ModelInfo] = Field(default_factory=list)
-    database: Literal["ok", "error"]
-    face: Optional[FaceSettings] = None
-
-
 class LikeState(_Out):
     object: Literal["like"] = "like"
     avatar_id: str
@@ -570,3 +447,4 @@ class ErrorBody(_Out):
 
 class ErrorResponse(_Out):
     error: ErrorBody
+
