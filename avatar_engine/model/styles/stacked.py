@@ -125,9 +125,14 @@ class StackReport:
 
 
 def _fan(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a linear, a 1x1 conv, or an FP8 FusedSlice (runtime/optimize.py: the
+    rows of a quantized fused q/k/v layer, with no weight of its own)."""
     if isinstance(module, nn.Conv2d):
         return module.in_channels, module.out_channels
-    return int(getattr(module, "in_features", 0) or module.weight.shape[1]), int(module.out_features)
+    fused = getattr(module, "_fused", None)
+    if fused is not None:
+        return int(fused[0].in_features), int(module.out_features)
+    return int(module.in_features), int(module.out_features)
 
 
 def install_stacked(pipe, loras: Sequence[LoRAFile], device, dtype) -> StackReport:
