@@ -9,14 +9,27 @@
 
 Ratios: batching = engine / naive+options; options = naive+options / plain; total = engine / plain.
 The sides run in rotating order in every round, so machine noise hits all three alike; the
-median round time per side is reported. All sides include text encoding, denoising, VAE decode
-and PIL conversion; none includes PNG encoding. MFU (model FLOPs utilisation) is reported where
-the device's bf16 peak is known (FLOPs per image from the UNet/VAE configs, benchmarks/flops.py).
+median round time per side is reported, with the median CPU seconds per image (process time,
+all threads) beside it.
+
+`--workload styles` (benchmarks/styles_workload.py) compares other sides: 8 one-image requests
+over three resident LoRA styles and none (A, B, C, none, ...) as ONE mixed call (each image its
+own adapter) vs the same images grouped per style (one engine call per style, what a server that
+swaps or fuses one LoRA at a time must do) vs a plain diffusers pipeline fusing and unfusing each
+group's LoRA (`--no-swap` drops it); ratios mixed/grouped and mixed/swap, the largest pixel
+difference between mixed and grouped (must be <= 2/255) and the stacked LoRAs' bytes per LoRA.
+
+All sides include text encoding, denoising, VAE decode and PIL conversion; none includes PNG
+encoding. MFU (model FLOPs utilisation) is reported where the device's bf16 peak is known (FLOPs
+per image from the UNet/VAE configs, benchmarks/flops.py).
 
     python benchmarks/engine_throughput.py               # tiny-sd15 AND sd15-random at 256 px (CPU: a few minutes)
     python benchmarks/engine_throughput.py --runs tiny   # only the tiny profile
     python benchmarks/engine_throughput.py --runs real --size 512 --steps 25 -n 16 --device cuda
     python benchmarks/engine_throughput.py --workload percify
+    python benchmarks/engine_throughput.py --workload styles --runs tiny
+    python benchmarks/engine_throughput.py --workload styles --runs real --size 128 --steps 2 --rounds 2 --speed warmup=false
+                                                         # styles on the real SD1.5 architecture: ~7.5 min on 2 CPU cores
     python benchmarks/engine_throughput.py --runs real --speed step_cache_interval=3   # an option on
 
 On CPU the real-architecture run is compute-bound (a 256 px UNet step costs seconds), so its
@@ -24,6 +37,7 @@ batching ratio says little about a GPU; the tiny run mostly measures per-call ov
 are regression guards; speed claims come from benchmarks/gpu_suite.py on a GPU.
 
 Last line (JSON): {"runs": {"tiny": {"batching": .., "options": .., "total": ..}, "real": {...}}}
+(styles: {"runs": {"tiny": {"mixed_vs_grouped": .., "mixed_vs_swap": .., "pixels_match": .., ...}}})
 """
 from __future__ import annotations
 

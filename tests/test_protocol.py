@@ -8,7 +8,7 @@ from avatar_engine.protocol import COMMON_FIELDS, request_from_wire, request_to_
 
 
 def test_a_resolved_request_survives_the_round_trip_through_stored_params():
-    wire = {"prompt": "a fox", "negativePrompt": "blur", "stylePreset": "anime", "aspectRatio": "16:9",
+    wire = {"prompt": "a fox", "negativePrompt": "blur", "stylePreset": "pixel-art", "styleStrength": 0.5, "aspectRatio": "16:9",
             "guidanceScale": 6.5, "seed": 9, "batchSize": 2, "steps": 3, "model": "tiny-sd15"}
     resolved = request_from_wire(wire).resolve(load_profiles()["tiny-sd15"])
     stored = request_to_wire(resolved)

@@ -10,7 +10,10 @@ from avatar_engine.requests import size_for_aspect_ratio
     ({"prompt": ""}, "prompt"),
     ({"prompt": "   "}, "prompt"),
     ({"prompt": "x" * 2001}, "prompt"),
-    ({"prompt": "a", "style_preset": "vaporwave"}, "stylePreset"),
+    ({"prompt": "a", "style_preset": "Vapor Wave!"}, "stylePreset"),  # not a style name (which exist: resolve)
+    ({"prompt": "a", "style_preset": 3}, "stylePreset"),
+    ({"prompt": "a", "style_strength": 2.01}, "styleStrength"),
+    ({"prompt": "a", "style_strength": "1"}, "styleStrength"),
     ({"prompt": "a", "aspect_ratio": "2:1"}, "aspectRatio"),
     ({"prompt": "a", "guidance_scale": 0.5}, "guidanceScale"),
     ({"prompt": "a", "guidance_scale": 20.5}, "guidanceScale"),
