@@ -28,9 +28,9 @@ timeout 60 python benchmarks/micro_checks.py > "$OUT/micro.json" 2>> "$OUT/stder
 timeout $(left 420) python benchmarks/gpu_suite.py --only 'sd15 generate' --batches 1,8 \
   --configs full-graphs,full-graphs-fp8,default --plain eager,compiled --repeats 3 \
   --budget-s $(left 380) --child-timeout-s 170 --out "$OUT/sd15" > "$OUT/sd15.summary.json" 2>> "$OUT/stderr.txt"
-# 3. as time allows: percify, cast, SDXL on the candidate
+# 3. as time allows: percify, cast, mixed-style LoRA batches (issue 24), SDXL on the candidate
 if [ "$(left 520)" -gt 60 ]; then
-  timeout $(left 530) python benchmarks/gpu_suite.py --only 'sd15 percify,sd15 cast,sdxl generate' --batches 4,8 \
+  timeout $(left 530) python benchmarks/gpu_suite.py --only 'sd15 percify,sd15 cast,sd15 styles,sdxl generate' --batches 4,8 \
     --configs full-graphs --plain eager --repeats 2 --budget-s $(left 500) --child-timeout-s 150 \
     --out "$OUT/rest" > "$OUT/rest.summary.json" 2>> "$OUT/stderr.txt"
 fi
