@@ -1,7 +1,7 @@
 """Limits and validators shared by every request type (generate, percify, cast).
 
 Validation errors carry the API's camelCase field name in `param`, so the HTTP layer returns it
-unchanged; the limits here are also what the service's schema (serve/schemas.py) reads.
+unchanged; the limits here are also what the service's schema (serve/schemas/) reads.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import RequestValidationError
-from ..styles import STYLE_NAME, STYLE_STRENGTH_RANGE
+from ..styles import BUILTIN_STYLES, STYLE_NAME, STYLE_STRENGTH_RANGE
 from .common import (ASPECT_RATIOS, GUIDANCE_RANGE, MAX_BATCH_SIZE, PROMPT_MAX_CHARS, SEED_MAX, STEPS_RANGE,
                      STYLE_PRESETS, check as _check, is_int as _is_int, is_number as _is_number, size_for_aspect_ratio)
 
@@ -23,7 +23,9 @@ def style_pack(profile, name: str | None):
     """The profile's style pack called `name` (None: no style), or a 400 naming stylePreset."""
     if name is None:
         return None
-    styles = getattr(profile, "styles", None) or {}
+    styles = getattr(profile, "styles", None)
+    if styles is None:  # a stand-in profile (benchmarks, plug-ins) offers the built-ins, as ModelProfile does
+        styles = BUILTIN_STYLES
     if name not in styles:
         raise RequestValidationError(f"unknown stylePreset {name!r} for model {profile.name!r}; accepted: "
                                      f"{', '.join(styles) or 'none'}", param="stylePreset")
