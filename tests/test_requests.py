@@ -77,3 +77,15 @@ def test_resolve_fills_defaults_and_random_seed():
     assert 0 <= r.seed <= 2147483647 and (r.width, r.height) == size_for_aspect_ratio(64, "16:9", 16)
     assert r.image_seeds() == [r.seed]
     assert GenerationRequest(prompt="a", seed=2147483647, batch_size=3).resolve(profile).image_seeds() == [2147483647, 0, 1]
+
+
+def test_an_img2img_request_with_no_denoising_step_is_refused():
+    """steps × strength < 1 would run zero img2img steps (diffusers fails deep inside): a 400 naming steps."""
+    from PIL import Image
+
+    profile = load_profiles()["tiny-sd15"]
+    image = Image.new("RGB", (64, 64))
+    with pytest.raises(RequestValidationError) as err:
+        GenerationRequest(prompt="a", init_image=image, strength=0.6, steps=1).resolve(profile)
+    assert err.value.param == "steps" and "steps >= 2" in err.value.message
+    assert GenerationRequest(prompt="a", init_image=image, strength=0.6, steps=2).resolve(profile).steps == 2

@@ -87,6 +87,8 @@ def test_every_style_of_the_embedded_default_completes_and_reports_what_ran(tiny
                              json={"steps": 2, "seed": 1, "stylePreset": "watercolor"})
     assert (kept.json()["stylePreset"], kept.json()["styleStrength"]) == ("pixel-art", 0.5)
     assert (other.json()["stylePreset"], other.json()["styleStrength"]) == ("watercolor", 1.0)
+    too_few = tiny.client.post(f"/v1/avatars/{strong.json()['id']}/remix", headers=auth, json={"steps": 1})
+    assert too_few.status_code == 400 and too_few.json()["error"]["param"] == "steps"  # 1 × 0.6: no step to run
     tiny.worker.drain()
     remixed = tiny.client.get(f"/v1/avatars/{kept.json()['id']}", headers=auth).json()
     assert remixed["status"] == "completed" and remixed["style"]["lora"]["scale"] == 0.5

@@ -9,6 +9,7 @@ which is what the engine batches on and what results report back.
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +103,11 @@ class GenerationRequest:
                                          f"styleStrength cannot vary there (omit it or send 1)", param="styleStrength")
         if strength is None and pack is not None and pack.lora is not None:
             strength = 1.0
+        final_steps = steps if self.steps is None else self.steps
+        if self.init_image is not None and int(final_steps * self.strength) < 1:  # img2img runs steps × strength
+            raise RequestValidationError(f"steps × strength must give at least one denoising step (steps "
+                                         f"{final_steps} × strength {self.strength:g} gives none); use steps >= "
+                                         f"{math.ceil(1 / self.strength)}", param="steps")
         return dataclasses.replace(
             self,
             model=profile.name,
