@@ -163,6 +163,32 @@ def test_refused_field_is_highlighted(server, person):
     s.shot("03-refused-field")
 
 
+def test_style_picker_follows_the_model_and_sends_the_lora_strength(server, person):
+    """The style list is the model's (GET /v1/models: built-ins + its LoRA styles); the strength
+    slider appears only for a style with a LoRA; the avatar page names the LoRA applied."""
+    _, key = server.account()
+    s = person(key)
+    page = s.page
+    names = page.locator("#generate-stylePreset option").evaluate_all("os => os.map(o => o.value)")
+    assert {"", "professional", "anime", "pixel-art", "watercolor"} <= set(names)
+    slider = page.locator("#form-generate .style-strength")
+    expect(slider).to_be_hidden()
+    page.locator("#generate-stylePreset").select_option("anime")
+    expect(slider).to_be_hidden()
+    page.locator("#generate-stylePreset").select_option("watercolor")
+    expect(slider).to_be_visible()
+    page.locator("#generate-styleStrength").evaluate(
+        "e => { e.value = '1.5'; e.dispatchEvent(new Event('input', {bubbles: true})); }")
+    expect(page.locator("#form-generate .style-strength output")).to_have_text("1.5")
+    _generate(s, "a lighthouse keeper")
+    expect(page.locator("#watch-status")).to_have_text("completed", timeout=JOB_S)
+    avatar = _api(server, key).get("/v1/avatars").json()["data"][0]
+    assert avatar["styleStrength"] == 1.5 and avatar["style"]["lora"]["name"] == "watercolor-tiny"
+    page.get_by_role("button", name="Open avatar page").click()
+    expect(page.locator(".avatar-style")).to_contain_text("LoRA watercolor-tiny")
+    s.shot("03b-style")
+
+
 def test_percify_with_the_bundled_photo(server, person, tmp_path):
     _, key = server.account()
     s = person(key)

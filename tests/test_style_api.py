@@ -159,6 +159,8 @@ def test_models_lists_each_models_styles_without_file_paths(tiny):
     assert loras["styles"] == ["pixel-art", "watercolor"] and loras["mode"] == "stacked"
     assert loras["bytes"] > 0 and set(loras["loras"]) == {"pixel-art", "watercolor"}
     assert all(v["parameters"] > 0 and "/" not in v["source"] for v in loras["loras"].values())
+    assert health["models"][0]["styles"] == model["styles"]  # the same list as GET /v1/models
+    assert loras["bytesPerLoRA"] > 0 and ".safetensors" not in json.dumps(health["models"][0]["styles"])
 
 
 def test_a_styles_recommended_steps_and_guidance_apply_when_the_request_gives_none(tiny):

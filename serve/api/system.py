@@ -36,7 +36,8 @@ async def health(request: Request, svc: Services = Svc):
         models = [S.ModelInfo(name=p.name, aliases=list(p.aliases),
                               credit_cost=svc.settings.per_image_cost(p.name, p.credit_cost),
                               resolution=p.resolution, kinds=list(p.kinds),
-                              identity_methods=list(p.identity_methods), engine=p.engine)
+                              identity_methods=list(p.identity_methods), engine=p.engine,
+                              styles=[S.StyleInfo.model_validate(s) for s in p.styles])
                   for p in desc.profiles.values()]
     except Exception:  # noqa: BLE001
         log.exception("health: engine describe failed")

@@ -30,19 +30,6 @@ class Account(_Out):
     created_at: str
 
 
-class ModelInfo(_Out):
-    name: str
-    aliases: list[str] = Field(default_factory=list, description="Other names accepted as `model` for this profile.")
-    credit_cost: int
-    resolution: Optional[int] = None
-    kinds: list[str] = Field(default_factory=list)
-    identity_methods: list[str] = Field(default_factory=list, description="Identity methods `identityMethod` may name, the default first.")
-    engine: Optional[dict[str, Any]] = Field(
-        None, description="What runs on the loaded model, read back from its modules: dtype, attention kernel, "
-                          "fused projections, compile scope/mode, batch buckets, identity adapter, warm-up, and "
-                          "`style_loras` (the resident style LoRAs, their layers and memory).")
-
-
 class StyleLoRA(_Out):
     name: str = Field(..., description="The LoRA's name (the file's or hub weight's stem; never a path).")
     scale: float = Field(..., description="Its weight at styleStrength 1.")
@@ -55,6 +42,20 @@ class StyleInfo(_Out):
     lora: Optional[StyleLoRA] = Field(None, description="The style's LoRA; null for a prompt-template style.")
     steps: Optional[int] = Field(None, description="Recommended steps, used when the request gives none.")
     guidance_scale: Optional[float] = Field(None, description="Recommended guidance, used when the request gives none.")
+
+
+class ModelInfo(_Out):
+    name: str
+    aliases: list[str] = Field(default_factory=list, description="Other names accepted as `model` for this profile.")
+    credit_cost: int
+    resolution: Optional[int] = None
+    kinds: list[str] = Field(default_factory=list)
+    identity_methods: list[str] = Field(default_factory=list, description="Identity methods `identityMethod` may name, the default first.")
+    styles: list[StyleInfo] = Field(default_factory=list, description="Styles `stylePreset` may name (GET /v1/models has the same list).")
+    engine: Optional[dict[str, Any]] = Field(
+        None, description="What runs on the loaded model, read back from its modules: dtype, attention kernel, "
+                          "fused projections, compile scope/mode, batch buckets, identity adapter, warm-up, and "
+                          "`style_loras` (the resident style LoRAs, their layers and memory).")
 
 
 class ServedModel(_Out):
