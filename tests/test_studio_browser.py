@@ -182,7 +182,7 @@ def test_style_picker_follows_the_model_and_sends_the_lora_strength(server, pers
     expect(page.locator("#form-generate .style-strength output")).to_have_text("1.5")
     _generate(s, "a lighthouse keeper")
     expect(page.locator("#watch-status")).to_have_text("completed", timeout=JOB_S)
-    avatar = _api(server, key).get("/v1/avatars").json()["data"][0]
+    avatar = _api(server, key).get("/v1/avatars").json()["avatars"][0]
     assert avatar["styleStrength"] == 1.5 and avatar["style"]["lora"]["name"] == "watercolor-tiny"
     page.get_by_role("button", name="Open avatar page").click()
     expect(page.locator(".avatar-style")).to_contain_text("LoRA watercolor-tiny")
