@@ -259,3 +259,27 @@ def test_hub_style_loras_are_pulled_and_read_from_the_hub_cache_only(tmp_path, m
     engine = engine_with({"pix": {"lora": {"repo_id": "someone/pixel-lora", "weight_name": "pix.safetensors"}}})
     with pytest.raises(ProfileError, match="models pull"):
         engine.load()
+
+
+def test_styles_survive_fused_projections_and_fp8_slices(tiny_engine, monkeypatch):
+    """With fused q/k/v and FP8 (its fused layers quantized, the q/k/v views replaced by slices
+    of them) the attention LoRAs live in the processors and still apply. torchao's FP8 needs an
+    SM 8.9+ GPU: a stand-in quantizer (a fresh weight tensor per selected Linear, as torchao swaps
+    it) runs the same selection and rewiring here."""
+    from avatar_engine.runtime import optimize
+
+    def stand_in(module, keep):
+        for fqn, layer in module.named_modules():
+            if isinstance(layer, torch.nn.Linear) and keep(layer, fqn):
+                layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+
+    monkeypatch.setattr(optimize, "quantize_fp8", lambda unet, device, name: optimize.quantize_linears(unet, stand_in))
+    base = load_profiles()["tiny-sd15"]
+    fast = engine_with({k: v for k, v in base.styles.items() if v.lora is not None}, name="fused-fp8",
+                       speed=dataclasses.replace(base.speed, fuse_qkv=True, fp8=True))
+    model = fast.load()
+    assert model.applied["fuse_qkv"] is True
+    assert any(isinstance(m, optimize.FusedSlice) for m in model.pipe.unet.modules())
+    batch = [req("pixel-art", seed=1, guidance_scale=7.0), req("watercolor", 1.3, seed=2, guidance_scale=7.0), req(seed=3)]
+    for got, want in zip(fast.generate(batch), tiny_engine.generate(batch)):
+        assert max_diff(got.images[0], want.images[0]) <= 2
