@@ -32,6 +32,7 @@ def full_engine():
     return compiled_engine("tiny-sd15", speed=FULL)
 
 
+@pytest.mark.compile  # ~5 CPU-minutes of whole-UNet tracing: CI's `make test-compile` step
 def test_full_scope_mixed_traffic_never_recompiles(fail_on_recompile, full_engine):
     """generate → percify (every identity method) → cast 2/3/4 with and without identity →
     remix → generate on the whole-UNet graph: nothing compiles after warm-up."""
@@ -50,6 +51,7 @@ def test_full_scope_mixed_traffic_never_recompiles(fail_on_recompile, full_engin
     assert compiled_graphs() == after
 
 
+@pytest.mark.compile  # ~5 CPU-minutes of whole-UNet tracing: CI's `make test-compile` step
 def test_full_scope_adapter_reload_never_recompiles(fail_on_recompile, full_engine):
     """Releasing an identity method and loading it again (new weight tensors in the same
     processors) runs on the graphs of the warm-up: weights are graph inputs, not guards."""
