@@ -20,7 +20,7 @@ from .config import EngineConfig, ModelProfile, default_profile_name, load_profi
 from .errors import ProfileError, RequestValidationError
 from .faces import face_analyzer_from_config
 from .model.adapters import load_identity_adapter
-from .model.styles import attach_styles, read_style_loras
+from .model.styles import fuse_style_lora, read_style_loras, stack_style_loras
 from .model.text import PromptEncoder
 from .prompts import PromptBuilder
 from .requests import GenerationRequest, GenerationResult
@@ -108,7 +108,7 @@ class AvatarEngine:
             dtype = resolve_dtype(profile, self.device)
             pipe = load_pipeline(profile, self.device, dtype)
             loras = read_style_loras(profile, pipe)  # every style LoRA file, read before modules change
-            fused = attach_styles(pipe, profile, loras, self.device, dtype, stage="fuse")
+            fused = fuse_style_lora(pipe, profile, loras)  # a merged LoRA goes in before fused projections / FP8
             prepare_pipeline(pipe, profile, self.device)
             builder = PromptBuilder([getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)],
                                     styles=profile.styles)
@@ -125,8 +125,10 @@ class AvatarEngine:
                         if method == profile.identity_method:
                             raise
                         log.warning("%s: identity method %s not loaded at load: %s", profile.name, method, exc.message)
-            model.styles = fused or attach_styles(pipe, profile, loras, self.device, dtype, stage="stack")
-            if model.styles is not None:
+            if fused is not None:
+                model.styles = fused
+            elif loras:
+                model.styles = stack_style_loras(pipe, loras, self.device, dtype)
                 model.prompts.text_adapters = model.styles.text_adapters
             if self.device.type == "cuda" and not (self.config.max_batch_size or profile.max_batch_size):
                 model.memory = probe_memory(model, self._tasks)

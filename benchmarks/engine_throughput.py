@@ -142,15 +142,24 @@ def cpu_per_image(cpu: dict[str, list[float]], n_images: int) -> dict[str, float
     return {k: round(statistics.median(v) / n_images, 3) for k, v in cpu.items()}
 
 
-def run_one(label: str, model_name: str, size: int | None, steps: int | None, n: int, args) -> dict:
+def bench_engine(model_name: str, size: int | None, args, adapt=None):
+    """The engine both sides of a run measure: profile `model_name` at `size` with the run's
+    `--speed` options (and `adapt(profile)`, e.g. the styles workload's LoRA styles)."""
     profiles = load_profiles()
     profile = profiles[model_name]
     if size:
         profile = dataclasses.replace(profile, resolution=size, size_multiple=min(profile.size_multiple, 64))
     if args.speed:
         profile = dataclasses.replace(profile, speed=dataclasses.replace(profile.speed, **args.speed))
+    if adapt is not None:
+        profile = adapt(profile)
     profiles[model_name] = profile
     engine = AvatarEngine(EngineConfig(device=args.device, max_batch_size=args.max_batch_size), profiles=profiles)
+    return engine, profile
+
+
+def run_one(label: str, model_name: str, size: int | None, steps: int | None, n: int, args) -> dict:
+    engine, profile = bench_engine(model_name, size, args)
     if args.workload == "percify":
         from percify_workload import make_percify_requests, naive_percify_setup
 
@@ -217,15 +226,7 @@ def run_styles(label: str, model_name: str, size: int | None, steps: int | None,
     from styles_workload import (groups, make_style_requests, max_diff, plain_generate, styles_profile, swap_call,
                                  swap_setup)
 
-    profiles = load_profiles()
-    profile = profiles[model_name]
-    if size:
-        profile = dataclasses.replace(profile, resolution=size, size_multiple=min(profile.size_multiple, 64))
-    if args.speed:
-        profile = dataclasses.replace(profile, speed=dataclasses.replace(profile.speed, **args.speed))
-    profile = styles_profile(profile, rank=args.style_rank)
-    profiles[model_name] = profile
-    engine = AvatarEngine(EngineConfig(device=args.device, max_batch_size=args.max_batch_size), profiles=profiles)
+    engine, profile = bench_engine(model_name, size, args, lambda p: styles_profile(p, rank=args.style_rank))
     requests = make_style_requests(n, model_name, steps)
     t_load = time.perf_counter()
     model = engine.load(model_name)

@@ -70,10 +70,6 @@ class ProfileInfo:
         """What `stylePreset` may name on this profile, in order."""
         return [s["name"] for s in self.styles]
 
-    def style(self, name: str) -> dict | None:
-        """The description of style `name` (None: not offered)."""
-        return next((s for s in self.styles if s["name"] == name), None)
-
     def for_requests(self) -> Any:
         """This profile as `GenerationRequest.resolve` reads it (`styles` as {name: pack-like})."""
         return _RequestProfile(self, {s["name"]: StyleView.of(s) for s in self.styles})

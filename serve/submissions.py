@@ -120,14 +120,6 @@ def identity_method_for(profile: ProfileInfo, method: str | None) -> str | None:
     return method
 
 
-def check_style(profile: ProfileInfo, style: str | None) -> None:
-    """A `stylePreset` the model does not offer is a 400 invalid_request naming stylePreset and
-    listing the model's styles (GET /v1/models), before any credit is reserved."""
-    if style is not None and profile.style(style) is None:
-        raise invalid_request(f"stylePreset {style!r} is not offered by model {profile.name!r}; it offers "
-                              f"{', '.join(profile.style_names()) or 'none'}", "stylePreset")
-
-
 async def profile_for(svc: Services, model: str | None, kind: str) -> ProfileInfo:
     desc = await svc.engine.describe()
     name = model or desc.default_model
@@ -141,11 +133,11 @@ async def profile_for(svc: Services, model: str | None, kind: str) -> ProfileInf
 
 async def prepare(svc: Services, kind: str, body: Any, *, extra_prompts: list[tuple[str, str]] = (),
                   strength: float | None = None, init_image: Any = None) -> Submission:
-    """Validate the common fields against the model profile (defaults and seed resolved; a
-    style's recommended steps and guidance when the body gives none) and the content policy; the
+    """Validate the common fields against the model profile (defaults and seed resolved; a style
+    the model does not offer is refused by `resolve`, listing its styles; a style's recommended
+    steps and guidance apply when the body gives none) and the content policy; the
     stored params are the resolved request's wire fields (`styleStrength` among them)."""
     profile = await profile_for(svc, body.model, kind)
-    check_style(profile, body.style_preset)
     request = request_from_wire(wire_fields(body), JobKind.GENERATE)
     if strength is not None:
         request.strength, request.init_image = strength, init_image

@@ -18,32 +18,34 @@ from .files import LoRAFile, read_lora
 from .stacked import StackReport, StyleSelection, fuse, install_stacked, select
 from .tiny import tiny_layers, write_kohya, write_peft
 
-__all__ = ["LoRAFile", "StyleSelection", "StyleState", "attach_styles", "lora_file_path", "read_lora",
-           "read_style_loras", "select", "style_row", "tiny_layers", "write_kohya", "write_peft"]
+__all__ = ["LoRAFile", "StyleSelection", "StyleState", "fuse_style_lora", "lora_file_path", "read_lora",
+           "read_style_loras", "select", "stack_style_loras", "style_row", "tiny_layers", "write_kohya", "write_peft"]
 
 
 @dataclass
 class StyleState:
-    """A loaded model's styles: adapter index per LoRA style (1-based; 0 = none), the fused
-    style (if any), and what stacking costs in memory."""
+    """A loaded model's styles: adapter index per stacked LoRA style (1-based; 0 = none), the
+    fused style (if any), what stacking costs in memory, and each LoRA's file facts (the
+    weights themselves live only in the model's layers)."""
 
     index: dict[str, int] = field(default_factory=dict)
-    loras: dict[str, LoRAFile] = field(default_factory=dict)
+    files: dict[str, dict] = field(default_factory=dict)  # style -> {source (file name), parts, parameters}
     text_adapters: frozenset = frozenset()  # adapter indices with text-encoder layers
     fused: str | None = None
     report: StackReport | None = None
 
     def to_json(self) -> dict:
         out: dict = {"styles": list(self.index), "fused": self.fused}
-        if self.report is not None:
-            out.update(self.report.to_json())
-        elif self.fused:
-            out.update(mode="fused", adapters=[self.fused], bytes=0, bytesPerLoRA=0)
-        else:
-            out.update(mode="none", adapters=[], bytes=0, bytesPerLoRA=0)
-        out["loras"] = {name: {"source": lora.source if not Path(lora.source).is_absolute() else Path(lora.source).name,
-                               "parts": lora.parts, "parameters": lora.numel()} for name, lora in self.loras.items()}
+        out.update(self.report.to_json() if self.report is not None  # stacked, else fused: no extra memory
+                   else {"mode": "fused", "adapters": [self.fused], "bytes": 0, "bytesPerLoRA": 0})
+        out["loras"] = {name: dict(facts) for name, facts in self.files.items()}
         return out
+
+
+def _file_facts(loras: dict[str, LoRAFile]) -> dict[str, dict]:
+    """What reports show of each LoRA file: its name (never the directory), parts, parameters."""
+    return {name: {"source": Path(lora.source).name, "parts": lora.parts, "parameters": lora.numel()}
+            for name, lora in loras.items()}
 
 
 def _tiny_path(profile: ModelProfile, pack: StylePack) -> Path:
@@ -92,23 +94,23 @@ def read_style_loras(profile: ModelProfile, pipe) -> dict[str, LoRAFile]:
             for pack in profile.lora_styles}
 
 
-def attach_styles(pipe, profile: ModelProfile, loras: dict[str, LoRAFile], device, dtype,
-                  stage: str) -> StyleState | None:
-    """stage "fuse": before the speed options change modules, merge the `fuse_style` LoRA;
-    stage "stack": after processors, fused projections and identity weights are in place,
-    before compiling, stack the rest. Returns the model's StyleState at the stage that made it."""
-    if stage == "fuse":
-        if not profile.fuse_style:
-            return None
-        pack = profile.styles[profile.fuse_style]
-        fuse(pipe, loras[pack.name], pack.scale)
-        return StyleState(loras=dict(loras), fused=pack.name)
-    if profile.fuse_style:
+def fuse_style_lora(pipe, profile: ModelProfile, loras: dict[str, LoRAFile]) -> StyleState | None:
+    """Merge the profile's `fuse_style` LoRA into the weights (before the speed options change
+    modules); None when the profile stacks its LoRAs instead."""
+    if not profile.fuse_style:
         return None
+    pack = profile.styles[profile.fuse_style]
+    fuse(pipe, loras[pack.name], pack.scale)
+    return StyleState(files=_file_facts(loras), fused=pack.name)
+
+
+def stack_style_loras(pipe, loras: dict[str, LoRAFile], device, dtype) -> StyleState:
+    """Stack every LoRA (adapter i + 1 = the i-th style), after processors, fused projections and
+    identity weights are in place and before compiling."""
     names = list(loras)
-    report = install_stacked(pipe, [loras[n] for n in names], device, dtype) if names else None
+    report = install_stacked(pipe, [loras[n] for n in names], device, dtype)
     text = frozenset(i + 1 for i, n in enumerate(names) if set(loras[n].parts) - {"unet"})
-    return StyleState(index={n: i + 1 for i, n in enumerate(names)}, loras=dict(loras), text_adapters=text,
+    return StyleState(index={n: i + 1 for i, n in enumerate(names)}, files=_file_facts(loras), text_adapters=text,
                       report=report)
 
 

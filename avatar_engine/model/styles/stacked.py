@@ -213,8 +213,7 @@ def fuse(pipe, lora: LoRAFile, scale: float) -> int:
         if model is None:
             continue
         for name, layer in layers.items():
-            module = _target(model, name, part, [lora]) if not _ATTN_PROJ.match(name) or part != "unet" \
-                else model.get_submodule(name)
+            module = _target(model, name, part, [lora])  # before fused projections: q/k/v/out are plain Linears
             delta = layer.delta() * scale
             if delta.numel() != module.weight.numel():
                 raise _mismatch(lora.source, f"{part}.{name} has {tuple(module.weight.shape)} weights in this model "
