@@ -28,9 +28,9 @@ from ray import serve
 from .app import create_app, event_renderer
 from .assets import AssetStore
 from .engine_client import EngineRunner, RayEngineClient, build_engine
+from .housekeeping import Housekeeper
 from .links import ImageLinks
 from .logctx import logger
-from .loops import BackgroundLoop
 from .metrics import WorkerMetrics
 from .policy import PolicyChecker
 from .settings import ServiceSettings
@@ -120,35 +120,6 @@ class AvatarModel:
             pass
 
 
-class Housekeeper:
-    """Periodically deletes expired idempotency records and old rate-limit windows so those
-    tables stay small. Cheap and idempotent: every ingress replica may run one."""
-
-    def __init__(self, store: Any, interval_s: float = 600.0):
-        self.store, self.interval_s = store, interval_s
-        self._loop = BackgroundLoop("avatar-housekeeper", self._step, interval_s, wait_first=True)
-
-    def start(self) -> "Housekeeper":
-        self._loop.start()
-        return self
-
-    def run_once(self) -> int:
-        try:
-            removed = self.store.purge_expired()
-            log.info("housekeeping: removed %d expired rows", removed)
-            return removed
-        except Exception:  # noqa: BLE001 - retried next interval; never kill the replica
-            log.exception("housekeeping failed")
-            return 0
-
-    def stop(self) -> None:
-        self._loop.stop(timeout=5)
-
-    def _step(self) -> bool:
-        self.run_once()
-        return False  # a chore per interval, never "more work now"
-
-
 @serve.deployment(name=INGRESS_NAME, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100)
 @serve.ingress()
 class AvatarIngress:
@@ -161,7 +132,8 @@ class AvatarIngress:
         # Webhook delivery is I/O only: every ingress replica runs a dispatcher; leases in the
         # outbox keep them from sending the same message concurrently.
         self.dispatcher = WebhookDispatcher(self.store, self.settings.webhooks).start()
-        self.housekeeper = Housekeeper(self.store).start()
+        self.housekeeper = Housekeeper(self.store, assets=AssetStore.from_url(self.settings.resolved_assets_url),
+                                       photo_retention=self.settings.photo_retention).start()
 
     def __serve_build_asgi_app__(self):
         # Serve's proxy sets x-request-id on every response: one header, its id (see errors.py).

@@ -81,6 +81,13 @@ class OutboxStatus(StrEnum):
     FAILED = "failed"
 
 
+class AssetDeletionReason(StrEnum):
+    """Why files of the asset store are queued for deletion (`store.cleanup`)."""
+
+    PHOTOS = "photos"  # a job with reference photos / an init image ended
+    AVATAR = "avatar"  # the avatar was deleted: its images and uploads go
+
+
 class IdempotencyStatus(StrEnum):
     IN_FLIGHT = "in_flight"
     DONE = "done"
@@ -112,6 +119,7 @@ ACTIVE_STATUSES = (JobStatus.QUEUED.value, JobStatus.PROCESSING.value)
 TERMINAL_STATUSES = (JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)
 VISIBILITIES = values(Visibility)
 LEDGER_KINDS = values(LedgerKind)
+ASSET_DELETION_REASONS = values(AssetDeletionReason)
 EVENT_TYPES = values(EventType)
 SORT_FIELDS = values(SortField)
 SORT_ORDERS = ("asc", "desc")

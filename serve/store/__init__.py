@@ -12,6 +12,7 @@ by aggregate, one module each:
     community  likes and comments
     limits     idempotency keys and rate-limit windows
     outbox     webhook endpoints and the outbox
+    cleanup    files doomed by a transaction (a job's photos, a deleted avatar's images)
 
 Every invariant (credits, concurrency, likes, leases, idempotency, rate limits) is enforced by
 the database inside one transaction per call, never by in-process locks, because ingress and
@@ -25,6 +26,7 @@ from typing import Callable
 
 from .accounts import AccountsStore
 from .avatars import AvatarsStore
+from .cleanup import AssetCleanupStore, AssetDeletion
 from .community import CommunityStore
 from .control import JobControlStore
 from .db import Database
@@ -39,7 +41,8 @@ from .records import (
 )
 
 
-class Store(AccountsStore, JobsStore, JobControlStore, AvatarsStore, CommunityStore, LimitsStore, WebhooksStore):
+class Store(AccountsStore, JobsStore, JobControlStore, AvatarsStore, CommunityStore, LimitsStore, WebhooksStore,
+            AssetCleanupStore):
     """The whole data layer: one `Database` shared by the aggregate parts it combines."""
 
     def __init__(self, url: str, *, clock: Callable[[], float] = time.time,

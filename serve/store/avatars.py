@@ -7,8 +7,9 @@ from typing import Any, Mapping, Sequence
 from sqlalchemy import Connection, bindparam, delete, func, select, true, update
 
 from ..vocab import ACTIVE_STATUSES, JOB_KINDS, JOB_STATUSES, SORT_FIELDS, SORT_ORDERS, VISIBILITIES
-from ..vocab import EventType, FeedSort, JobErrorCode, JobStatus, Visibility, values
+from ..vocab import AssetDeletionReason, EventType, FeedSort, JobErrorCode, JobStatus, Visibility, values
 from .base import StorePart, check_choice, check_limit, page
+from .cleanup import upload_prefix
 from .jobs import check_tags, to_avatar
 from .records import UNSET, Avatar, InvalidArgument, InvalidState, NotPublishable, Page
 from .schema import avatars as A, comments, likes
@@ -127,6 +128,9 @@ class AvatarsStore(StorePart):
             conn.execute(delete(likes).where(likes.c.avatar_id == avatar_id))
             conn.execute(delete(comments).where(comments.c.avatar_id == avatar_id))
             conn.execute(delete(A).where(A.c.id == avatar_id))
+            self.queue_asset_deletions(conn, [f"avatars/{avatar_id}", f"uploads/{avatar_id}",
+                                              upload_prefix(avatar.params) or ""],
+                                       AssetDeletionReason.AVATAR, avatar_id)
             return avatar
 
         return self.db.run(work)

@@ -7,8 +7,12 @@ from typing import Any, Mapping, Sequence
 
 from sqlalchemy import Connection, bindparam, case, delete, false, func, insert, or_, select, update
 
-from ..vocab import ACTIVE_STATUSES, JOB_KINDS, VISIBILITIES, EventType, JobErrorCode, JobStatus, LedgerKind, Visibility
+from ..vocab import (
+    ACTIVE_STATUSES, JOB_KINDS, VISIBILITIES, AssetDeletionReason, EventType, JobErrorCode, JobStatus, LedgerKind,
+    Visibility,
+)
 from .base import StorePart, check_choice, check_limit, new_id, new_token
+from .cleanup import upload_prefix
 from .records import (
     DEFAULT_MAX_ATTEMPTS, WORKER_LOST_CODE, AccountNotFound, Avatar, AvatarNotFound, ConcurrencyLimitExceeded,
     InsufficientCredits, InvalidArgument, PermissionDenied,
@@ -189,6 +193,9 @@ class JobsStore(StorePart):
         if row is None:
             return None
         avatar = to_avatar(row)
+        photos = upload_prefix(avatar.params)
+        if photos:  # whichever path ended it (worker, cancel, reap, delete), the photos are doomed with it
+            self.queue_asset_deletions(conn, [photos], AssetDeletionReason.PHOTOS, avatar.id)
         cost = avatar.credit_cost
         if status == JobStatus.COMPLETED:
             refund = min(max(0, int(refund)), cost)  # blocked images' share, in the same transaction

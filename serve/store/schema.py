@@ -16,7 +16,8 @@ from sqlalchemy import (
 )
 
 from ..vocab import (
-    JOB_STATUSES, LEDGER_KINDS, TIERS, VISIBILITIES, IdempotencyStatus, OutboxStatus, values,
+    ASSET_DELETION_REASONS, JOB_STATUSES, LEDGER_KINDS, TIERS, VISIBILITIES, IdempotencyStatus, OutboxStatus,
+    values,
 )
 
 
@@ -229,4 +230,18 @@ worker_instances = Table(
     Column("started_at", Timestamp, nullable=False),
     Column("heartbeat_at", Timestamp, nullable=False),
     Index("ix_worker_instances_heartbeat", "heartbeat_at"),
+)
+
+# Files to delete, written in the transaction that dooms them (a job with uploads ended, an
+# avatar deleted); the housekeeper deletes them and the rows (`store.cleanup`).
+asset_deletions = Table(
+    "asset_deletions", metadata,
+    Column("id", Text, primary_key=True),
+    Column("prefix", Text, nullable=False),  # `uploads/<id>` or `avatars/<id>` in the asset store
+    Column("reason", Text, CheckConstraint(in_check("reason", ASSET_DELETION_REASONS)), nullable=False),
+    Column("avatar_id", Text),
+    Column("created_at", Timestamp, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text),
+    Index("ix_asset_deletions_created", "created_at", "id"),
 )

@@ -166,6 +166,7 @@ class BatchRunner:
                 if self.ctx.store.finish_cancelled(job.id, job.lease_token) is not None:
                     report.cancelled.append(job.id)
                     self.outcomes.note(job, "cancelled")
+                    self.outcomes.release_photos(job)
                 else:
                     self.outcomes.drop(job, report)
                 if self.ctx.store.job_statuses([job.id]).get(job.id) in (None, JobStatus.CANCELLED):
