@@ -53,7 +53,8 @@ class Housekeeper:
         """Delete the files of due `asset_deletions` rows and forget the rows; a prefix whose delete
         raises keeps its row (attempts and error recorded) for the next run. Under
         `photo_retention: avatar` a finished job's photos stay: their row is dropped, and the
-        avatar's deletion queues them again. Returns the prefixes deleted."""
+        avatar's deletion queues them again; photos of a submission never accepted always go.
+        Returns the prefixes deleted."""
         if self.assets is None:
             return 0
         deleted = 0
@@ -61,7 +62,8 @@ class Housekeeper:
             due = self.store.due_asset_deletions(self.deletion_grace_s, SWEEP_BATCH)
             finished, failed = [], 0
             for item in due:
-                if item.reason == AssetDeletionReason.PHOTOS and self.photo_retention != "job":
+                kept = item.avatar_id is not None and self.photo_retention != "job"  # None: never accepted
+                if item.reason == AssetDeletionReason.PHOTOS and kept:
                     finished.append(item.id)
                     continue
                 try:

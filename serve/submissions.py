@@ -161,6 +161,7 @@ async def submit(svc: Services, principal: Principal, sub: Submission) -> Avatar
         sub.params["uploadId"] = sub.upload_id
 
         def write_uploads() -> None:
+            store.expect_upload(f"uploads/{sub.upload_id}")  # swept unless submit_job accepts the job
             for key, img in sub.uploads:
                 assets.backend.put(key, encode_png(img))
             for src, dst in sub.copies:

@@ -43,6 +43,7 @@ def world(request, tmp_path):
 def _photo_job(store, assets, account, kind="percify", n_photos=2):
     """A job submitted the way the API does it: photos written under its upload id first."""
     upload_id = f"up_{secrets.token_hex(6)}"
+    store.expect_upload(f"uploads/{upload_id}")
     keys = [assets.put_upload(upload_id, i, Image.new("RGB", (8, 8), (i * 40, 0, 0))) for i in range(n_photos)]
     job = store.submit_job(account.id, kind, {"prompt": "me", "uploadId": upload_id}, cost=10, max_concurrent=100)
     return job, keys
@@ -140,4 +141,20 @@ def test_a_failing_object_store_keeps_the_row_for_the_next_run(world):
     assert all(assets.exists(k) for k in keys)
     assert Housekeeper(store, assets=assets).sweep_assets() == 1  # back up: done
     assert not any(assets.exists(k) for k in keys) and _queued(store) == []
+
+
+@pytest.mark.parametrize("retention", ["job", "avatar"])
+def test_photos_of_a_submission_that_never_committed_are_deleted(world, retention):
+    """The API writes the photos, then commits the job; a process killed in between (or a refused
+    submission whose inline delete failed) leaves files no job owns: they go, whatever the retention."""
+    store, assets, account, clock = world
+    keeper = Housekeeper(store, assets=assets, photo_retention=retention)
+    store.expect_upload("uploads/up_orphan")
+    orphan = [assets.put_upload("up_orphan", i, Image.new("RGB", (8, 8))) for i in range(2)]
+    accepted, accepted_keys = _photo_job(store, assets, account)  # accepted: its photos are the job's
+    assert [d.prefix for d in _queued(store)] == ["uploads/up_orphan"]
+    assert _sweep_after_grace(keeper, clock) == 1
+    assert not any(assets.exists(k) for k in orphan)
+    assert all(assets.exists(k) for k in accepted_keys)
+    assert store.get_avatar(accepted.id).status == "queued"
 

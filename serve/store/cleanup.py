@@ -29,7 +29,7 @@ class AssetDeletion:
     id: str
     prefix: str
     reason: str  # AssetDeletionReason: `photos` (a job ended) or `avatar` (the avatar was deleted)
-    avatar_id: str | None
+    avatar_id: str | None  # None: photos written for a submission that was never accepted
     created_at: float
     attempts: int
     last_error: str | None
@@ -55,6 +55,18 @@ class AssetCleanupStore(StorePart):
                 for p in dict.fromkeys(prefixes) if p]
         if rows:
             conn.execute(insert(D), rows)
+
+    def expect_upload(self, prefix: str) -> None:
+        """Before a submission writes its photos: queue their deletion, to be cancelled by the
+        `submit_job` that accepts the job (same prefix). A process killed between the writes and
+        the job's commit, or a refused submission, leaves the row, and the sweep deletes the files."""
+        self.db.run(lambda c: self.queue_asset_deletions(c, [prefix], AssetDeletionReason.PHOTOS, None))
+
+    def _accept_upload(self, conn: Connection, params: Mapping[str, Any]) -> None:
+        """Inside `submit_job`: the job now owns its photos; they go when it ends (`_finish`)."""
+        prefix = upload_prefix(params)
+        if prefix:
+            conn.execute(delete(D).where(D.c.prefix == prefix, D.c.avatar_id.is_(None)))
 
     def due_asset_deletions(self, older_than_s: float, limit: int = 100) -> list[AssetDeletion]:
         """Rows at least `older_than_s` old (the inline delete had its chance; a worker that was

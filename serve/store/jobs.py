@@ -162,6 +162,7 @@ class JobsStore(StorePart):
                     raise AvatarNotFound(remixed_from)
             now = self._now()
             row = conn.execute(_INSERT_JOB, {**values, "created_at": now, "updated_at": now}).mappings().one()
+            self._accept_upload(conn, values["params"])
             self.move_credits(conn, account_id, -cost)
             self.add_ledger(conn, account_id, LedgerKind.RESERVE, cost, -cost, values["id"], note=kind)
             balance = int(acct.credits) - cost
