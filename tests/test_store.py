@@ -81,7 +81,7 @@ def run_job(store, avatar_id: str, result: dict | None = None) -> None:
 # --------------------------------------------------------------------------------------------
 def test_migrations_are_versioned_and_idempotent(store, backend, clock):
     head = Database.head_revision()
-    assert head == "0006" and store.schema_revision() == head
+    assert head == "0007" and store.schema_revision() == head
     acct = store.create_account("pro", 5)
     assert store.migrate() == head
     again = open_store(backend, clock=clock)
