@@ -15,21 +15,12 @@ change and that interval 1 is exactly the plain UNet.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
-
-
-@dataclass
-class StepCacheState:
-    interval: int
-    depth: int
-    active: bool = False
-    step: int = 0
-    feature: torch.Tensor | None = None
-    full_steps: int = 0
-    cached_steps: int = 0
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 
 def _call_block(block, sample, emb, context, cross_attention_kwargs, **kwargs):
@@ -39,36 +30,8 @@ def _call_block(block, sample, emb, context, cross_attention_kwargs, **kwargs):
     return block(hidden_states=sample, temb=emb, **kwargs)
 
 
-def install_step_cache(unet, interval: int, depth: int) -> StepCacheState:
-    """Wrap `unet.forward`; outside `step_cache(unet)` it is the original forward."""
-    state = StepCacheState(interval=interval, depth=max(1, min(depth, len(unet.down_blocks) - 1)))
-    original = unet.forward
-
-    def forward(sample, timestep, encoder_hidden_states, timestep_cond=None, attention_mask=None,
-                cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=True, **kwargs):
-        if not state.active or kwargs or attention_mask is not None:
-            return original(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
-                            attention_mask=attention_mask, cross_attention_kwargs=cross_attention_kwargs,
-                            added_cond_kwargs=added_cond_kwargs, return_dict=return_dict, **kwargs)
-        out = _cached_forward(unet, state, sample, timestep, encoder_hidden_states, timestep_cond,
-                              cross_attention_kwargs, added_cond_kwargs or {})
-        state.step += 1
-        if not return_dict:
-            return (out,)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        return UNet2DConditionOutput(sample=out)
-
-    unet.forward = forward
-    unet.avatar_step_cache = state
-    return state
-
-
-def _cached_forward(unet, state: StepCacheState, sample, timestep, context, timestep_cond,
-                    cross_attention_kwargs, added_cond_kwargs) -> torch.Tensor:
-    """UNet2DConditionModel.forward for SD1.5/SDXL (no ControlNet, adapters or class labels)
-    with DeepCache's skip. Mirrors diffusers 0.42's forward step by step."""
-    full = state.feature is None or state.step % state.interval == 0 or state.feature.shape[0] != sample.shape[0]
+def _head(unet, sample, timestep, context, timestep_cond, added_cond_kwargs):
+    """Time embedding, text context, conv_in, and whether the up blocks need explicit sizes."""
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
     aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs)
     emb = emb + aug if aug is not None else emb
@@ -76,42 +39,118 @@ def _cached_forward(unet, state: StepCacheState, sample, timestep, context, time
         emb = unet.time_embed_act(emb)
     context = unet.process_encoder_hidden_states(encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs)
     forward_upsample_size = any(d % (2 ** unet.num_upsamplers) for d in sample.shape[-2:])
-    sample = unet.conv_in(sample)
-    res_samples: tuple = (sample,)
-    depth = state.depth
-    down = unet.down_blocks if full else unet.down_blocks[:depth]
-    for block in down:
-        sample, res = _call_block(block, sample, emb, context, cross_attention_kwargs)
-        res_samples += res
+    return emb, context, unet.conv_in(sample), forward_upsample_size
+
+
+def _up(unet, sample, res_samples, start: int, stop: int, emb, context, cross_attention_kwargs,
+        forward_upsample_size):
+    """Up blocks start..stop-1 on `sample`, each consuming its skip connections from the end of
+    `res_samples`; returns (output, the skip connections left)."""
     n_up = len(unet.up_blocks)
-    first_up = n_up - depth
-    if full:
-        if unet.mid_block is not None:
-            if getattr(unet.mid_block, "has_cross_attention", False):
-                sample = unet.mid_block(sample, emb, encoder_hidden_states=context,
-                                        cross_attention_kwargs=cross_attention_kwargs)
-            else:
-                sample = unet.mid_block(sample, emb)
-        ups = list(enumerate(unet.up_blocks))
-        state.full_steps += 1
-    else:
-        sample = state.feature
-        ups = [(i, unet.up_blocks[i]) for i in range(first_up, n_up)]
-        # The outer up blocks consume the first skip connections of the full list (conv_in and
-        # the outer down blocks' resnets); drop the rest (e.g. the outer downsampler's output).
-        res_samples = res_samples[:sum(len(block.resnets) for _, block in ups)]
-        state.cached_steps += 1
-    for i, block in ups:
-        if full and i == first_up:
-            state.feature = sample
+    for i in range(start, stop):
+        block = unet.up_blocks[i]
         n = len(block.resnets)
         res, res_samples = res_samples[-n:], res_samples[:-n]
         upsample_size = res_samples[-1].shape[2:] if (i < n_up - 1 and forward_upsample_size) else None
         sample = _call_block(block, sample, emb, context, cross_attention_kwargs, res_hidden_states_tuple=res,
                              upsample_size=upsample_size)
+    return sample, res_samples
+
+
+def _tail(unet, sample):
     if unet.conv_norm_out:
         sample = unet.conv_act(unet.conv_norm_out(sample))
     return unet.conv_out(sample)
+
+
+def full_pass(unet, depth: int, sample, timestep, context, timestep_cond, cross_attention_kwargs, added_cond_kwargs):
+    """UNet2DConditionModel.forward for SD1.5/SDXL (no ControlNet residuals, adapters or class
+    labels), mirroring diffusers 0.42's step by step, that also returns the input of the outer
+    `depth` up blocks: the feature the cached steps reuse. Pure (no state), so compiled it is
+    one graph whatever the step."""
+    emb, context, sample, upsample = _head(unet, sample, timestep, context, timestep_cond, added_cond_kwargs)
+    res_samples: tuple = (sample,)
+    for block in unet.down_blocks:
+        sample, res = _call_block(block, sample, emb, context, cross_attention_kwargs)
+        res_samples += res
+    if unet.mid_block is not None:
+        if getattr(unet.mid_block, "has_cross_attention", False):
+            sample = unet.mid_block(sample, emb, encoder_hidden_states=context,
+                                    cross_attention_kwargs=cross_attention_kwargs)
+        else:
+            sample = unet.mid_block(sample, emb)
+    n_up, first_up = len(unet.up_blocks), len(unet.up_blocks) - depth
+    feature, res_samples = _up(unet, sample, res_samples, 0, first_up, emb, context, cross_attention_kwargs, upsample)
+    sample, _ = _up(unet, feature, res_samples, first_up, n_up, emb, context, cross_attention_kwargs, upsample)
+    return _tail(unet, sample), feature
+
+
+def cached_pass(unet, depth: int, feature, sample, timestep, context, timestep_cond, cross_attention_kwargs,
+                added_cond_kwargs):
+    """A cached step: conv_in and the outer `depth` down blocks (for their skip connections),
+    then the outer up blocks on `feature`, which the last full pass returned. Pure, like
+    `full_pass`."""
+    emb, context, sample, upsample = _head(unet, sample, timestep, context, timestep_cond, added_cond_kwargs)
+    res_samples: tuple = (sample,)
+    for block in unet.down_blocks[:depth]:
+        sample, res = _call_block(block, sample, emb, context, cross_attention_kwargs)
+        res_samples += res
+    n_up, first_up = len(unet.up_blocks), len(unet.up_blocks) - depth
+    # The outer up blocks consume the first skip connections of the full list (conv_in and the
+    # outer down blocks' resnets); drop the rest (e.g. the outer downsampler's output).
+    res_samples = res_samples[:sum(len(unet.up_blocks[i].resnets) for i in range(first_up, n_up))]
+    sample, _ = _up(unet, feature, res_samples, first_up, n_up, emb, context, cross_attention_kwargs, upsample)
+    return _tail(unet, sample)
+
+
+@dataclass
+class StepCacheState:
+    """Installed as the UNet's `forward`: picks the full or the cached pass per step, keeping the
+    step counter and the kept feature here, in Python, outside any compiled graph — so a
+    compiled UNet is three graphs (plain, full pass, cached pass) per variant, never one per
+    step (`compile` swaps the three callables for compiled ones)."""
+
+    interval: int
+    depth: int
+    plain: Callable  # the UNet's own forward: calls outside `step_cache(...)`, ControlNet residuals
+    full: Callable  # (sample, timestep, context, timestep_cond, cak, added) -> (out, feature)
+    cached: Callable  # (feature, sample, timestep, context, timestep_cond, cak, added) -> out
+    active: bool = False
+    step: int = 0
+    feature: torch.Tensor | None = None
+    full_steps: int = 0
+    cached_steps: int = 0
+
+    def __call__(self, sample, timestep, encoder_hidden_states, timestep_cond=None, attention_mask=None,
+                 cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=True, **kwargs):
+        if not self.active or kwargs or attention_mask is not None:
+            return self.plain(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                              attention_mask=attention_mask, cross_attention_kwargs=cross_attention_kwargs,
+                              added_cond_kwargs=added_cond_kwargs, return_dict=return_dict, **kwargs)
+        args = (sample, timestep, encoder_hidden_states, timestep_cond, cross_attention_kwargs, added_cond_kwargs or {})
+        if self.feature is None or self.step % self.interval == 0 or self.feature.shape[0] != sample.shape[0]:
+            out, self.feature = self.full(*args)
+            self.full_steps += 1
+        else:
+            out = self.cached(self.feature, *args)
+            self.cached_steps += 1
+        self.step += 1
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    def compile(self, compile_fn: Callable[[Callable], Callable]) -> None:
+        """Replace the three passes with `compile_fn(pass)` (torch.compile with the engine's options)."""
+        self.plain, self.full, self.cached = compile_fn(self.plain), compile_fn(self.full), compile_fn(self.cached)
+
+
+def install_step_cache(unet, interval: int, depth: int) -> StepCacheState:
+    """Make `unet.forward` a StepCacheState; outside `step_cache(unet)` it is the original forward."""
+    depth = max(1, min(depth, len(unet.down_blocks) - 1))
+    state = StepCacheState(interval=interval, depth=depth, plain=unet.forward,
+                           full=functools.partial(full_pass, unet, depth),
+                           cached=functools.partial(cached_pass, unet, depth))
+    unet.forward = state
+    unet.avatar_step_cache = state
+    return state
 
 
 @contextlib.contextmanager

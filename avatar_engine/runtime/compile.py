@@ -90,6 +90,14 @@ def compile_pipeline(pipe, opts: SpeedOptions, device: torch.device) -> None:
         for module in pipe.unet.modules():
             if type(module).__name__ in names:
                 module.compile(**kwargs)
+    elif getattr(pipe.unet, "avatar_step_cache", None) is not None:
+        # Step caching: its full and cached passes (and the plain forward) are one graph each;
+        # the step counter and the kept feature stay in Python between them (model/stepcache.py),
+        # where a whole-UNet graph would guard on them and recompile every step.
+        graphs = cuda_graphs_on(opts, device)
+        pipe.unet.avatar_step_cache.compile(
+            lambda fn: copying_outputs(torch.compile(fn, **kwargs)) if graphs else torch.compile(fn, **kwargs))
+        pipe.unet.avatar_compiled_passes = True
     else:  # full: one graph per UNet call (GroupNorm+SiLU fused, channels_last end to end)
         pipe.unet.compile(**kwargs)
         compiled.append(pipe.unet)
@@ -113,22 +121,28 @@ def copy_outputs_out(module: torch.nn.Module) -> None:
     outlive the next call). The wrapper sits outside the graph (on `_compiled_call_impl`, which
     `nn.Module.__call__` runs), so the copies are real. One graph is recorded per attention mode
     × identity method × batch bucket × shape; warm-up records them all."""
-    from torch.utils._pytree import tree_map_only
-
     graphed = module._compiled_call_impl
     if graphed is None or getattr(graphed, "copies_outputs", False):
         return
+    module._compiled_call_impl = copying_outputs(graphed)
+
+
+def copying_outputs(graphed):
+    """`graphed` (a compiled callable that may replay CUDA graphs) starting a new CUDA-graph step
+    per call and returning copies of its tensor outputs (see `copy_outputs_out`)."""
+    from torch.utils._pytree import tree_map_only
 
     def call(*args, **kwargs):
         torch.compiler.cudagraph_mark_step_begin()
         return tree_map_only(torch.Tensor, torch.Tensor.clone, graphed(*args, **kwargs))
 
     call.copies_outputs = True
-    module._compiled_call_impl = call
+    return call
 
 
 def is_compiled(module: torch.nn.Module) -> bool:
-    return getattr(module, "_compiled_call_impl", None) is not None
+    """Compiled whole: as a module, or (a step-cached UNet) as its passes."""
+    return getattr(module, "_compiled_call_impl", None) is not None or getattr(module, "avatar_compiled_passes", False)
 
 
 # After warm-up: an input that would need a new graph runs eagerly instead of compiling during

@@ -93,10 +93,17 @@ def stacked_style(model) -> str | None:
     return next(iter(state.index), None) if state is not None and state.report is not None else None
 
 
+def warmup_steps(model) -> int:
+    """Steps per warm-up call: 1, or 2 with step caching (its full pass, then its cached pass:
+    each is its own graph)."""
+    return 2 if getattr(model.pipe.unet, "avatar_step_cache", None) is not None else WARMUP_STEPS
+
+
 def variant_requests(model, kind: str, images: int, aspect_ratio: str = "1:1", guidance: float | None = None,
-                     steps: int = WARMUP_STEPS, method: str | None = None, style: str | None = None) -> list:
+                     steps: int | None = None, method: str | None = None, style: str | None = None) -> list:
     """Requests of `kind` totalling `images` images (requests hold at most MAX_BATCH_SIZE)."""
     photo = needs_photos(method)
+    steps = warmup_steps(model) if steps is None else steps
     out = []
     for i in range(0, images, MAX_BATCH_SIZE):
         common = dict(prompt="warm-up portrait", seed=i, steps=steps, batch_size=min(MAX_BATCH_SIZE, images - i),
@@ -118,7 +125,7 @@ def variant_requests(model, kind: str, images: int, aspect_ratio: str = "1:1", g
 
 def remix_request(model, style: str | None = None):
     res = model.profile.resolution
-    return GenerationRequest(prompt="warm-up remix", seed=0, steps=WARMUP_STEPS * 2, strength=0.5,
+    return GenerationRequest(prompt="warm-up remix", seed=0, steps=warmup_steps(model) * 2, strength=0.5,
                              init_image=Image.new("RGB", (res, res), (128, 96, 64)), model=model.profile.name,
                              style_preset=style)
 
