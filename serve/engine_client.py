@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
-from avatar_engine import AvatarEngine
+import avatar_engine
 from avatar_engine.faces import face_analyzer_from_config
 from avatar_engine.styles import BUILTIN_STYLES
 
@@ -238,7 +238,7 @@ def build_engine(settings: ServiceSettings) -> EngineRunner:
     benchmark stand-in or a plug-in, logged loudly), else the models.yaml `AvatarEngine`."""
     if not settings.engine_factory:
         check_face_setup(settings)  # before any weights load: a misconfigured replica fails in a second
-        return EngineRunner(AvatarEngine.from_config(models_yaml_path=settings.models_yaml,
+        return EngineRunner(avatar_engine.AvatarEngine.from_config(models_yaml_path=settings.models_yaml,
                                                      profile_names=settings.models or None, device=settings.device,
                                                      **engine_face_options(settings)))
     module_name, _, attr = settings.engine_factory.partition(":")

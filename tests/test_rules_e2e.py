@@ -233,7 +233,7 @@ def test_failed_job_releases_its_credits(svc):
     r = svc.client.post("/v1/avatars/percify-yourself", json={"photos": [no_face_png()], "steps": 2}, headers=auth)
     assert r.status_code == 202, r.text
     assert r.json()["creditCost"] == 10
-    assert svc.client.get("/v1/account", headers=auth).json()["credits"] == 0
+    # (No balance check here: the worker may already have failed the job and released the credits.)
     failed = svc.wait(auth, [r.json()["id"]])[r.json()["id"]]
     assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_request", failed
     assert "face" in failed["error"]["message"]
