@@ -53,6 +53,7 @@ import torch  # noqa: E402
 from avatar_engine import AvatarEngine, EngineConfig, load_profiles  # noqa: E402
 from avatar_engine.requests import PercifyRequest  # noqa: E402
 from avatar_engine.runtime.warmup import variant_requests, warmup_photo  # noqa: E402
+from quality import compare as compare_images, save_images  # noqa: E402
 from plain_baseline import (PLAIN_VARIANTS, add_plain_ratios, child_models, plain_rows, run_child,  # noqa: E402
                             timed_calls)
 
@@ -108,7 +109,10 @@ CONFIGS = {
     "full-graphs-fp8": {"compile_scope": "full", "cuda_graphs": True, "compile_mode": "max-autotune",
                         "compile_vae": True, "channels_last": True, "fp8": True},
     "full": {"compile_scope": "full", "compile_vae": True, "channels_last": True},
+    "full-graphs-stepcache": {"compile_scope": "full", "cuda_graphs": True, "compile_mode": "max-autotune",
+                              "compile_vae": True, "channels_last": True, "step_cache_interval": 3},
 }
+IMAGES = "_images"  # a measured row's images (saved with --images-dir, never in the report)
 TARGETS = {"sd15 generate": "≥ 11 images/s at batch ≥ 8, batch-1 latency ≤ 0.15 s (H200)",
            "sdxl generate": "≥ 1.2 images/s (H200)"}
 
@@ -155,6 +159,7 @@ def measure(engine: AvatarEngine, case: Case, batch: int, repeats: int) -> dict:
            "seconds_per_call": round(med, 4), "first_call_s": round(first, 2), "calls": [list(c) for c in calls]}
     if device.type == "cuda":
         row["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    row[IMAGES] = [im for r in results for im in r.images]  # same seeds in every configuration
     return row
 
 
@@ -199,10 +204,14 @@ def error_row(case: Case, batch: int, exc: Exception, what: str = "") -> dict:
             "error": f"{what}{type(exc).__name__}: {exc}"[:300]}
 
 
-def measured_row(engine: AvatarEngine, case: Case, batch: int, repeats: int) -> dict:
-    """`measure` + FLOPs, or an error row: one broken case must not cost the others' numbers."""
+def measured_row(engine: AvatarEngine, case: Case, batch: int, repeats: int, keep_images=None) -> dict:
+    """`measure` + FLOPs, or an error row: one broken case must not cost the others' numbers.
+    `keep_images(images)` receives the row's images (they never go into the report)."""
     try:
         row = measure(engine, case, batch, repeats)
+        images = row.pop(IMAGES, None)
+        if images and keep_images is not None:
+            keep_images(images)
         add_flops(row, engine, case)
         return row
     except Exception as exc:  # noqa: BLE001
@@ -259,6 +268,12 @@ def markdown(report: dict) -> str:
         lines += ["", "| option toggled (sd15, batch 8) | images/s | vs defaults |", "|---|---:|---:|"]
         for r in report["ablation"]:
             lines.append(f"| {r['option']} | {r['images_per_s']} | {r['relative']} |")
+    if report.get("quality"):
+        lines += ["", "| case | batch | configuration | vs | PSNR dB (mean / min) | max abs diff |",
+                  "|---|---:|---|---|---:|---:|"]
+        for q in report["quality"]:
+            db = "identical" if q["identical"] else f"{q['psnr_db_mean']} / {q['psnr_db_min']}"
+            lines.append(f"| {q['case']} | {q['batch']} | {q['config']} | {q['vs']} | {db} | {q['max_abs_diff']} |")
     if report["skipped"]:
         lines.append(f"\nskipped (over the {report['budget_s']} s budget): {', '.join(report['skipped'])}")
     return "\n".join(lines) + "\n"
@@ -296,6 +311,7 @@ def ablate(report: dict, ablations: list, engines: dict, device: str, args, t_st
         try:
             engine = make_engine(case, device, overrides)
             row = measure(engine, case, 8, args.repeats)
+            row.pop(IMAGES, None)
             del engine
         except Exception as exc:  # noqa: BLE001 - e.g. fp8 on a GPU without float8 support
             rows.append({"option": option, "images_per_s": None, "relative": f"failed: {exc}"[:120]})
@@ -342,6 +358,8 @@ def parse_args(argv):
     ap.add_argument("--child-timeout-s", type=float, default=None,
                     help="time limit of one child process (default: 300 s on CUDA, 120 s with --smoke)")
     ap.add_argument("--out", default="gpu_suite", help="writes OUT.json and OUT.md")
+    ap.add_argument("--images-dir", default=None, help="save each engine row's images here; the report then "
+                    "gives every configuration's PSNR against the exact one (benchmarks/quality.py)")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child processes: one case, exact name
     ap.add_argument("--plain-worker", default=None, help=argparse.SUPPRESS)  # child: one plain variant
     ap.add_argument("--engine-worker", action="store_true", help=argparse.SUPPRESS)  # child: one engine config
@@ -356,6 +374,8 @@ def case_batches(case: Case, args) -> tuple[int, ...]:
 def child_argv(args, case: Case, device: str, *extra: str) -> list[str]:
     argv = ["--case", case.name, "--device", device, "--repeats", str(args.repeats), "--batches",
             ",".join(map(str, case_batches(case, args))), *extra]
+    if args.images_dir:
+        argv += ["--images-dir", args.images_dir]
     return argv + (["--smoke"] if args.smoke else []) + (["--full-warmup"] if args.full_warmup else [])
 
 
@@ -382,7 +402,10 @@ def engine_rows(case: Case, config: str, device: str, args, report: dict, emit, 
                                        "profile": case.profile}
             loaded = True
             emit({"model": label, "info": report["models"][label]})
-        row = measured_row(engine, case, batch, args.repeats)
+        keep = None
+        if args.images_dir:  # for benchmarks/quality.py: PSNR against the exact configuration
+            keep = lambda images, b=batch: save_images(args.images_dir, case.name, config, b, images)  # noqa: E731
+        row = measured_row(engine, case, batch, args.repeats, keep)
         row["case"] = label
         if row.get("error") and engine.load(case.profile).compiled and device == "cuda":
             emit(row)
@@ -464,6 +487,8 @@ def main(argv=None) -> dict:
     if args.ablate and not args.smoke:
         report["ablation"] = ablate(report, select(ABLATIONS, args.ablations, lambda a: a[0]), {}, device,
                                     args, t_start)
+    if args.images_dir:
+        report["quality"] = compare_images(args.images_dir)
     md = write_report(report, args.out, t_start)
     print(md, file=sys.stderr)
     summary = {"device": report["device_name"], "total_s": report["total_s"], "skipped": report["skipped"],

@@ -208,6 +208,46 @@ def test_gpu_suite_runs_a_chosen_subset(tmp_path):
     assert gpu_suite.select(gpu_suite.ABLATIONS, "", lambda a: a[0]) == gpu_suite.ABLATIONS
 
 
+def test_gpu_suite_states_what_an_approximate_option_costs_in_pixels(tmp_path):
+    """With --images-dir every engine row keeps its images (same seeds), and the report gives each
+    configuration's PSNR against the exact one of the same case and batch: here step caching
+    (interval 3 over 4 steps: one cached step) against the default."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import gpu_suite
+    import quality
+
+    case = gpu_suite.SMOKE[0]
+    gpu_suite.SMOKE[0] = dataclasses.replace(case, steps=4)
+    try:
+        report = gpu_suite.main(["--smoke", "--repeats", "1", "--only", "tiny-sd15 generate", "--plain", "",
+                                 "--configs", "default,full-graphs-stepcache", "--batches", "2",
+                                 "--images-dir", str(tmp_path / "images"), "--out", str(tmp_path / "suite")])
+    finally:
+        gpu_suite.SMOKE[0] = case
+    (row,) = report["quality"]
+    assert (row["config"], row["vs"], row["batch"], row["images"]) == ("full-graphs-stepcache", "default", 2, 2)
+    assert not row["identical"] and 15 < row["psnr_db_min"] <= row["psnr_db_mean"] < 100
+    assert "PSNR dB" in (tmp_path / "suite.md").read_text()
+    assert quality.compare(tmp_path / "images") == report["quality"]  # the standalone command agrees
+
+
+def test_psnr_and_the_exact_reference_are_chosen_as_documented(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import quality
+
+    a = np.zeros((8, 8, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0] = 255  # one pixel fully off: MSE = 255² / 192
+    assert quality.psnr(a, a) == float("inf")
+    assert quality.psnr(a, b) == pytest.approx(10 * np.log10(192))
+    for config in ("default", "full-graphs", "full-graphs-fp8"):
+        quality.save_images(tmp_path, "sd15 generate", config, 8, [a, b if config == "full-graphs-fp8" else a])
+    rows = quality.compare(tmp_path)
+    assert [(r["config"], r["vs"]) for r in rows] == [("default", "full-graphs"), ("full-graphs-fp8", "full-graphs")]
+    assert rows[0]["identical"] and rows[1]["max_abs_diff"] == 255
+    assert rows[1]["psnr_db_min"] == pytest.approx(10 * np.log10(192), abs=0.01)
+
+
 # ---- FP8 on fused projections ----------------------------------------------------------------------
 
 def test_fp8_quantizes_each_fused_projection_once_and_keeps_no_view_copies():
