@@ -31,8 +31,9 @@ test: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
-# Whole-UNet compile checks (marker `compile`, ~11 CPU-minutes): mixed traffic, adapter reloads and style LoRAs
-# varying within and across batches on `compile_scope: full` never recompile after warm-up (no-codegen backend on CPU).
+# Whole-UNet compile checks (marker `compile`, ~14 minutes on 2 cores): mixed traffic, adapter reloads, style LoRAs
+# varying within and across batches, step caching and InstantID on `compile_scope: full` never recompile after
+# warm-up (no-codegen backend on CPU).
 test-compile: install
 	$(BIN)/python -m pytest -q -m compile
 

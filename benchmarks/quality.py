@@ -108,24 +108,32 @@ def measure(profile_name: str, size: int, steps: int, batch: int, variants: list
                 for s in (1, 2)]
     images: dict[str, list] = {}
     seconds: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}  # process CPU seconds (all threads)
     for name in names:  # load and a first (compiling, if any) call outside the timed rounds
         engine.generate([dataclasses.replace(r, model=name, steps=min(steps, 2)) for r in requests[:1]])
     for i in range(rounds):
         order = names[i % len(names):] + names[:i % len(names)]
         for name in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = engine.generate([dataclasses.replace(r, model=name) for r in requests])
             seconds[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
             images[name] = [im for res in out for im in res.images]
     exact = [np.asarray(im) for im in images["exact"]]
-    t_exact = sorted(seconds["exact"])[len(seconds["exact"]) // 2]
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    n_images = len(images["exact"])
+    t_exact = median(seconds["exact"])
     rows = []
     for name in names[1:]:
-        t = sorted(seconds[name])[len(seconds[name]) // 2]
+        t = median(seconds[name])
         rows.append({"variant": name, **image_stats(exact, [np.asarray(im) for im in images[name]]),
-                     "seconds": round(t, 3), "speedup_vs_exact": round(t_exact / t, 3)})
+                     "seconds": round(t, 3), "cpu_seconds_per_image": round(median(cpu[name]) / n_images, 3),
+                     "speedup_vs_exact": round(t_exact / t, 3)})
     return {"profile": profile_name, "size": size, "steps": steps, "batch": batch, "requests": len(requests),
-            "device": str(engine.device), "rounds": rounds, "exact_seconds": round(t_exact, 3), "variants": rows}
+            "device": str(engine.device), "rounds": rounds, "exact_seconds": round(t_exact, 3),
+            "exact_cpu_seconds_per_image": round(median(cpu["exact"]) / n_images, 3), "variants": rows}
 
 
 def parse_speed(items: list[str]) -> list[dict]:
