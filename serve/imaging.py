@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
 
@@ -69,13 +69,19 @@ class JobMarker:
     for a public avatar)."""
 
     def __init__(self, marker: ImageMarker, avatar_id: str, *, model: str, identity_method: str | None,
-                 params: Mapping[str, Any], public: bool):
-        self.marker, self.avatar_id = marker, avatar_id
+                 params: Mapping[str, Any], public: bool, png_encoder: Callable[..., bytes] | None = None):
+        self.marker, self.avatar_id, self.png_encoder = marker, avatar_id, png_encoder
         self.claims = marker.claims(model_profile=model, identity_method=identity_method, request_params=params,
                                     avatar_id=avatar_id, public=public)
 
     def __call__(self, image: Image.Image, fmt: str, **save_kwargs: Any) -> bytes:
-        return self.marker.mark(image, avatar_id=self.avatar_id, claims=self.claims, fmt=fmt, **save_kwargs)
+        """`png_encoder(image, compress_level) -> bytes` encodes PNGs (the stored images' encoder)."""
+        encode = None
+        if fmt.lower() == "png" and self.png_encoder is not None:
+            level = int(save_kwargs.get("compress_level", 6))
+            encode = lambda im: self.png_encoder(im, level)  # noqa: E731
+        return self.marker.mark(image, avatar_id=self.avatar_id, claims=self.claims, fmt=fmt, encode=encode,
+                                **save_kwargs)
 
 
 def verify_stored(settings: ServiceSettings, data: bytes) -> ProvenanceReport:

@@ -97,6 +97,25 @@ def test_marked_png_carries_a_valid_manifest_and_the_avatars_watermark(marker, a
     assert report.to_json("av_124")["matches"] is False
 
 
+def test_the_services_png_encoder_writes_the_marked_pixels_and_they_verify(marker, astronaut):
+    """The service encodes marked PNGs with its libpng encoder (half Pillow's CPU): the bytes it
+    returns are what gets signed, the pixels are the watermarked image's, and both marks verify."""
+    from serve.assets import encode_png
+    from serve.imaging import JobMarker
+
+    job = JobMarker(marker, "av_123", model="tiny-sd15", identity_method="faceid", params=PARAMS, public=False,
+                    png_encoder=encode_png)
+    data = job(astronaut, "png", compress_level=1)
+    report = verify_image(data)
+    assert report.manifest.state == "valid" and report.matched_by("av_123") == ["watermark", "manifest"]
+    plain = marker.mark(astronaut, avatar_id="av_123", claims=job.claims, compress_level=1)  # Pillow's encoder
+    decoded = [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in (data, plain)]
+    assert np.array_equal(decoded[0], decoded[1])  # the same watermarked pixels, another encoder
+    seen = []
+    marker.mark(astronaut, avatar_id="av_123", claims=job.claims, encode=lambda im: seen.append(im.size) or encode_png(im, 1))
+    assert seen == [(512, 512)]
+
+
 def test_one_changed_pixel_byte_reads_as_tampered(marker, astronaut, tmp_path, capsys):
     data = marker.mark(astronaut, avatar_id="av_123", claims=_claims(marker))
     tampered = _change_one_pixel_byte(data)

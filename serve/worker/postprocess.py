@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from ..assets import encode_png
 from ..imaging import JobMarker, image_marker
 from ..logctx import logger, request_context
 from ..store import Avatar
@@ -160,4 +161,4 @@ class PostProcessor:
         params = {"kind": job.kind, **(job.params or {})}
         return JobMarker(marker, job.id, model=job.model or getattr(result.request, "model", "") or "",
                          identity_method=(job.params or {}).get("identityMethod"), params=params,
-                         public=job.visibility == Visibility.PUBLIC)
+                         public=job.visibility == Visibility.PUBLIC, png_encoder=encode_png)
