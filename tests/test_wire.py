@@ -14,7 +14,8 @@ The studio's job control (issue 23) added `creditsUsed`, `queuePosition` and `ca
 every Avatar object (19 lines; nothing else changed). Style packs (issue 24) added `styleStrength`
 and `style` (both null here: the fake engine reports no style) beside `stylePreset` on every Avatar
 object (the same 19 lines), and `/v1/health`'s models list their `styles` (the fake engine's: the six
-built-ins); nothing else changed.
+built-ins); nothing else changed. Marked PNGs going through the service's libpng encoder (they went
+through Pillow's) changed the three image answers' byte counts only.
 A change to any status, header or body byte of these answers fails here.
 
 Regenerate deliberately: `python tests/test_wire.py > tests/fixtures/wire_transcript.txt`.
